@@ -1,0 +1,72 @@
+# mlrollout: every entry point a user or CI needs. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(abspath $(VENV))/bin
+STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
+TOOLS  := .tools
+# helm and kubectl: the ones on PATH when present, else bootstrapped into .tools/bin
+export PATH := $(abspath $(TOOLS))/bin:$(BIN):$(PATH)
+# Debian packages the local stack and the tests need (the demo and `make test` install them)
+APT_PACKAGES := haproxy prometheus shellcheck
+
+.PHONY: help venv sysdeps tools demo test test-fast lint fmt compile bench bench-batch lock cluster cluster-down e2e clean
+
+help: ## list targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+venv: $(STAMP) ## create .venv with every pinned dependency
+$(STAMP): requirements.lock pyproject.toml
+	@echo ">> creating $(VENV) with $(PYTHON)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+sysdeps: ## install the Debian packages the local stack uses (haproxy, prometheus, shellcheck) when missing
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo ">> apt-get install$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+tools: ## helm and kubectl: use PATH's, else bootstrap pinned official binaries into .tools/bin
+	@bash infra/bootstrap-tools.sh $(TOOLS)
+
+compile: venv ## compile the KFP pipelines into pipelines/compiled/
+	$(BIN)/python -m pipelines compile
+
+demo: venv sysdeps ## the whole loop locally: train, package, serve, roll out (no cluster needed)
+	$(BIN)/python -m serving.demo
+
+test: venv sysdeps tools ## the whole test suite (e2e tests skip when no cluster is reachable)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (exit 5)"; fi; exit $$rc
+
+test-fast: venv ## unit tests only
+	$(BIN)/python -m pytest tests/unit
+
+lint: venv ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: venv ## format with ruff
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: venv ## pipeline and predict-latency benchmarks (prints ratios)
+	$(BIN)/python -m pipelines.bench
+
+lock: ## regenerate requirements.lock from requirements.in in a scratch venv
+	rm -rf /tmp/mlrollout-lock && $(PYTHON) -m venv /tmp/mlrollout-lock
+	/tmp/mlrollout-lock/bin/pip install --quiet -r requirements.in
+	/tmp/mlrollout-lock/bin/pip freeze | grep -v '^-e' > requirements.lock
+
+clean: ## remove local outputs (keeps .venv and .tools)
+	rm -rf local_outputs models demo_outputs bench_outputs .pytest_cache
