@@ -1,0 +1,291 @@
+"""The rollout state machine: pure, no I/O, no clock (the caller passes ``now``).
+
+Flagger's scheduler split, made explicit: this module only decides. It takes the current
+:class:`RolloutState`, the :class:`RolloutSpec` and either an analysis (a list of gate results) or
+an operator command, and returns the next state plus a :class:`Decision` that says what the
+caller must do to the outside world (set a weight, promote, roll back) and why (the evidence).
+
+Rules (see serving/rollout/README.md for the reasoning):
+
+* steps are canary weights in percent, strictly increasing, each in 1..100; after the analysis
+  of the last step passes, the canary is promoted (a last step below 100 promotes from there,
+  like Flagger's ``maxWeight``).
+* an analysis FAILS when any gate fails; ``failed_checks`` counts failed analyses over the whole
+  rollout (a flapping canary does not reset its count by passing once) and reaching
+  ``threshold`` rolls back.
+* an analysis is INCONCLUSIVE when no gate fails but at least one lacks samples: the weight is
+  held and the analysis window keeps growing; ``max_inconclusive`` consecutive inconclusive
+  analyses pause the rollout for an operator. Inconclusive is never a pass: it never advances
+  a step and never promotes.
+* pause/resume/promote/abort are operator commands; terminal phases accept none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from serving.rollout.gates import GateResult, Verdict, overall_verdict
+
+HISTORY_LIMIT = 500
+
+
+class Phase(StrEnum):
+    PROGRESSING = "Progressing"
+    PAUSED = "Paused"
+    PROMOTED = "Promoted"
+    ROLLED_BACK = "RolledBack"
+    ABORTED = "Aborted"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.PROMOTED, Phase.ROLLED_BACK, Phase.ABORTED)
+
+
+class Action(StrEnum):
+    SET_WEIGHT = "set_weight"  # route `weight` percent to the canary
+    HOLD = "hold"  # keep the weight, keep analysing (window keeps growing)
+    PAUSE = "pause"  # keep the weight, stop analysing until resumed
+    PROMOTE = "promote"  # canary takes all traffic and becomes the stable version
+    ROLLBACK = "rollback"  # all traffic back to stable
+    NONE = "none"  # nothing to do (e.g. resume that only restarts analysis)
+
+
+class InvalidTransition(ValueError):
+    """An operator command or analysis that does not apply to the rollout's current phase."""
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    steps: tuple[int, ...] = (10, 25, 50, 100)
+    interval_s: float = 30.0
+    threshold: int = 2
+    max_inconclusive: int = 5
+
+    def __post_init__(self) -> None:
+        steps = tuple(int(s) for s in self.steps)
+        object.__setattr__(self, "steps", steps)
+        if not steps:
+            raise ValueError("steps must name at least one canary weight, e.g. 10,25,50,100")
+        if any(s < 1 or s > 100 for s in steps):
+            raise ValueError(f"steps must be canary weights between 1 and 100 percent, got {list(steps)}")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"steps must be strictly increasing, got {list(steps)}")
+        if not self.interval_s > 0:
+            raise ValueError(f"interval must be positive, got {self.interval_s}")
+        if self.threshold < 1:
+            raise ValueError(f"threshold (failed checks before rollback) must be >= 1, got {self.threshold}")
+        if self.max_inconclusive < 1:
+            raise ValueError(f"max_inconclusive must be >= 1, got {self.max_inconclusive}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "steps": list(self.steps)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RolloutSpec:
+        return cls(
+            steps=tuple(d["steps"]),
+            interval_s=float(d["interval_s"]),
+            threshold=int(d["threshold"]),
+            max_inconclusive=int(d["max_inconclusive"]),
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    weight: int  # canary weight after the action
+    reason: str
+    verdict: Verdict | None = None  # of the analysis, when the decision came from one
+    evidence: tuple[GateResult, ...] = ()
+    reset_window: bool = False  # the caller starts a new analysis window (new step)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action.value,
+            "weight": self.weight,
+            "reason": self.reason,
+            "verdict": self.verdict.value if self.verdict else None,
+            "evidence": [g.to_dict() for g in self.evidence],
+        }
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    phase: Phase = Phase.PROGRESSING
+    step_index: int = 0
+    weight: int = 0
+    failed_checks: int = 0
+    inconclusive_checks: int = 0  # consecutive, in the current step
+    analyses: int = 0  # analyses run in the whole rollout
+    step_started_at: float = 0.0
+    next_analysis_at: float = 0.0
+    reason: str = ""
+    history: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["phase"] = self.phase.value
+        d["history"] = list(self.history)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RolloutState:
+        d = dict(d)
+        d["phase"] = Phase(d["phase"])
+        d["history"] = tuple(d.get("history", ()))
+        return cls(**d)
+
+
+def _record(state: RolloutState, now: float, event: str, decision: Decision) -> tuple[dict[str, Any], ...]:
+    entry = {
+        "t": now,
+        "event": event,
+        "step_index": state.step_index,
+        "phase": state.phase.value,
+        **decision.to_dict(),
+    }
+    return (*state.history, entry)[-HISTORY_LIMIT:]
+
+
+def _apply(state: RolloutState, now: float, event: str, decision: Decision, **changes: Any) -> tuple:
+    new = dataclasses.replace(state, **changes)
+    new = dataclasses.replace(new, history=_record(new, now, event, decision))
+    return new, decision
+
+
+def start(spec: RolloutSpec, now: float) -> tuple[RolloutState, Decision]:
+    """A new rollout at its first step."""
+    w = spec.steps[0]
+    decision = Decision(Action.SET_WEIGHT, w, f"start: canary weight {w}%", reset_window=True)
+    state = RolloutState(
+        weight=w, step_started_at=now, next_analysis_at=now + spec.interval_s, reason=decision.reason
+    )
+    return _apply(state, now, "start", decision)
+
+
+def analyse(
+    state: RolloutState, spec: RolloutSpec, results: list[GateResult] | tuple[GateResult, ...], now: float
+) -> tuple[RolloutState, Decision]:
+    """Fold one analysis (the gate results of one interval) into the state."""
+    if state.phase is not Phase.PROGRESSING:
+        raise InvalidTransition(f"cannot analyse a rollout that is {state.phase.value}")
+    results = tuple(results)
+    verdict = overall_verdict(results)
+    analyses = state.analyses + 1
+    last = state.step_index == len(spec.steps) - 1
+    nxt = now + spec.interval_s
+    if verdict is Verdict.FAIL:
+        failed = state.failed_checks + 1
+        bad = ", ".join(g.summary() for g in results if g.verdict is Verdict.FAIL)
+        if failed >= spec.threshold:
+            d = Decision(
+                Action.ROLLBACK,
+                0,
+                f"rollback: failed check {failed}/{spec.threshold}: {bad}",
+                verdict,
+                results,
+            )
+            return _apply(
+                state, now, "analysis", d, phase=Phase.ROLLED_BACK, weight=0, failed_checks=failed,
+                analyses=analyses, inconclusive_checks=0, reason=d.reason,
+            )  # fmt: skip
+        d = Decision(
+            Action.HOLD,
+            state.weight,
+            f"hold: failed check {failed}/{spec.threshold}: {bad}",
+            verdict,
+            results,
+        )
+        return _apply(
+            state, now, "analysis", d, failed_checks=failed, analyses=analyses, inconclusive_checks=0,
+            next_analysis_at=nxt, reason=d.reason,
+        )  # fmt: skip
+    if verdict is Verdict.INCONCLUSIVE:
+        inc = state.inconclusive_checks + 1
+        why = ", ".join(g.summary() for g in results if g.verdict is Verdict.INCONCLUSIVE)
+        if inc >= spec.max_inconclusive:
+            d = Decision(
+                Action.PAUSE, state.weight,
+                f"pause: {inc} inconclusive analyses in a row ({why}); send traffic or lower min samples, "
+                "then resume (or abort)", verdict, results,
+            )  # fmt: skip
+            return _apply(
+                state, now, "analysis", d, phase=Phase.PAUSED, inconclusive_checks=inc, analyses=analyses,
+                reason=d.reason,
+            )  # fmt: skip
+        d = Decision(
+            Action.HOLD, state.weight,
+            f"hold: inconclusive {inc}/{spec.max_inconclusive} ({why}); keep collecting", verdict, results,
+        )  # fmt: skip
+        return _apply(
+            state, now, "analysis", d, inconclusive_checks=inc, analyses=analyses, next_analysis_at=nxt,
+            reason=d.reason,
+        )  # fmt: skip
+    # PASS
+    if last:
+        d = Decision(Action.PROMOTE, 100, f"promote: all gates passed at the last step ({state.weight}%)",
+                     verdict, results)  # fmt: skip
+        return _apply(
+            state, now, "analysis", d, phase=Phase.PROMOTED, weight=100, analyses=analyses,
+            inconclusive_checks=0, reason=d.reason,
+        )  # fmt: skip
+    i = state.step_index + 1
+    w = spec.steps[i]
+    d = Decision(
+        Action.SET_WEIGHT, w, f"advance: all gates passed at {state.weight}%; canary weight -> {w}%",
+        verdict, results, reset_window=True,
+    )  # fmt: skip
+    return _apply(
+        state, now, "analysis", d, step_index=i, weight=w, analyses=analyses, inconclusive_checks=0,
+        step_started_at=now, next_analysis_at=nxt, reason=d.reason,
+    )  # fmt: skip
+
+
+def _require_live(state: RolloutState, command: str) -> None:
+    if state.phase.terminal:
+        raise InvalidTransition(
+            f"cannot {command}: the rollout is already {state.phase.value} ({state.reason}); start a new one"
+        )
+
+
+def pause(
+    state: RolloutState, now: float, reason: str = "paused by operator"
+) -> tuple[RolloutState, Decision]:
+    _require_live(state, "pause")
+    if state.phase is Phase.PAUSED:
+        raise InvalidTransition("cannot pause: the rollout is already Paused")
+    d = Decision(Action.PAUSE, state.weight, reason)
+    return _apply(state, now, "pause", d, phase=Phase.PAUSED, reason=reason)
+
+
+def resume(state: RolloutState, spec: RolloutSpec, now: float) -> tuple[RolloutState, Decision]:
+    """Back to Progressing at the same step; the analysis window restarts (fresh evidence)."""
+    _require_live(state, "resume")
+    if state.phase is not Phase.PAUSED:
+        raise InvalidTransition(f"cannot resume: the rollout is {state.phase.value}, not Paused")
+    d = Decision(Action.SET_WEIGHT, state.weight, f"resume at {state.weight}%", reset_window=True)
+    return _apply(
+        state, now, "resume", d, phase=Phase.PROGRESSING, inconclusive_checks=0, step_started_at=now,
+        next_analysis_at=now + spec.interval_s, reason=d.reason,
+    )  # fmt: skip
+
+
+def promote(
+    state: RolloutState, now: float, reason: str = "promoted by operator"
+) -> tuple[RolloutState, Decision]:
+    """Manual full promotion (Argo's ``promote --full``): skip the remaining steps."""
+    _require_live(state, "promote")
+    d = Decision(Action.PROMOTE, 100, reason)
+    return _apply(state, now, "promote", d, phase=Phase.PROMOTED, weight=100, reason=reason)
+
+
+def abort(
+    state: RolloutState, now: float, reason: str = "aborted by operator"
+) -> tuple[RolloutState, Decision]:
+    _require_live(state, "abort")
+    d = Decision(Action.ROLLBACK, 0, reason)
+    return _apply(state, now, "abort", d, phase=Phase.ABORTED, weight=0, reason=reason)

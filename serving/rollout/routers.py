@@ -1,0 +1,297 @@
+"""Traffic routers: how a weight decision reaches the data path.
+
+Flagger's ``pkg/router`` split (``SetRoutes``/``GetRoutes``): one small interface and one
+implementation per data plane. Weights are percentages ``stable + canary == 100``.
+
+* :class:`LocalProxyRouter`: HAProxy in front of two local runtimes; weights change through
+  HAProxy's runtime API (``set weight`` on the admin stats socket): no reload, no dropped
+  connection.
+* :class:`GatewayApiRouter`: the backendRef weights of a Gateway API ``HTTPRoute``
+  (gateway.networking.k8s.io/v1) in front of two InferenceServices (stable, canary), as the
+  Helm chart renders for ``strategy: canary``. Promotion copies the canary's predictor into the
+  stable InferenceService, waits for it to be Ready, then sends all traffic back to stable
+  (Flagger's primary/canary promotion).
+* :class:`KServeKnativeRouter`: KServe's classic ``spec.predictor.canaryTrafficPercent`` on one
+  InferenceService (Knative mode): promote = remove the field, rollback = 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+import time
+from typing import Any, Protocol
+
+
+class RouterError(RuntimeError):
+    """The data plane refused or did not apply a routing change."""
+
+
+class TrafficRouter(Protocol):
+    name: str
+
+    def set_weights(self, stable: int, canary: int) -> None: ...
+
+    def get_weights(self) -> tuple[int, int]: ...
+
+    def promote(self) -> None:
+        """The canary version takes all traffic for good."""
+        ...
+
+    def rollback(self) -> None:
+        """All traffic back to the stable version."""
+        ...
+
+    def config(self) -> dict[str, Any]:
+        """What :func:`build_router` needs to rebuild this router (persisted with the state)."""
+        ...
+
+
+def _check(stable: int, canary: int) -> None:
+    if not (0 <= stable <= 100 and 0 <= canary <= 100 and stable + canary == 100):
+        raise ValueError(f"weights must be percentages adding up to 100, got stable={stable} canary={canary}")
+
+
+# --------------------------------------------------------------------------- local: HAProxy
+
+
+class HAProxyRuntimeAPI:
+    """HAProxy's runtime API over its admin stats socket (one command per connection)."""
+
+    def __init__(self, socket_path: str, timeout_s: float = 5.0):
+        self.socket_path = socket_path
+        self.timeout_s = timeout_s
+
+    def command(self, cmd: str) -> str:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout_s)
+        try:
+            s.connect(self.socket_path)
+            s.sendall(cmd.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except OSError as e:
+            raise RouterError(f"HAProxy runtime API at {self.socket_path} failed for {cmd!r}: {e}") from e
+        finally:
+            s.close()
+        return b"".join(chunks).decode(errors="replace").strip()
+
+
+class LocalProxyRouter:
+    """HAProxy server weights: ``weight = percent`` (HAProxy accepts 0..256; 0 = no new requests)."""
+
+    name = "local_proxy"
+
+    def __init__(self, socket_path: str, backend: str = "be_model", stable_server: str = "stable",
+                 canary_server: str = "canary"):  # fmt: skip
+        self.api = HAProxyRuntimeAPI(socket_path)
+        self.backend, self.stable_server, self.canary_server = backend, stable_server, canary_server
+
+    def _set(self, server: str, weight: int) -> None:
+        out = self.api.command(f"set weight {self.backend}/{server} {int(weight)}")
+        if out:  # HAProxy answers nothing on success
+            raise RouterError(f"HAProxy refused 'set weight {self.backend}/{server} {weight}': {out}")
+
+    def _get(self, server: str) -> int:
+        out = self.api.command(f"get weight {self.backend}/{server}")
+        try:
+            return int(out.split()[0])  # "10 (initial 0)"
+        except (IndexError, ValueError) as e:
+            raise RouterError(f"HAProxy answered {out!r} to 'get weight {self.backend}/{server}'") from e
+
+    def set_weights(self, stable: int, canary: int) -> None:
+        _check(stable, canary)
+        # raise the side that grows first, so no instant has both at 0
+        if canary > self._get(self.canary_server):
+            self._set(self.canary_server, canary)
+            self._set(self.stable_server, stable)
+        else:
+            self._set(self.stable_server, stable)
+            self._set(self.canary_server, canary)
+
+    def get_weights(self) -> tuple[int, int]:
+        return self._get(self.stable_server), self._get(self.canary_server)
+
+    def promote(self) -> None:
+        self.set_weights(0, 100)
+
+    def rollback(self) -> None:
+        self.set_weights(100, 0)
+
+    def config(self) -> dict[str, Any]:
+        return {"router": self.name, "socket": self.api.socket_path, "backend": self.backend,
+                "stable_server": self.stable_server, "canary_server": self.canary_server}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+def _k8s_custom_api(kubeconfig: str | None = None, context: str | None = None):
+    """CustomObjectsApi: in-cluster config when running in a pod, else kubeconfig."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config(config_file=kubeconfig, context=context)
+    return client.CustomObjectsApi()
+
+
+def _is_conflict(e: Exception) -> bool:
+    return getattr(e, "status", None) == 409
+
+
+ISVC = ("serving.kserve.io", "v1beta1", "inferenceservices")
+HTTPROUTE = ("gateway.networking.k8s.io", "v1", "httproutes")
+
+
+class GatewayApiRouter:
+    """Weighted ``backendRefs`` of an HTTPRoute in front of a stable and a canary InferenceService."""
+
+    name = "gateway_api"
+
+    def __init__(self, route: str, namespace: str, stable_backend: str, canary_backend: str,
+                 stable_isvc: str = "", canary_isvc: str = "", api: Any = None, kubeconfig: str | None = None,
+                 ready_timeout_s: float = 300.0, poll_s: float = 2.0):  # fmt: skip
+        self.route, self.namespace = route, namespace
+        self.stable_backend, self.canary_backend = stable_backend, canary_backend
+        self.stable_isvc, self.canary_isvc = stable_isvc, canary_isvc
+        self.kubeconfig = kubeconfig
+        self.ready_timeout_s, self.poll_s = ready_timeout_s, poll_s
+        self.api = api or _k8s_custom_api(kubeconfig)
+
+    def _get_route(self) -> dict:
+        g, v, p = HTTPROUTE
+        return self.api.get_namespaced_custom_object(g, v, self.namespace, p, self.route)
+
+    def _refs(self, route: dict) -> tuple[list[dict], dict, dict]:
+        for rule in route.get("spec", {}).get("rules", []):
+            refs = rule.get("backendRefs", [])
+            by_name = {r.get("name"): r for r in refs}
+            if self.stable_backend in by_name and self.canary_backend in by_name:
+                return refs, by_name[self.stable_backend], by_name[self.canary_backend]
+        raise RouterError(
+            f"HTTPRoute {self.namespace}/{self.route} has no rule with backendRefs named "
+            f"{self.stable_backend!r} and {self.canary_backend!r}; check --stable-backend/--canary-backend"
+        )
+
+    def set_weights(self, stable: int, canary: int) -> None:
+        _check(stable, canary)
+        g, v, p = HTTPROUTE
+        for _ in range(5):
+            route = self._get_route()
+            _, s, c = self._refs(route)
+            s["weight"], c["weight"] = int(stable), int(canary)
+            body = {"metadata": {"resourceVersion": route["metadata"]["resourceVersion"]},
+                    "spec": {"rules": route["spec"]["rules"]}}  # fmt: skip
+            try:
+                self.api.patch_namespaced_custom_object(g, v, self.namespace, p, self.route, body)
+                return
+            except Exception as e:  # ApiException 409: someone else changed the route; re-read
+                if not _is_conflict(e):
+                    raise
+        raise RouterError(f"HTTPRoute {self.namespace}/{self.route} kept changing under us (5 conflicts)")
+
+    def get_weights(self) -> tuple[int, int]:
+        _, s, c = self._refs(self._get_route())
+        # Gateway API: a backendRef without weight has weight 1
+        return int(s.get("weight", 1)), int(c.get("weight", 1))
+
+    def _isvc(self, name: str) -> dict:
+        g, v, p = ISVC
+        return self.api.get_namespaced_custom_object(g, v, self.namespace, p, name)
+
+    def promote(self) -> None:
+        """Canary takes all traffic, stable gets the canary's predictor, then stable takes it back."""
+        self.set_weights(0, 100)
+        if not (self.stable_isvc and self.canary_isvc):
+            return  # no InferenceServices named: the canary backend simply keeps all traffic
+        g, v, p = ISVC
+        predictor = copy.deepcopy(self._isvc(self.canary_isvc)["spec"]["predictor"])
+        patched = self.api.patch_namespaced_custom_object(
+            g, v, self.namespace, p, self.stable_isvc, {"spec": {"predictor": predictor}}
+        )
+        generation = patched["metadata"].get("generation", 0)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while True:
+            status = self._isvc(self.stable_isvc).get("status", {})
+            ready = any(
+                c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", [])
+            )
+            if ready and status.get("observedGeneration", 0) >= generation:
+                break
+            if time.monotonic() > deadline:
+                raise RouterError(
+                    f"InferenceService {self.namespace}/{self.stable_isvc} not Ready "
+                    f"{self.ready_timeout_s:.0f}s after taking the canary's predictor; "
+                    "traffic stays on the canary"
+                )
+            time.sleep(self.poll_s)
+        self.set_weights(100, 0)
+
+    def rollback(self) -> None:
+        self.set_weights(100, 0)
+
+    def config(self) -> dict[str, Any]:
+        return {"router": self.name, "route": self.route, "namespace": self.namespace,
+                "stable_backend": self.stable_backend, "canary_backend": self.canary_backend,
+                "stable_isvc": self.stable_isvc, "canary_isvc": self.canary_isvc,
+                "kubeconfig": self.kubeconfig}  # fmt: skip
+
+
+class KServeKnativeRouter:
+    """``spec.predictor.canaryTrafficPercent`` of one InferenceService (KServe Knative mode)."""
+
+    name = "kserve_knative"
+
+    def __init__(self, isvc: str, namespace: str, api: Any = None, kubeconfig: str | None = None):
+        self.isvc, self.namespace, self.kubeconfig = isvc, namespace, kubeconfig
+        self.api = api or _k8s_custom_api(kubeconfig)
+
+    def _patch(self, percent: int | None) -> None:
+        g, v, p = ISVC
+        self.api.patch_namespaced_custom_object(
+            g, v, self.namespace, p, self.isvc, {"spec": {"predictor": {"canaryTrafficPercent": percent}}}
+        )
+
+    def set_weights(self, stable: int, canary: int) -> None:
+        _check(stable, canary)
+        self._patch(int(canary))
+
+    def get_weights(self) -> tuple[int, int]:
+        """From ``status.components.predictor.traffic[]`` (what Knative applied), else from the spec."""
+        g, v, p = ISVC
+        obj = self.api.get_namespaced_custom_object(g, v, self.namespace, p, self.isvc)
+        traffic = obj.get("status", {}).get("components", {}).get("predictor", {}).get("traffic") or []
+        if traffic:
+            latest = sum(int(t.get("percent") or 0) for t in traffic if t.get("latestRevision"))
+            return 100 - latest, latest
+        pct = obj["spec"]["predictor"].get("canaryTrafficPercent")
+        return (0, 100) if pct is None else (100 - int(pct), int(pct))
+
+    def promote(self) -> None:
+        self._patch(None)  # merge-patch null removes the field: the latest revision takes 100%
+
+    def rollback(self) -> None:
+        self._patch(0)  # 100% pinned to the previous rolled-out revision
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "router": self.name,
+            "isvc": self.isvc,
+            "namespace": self.namespace,
+            "kubeconfig": self.kubeconfig,
+        }
+
+
+def build_router(cfg: dict[str, Any], api: Any = None) -> TrafficRouter:
+    cfg = dict(cfg)
+    kind = cfg.pop("router")
+    if kind == "local_proxy":
+        return LocalProxyRouter(**cfg)
+    if kind == "gateway_api":
+        return GatewayApiRouter(**cfg, api=api)
+    if kind == "kserve_knative":
+        return KServeKnativeRouter(**cfg, api=api)
+    raise ValueError(f"unknown router {kind!r}; choose local_proxy, gateway_api or kserve_knative")

@@ -1,0 +1,199 @@
+"""Counters, windows and the math behind the gates (plain numbers in, plain numbers out).
+
+A :class:`Snapshot` is what a metrics provider reads for one side (stable or canary) of a
+rollout: the cumulative counters of the runtime's metrics (README "Interfaces between the parts").
+The difference of two snapshots is the *window* a gate judges. Histograms are kept as
+Prometheus does: cumulative counts per upper bound ``le`` (``inf`` included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# HTTP 5xx and the gRPC codes that mean "the server failed", as Flagger counts request success:
+# client errors (4xx, INVALID_ARGUMENT, NOT_FOUND, ...) are the caller's fault, not the canary's.
+GRPC_SERVER_ERRORS = {"INTERNAL", "UNAVAILABLE", "UNKNOWN", "DEADLINE_EXCEEDED", "DATA_LOSS", "UNIMPLEMENTED"}
+
+
+def is_server_error(status: str) -> bool:
+    s = str(status).strip()
+    return s.startswith("5") if s[:1].isdigit() else s.upper() in GRPC_SERVER_ERRORS
+
+
+def _sub(a: dict, b: dict) -> dict:
+    out = {}
+    for k, v in a.items():
+        d = v - b.get(k, 0.0)
+        # a counter that went down was reset (process restart): count from zero, as Prometheus does
+        out[k] = v if d < 0 else d
+    return out
+
+
+@dataclass
+class Snapshot:
+    """Cumulative counters for one side, or (after ``-``) the increments over a window."""
+
+    requests: dict[str, float] = field(default_factory=dict)  # status -> count
+    latency: dict[float, float] = field(default_factory=dict)  # le (seconds) -> cumulative count
+    scores: dict[float, float] = field(default_factory=dict)  # le (score) -> cumulative count
+    classes: dict[str, float] = field(default_factory=dict)  # predicted class -> count
+    labelled_correct: float = 0.0  # labelled feedback (optional accuracy gate)
+    labelled_total: float = 0.0
+    at: float = 0.0  # when it was read (provider clock, seconds since the epoch)
+
+    def __sub__(self, base: Snapshot) -> Snapshot:
+        lt = self.labelled_total - base.labelled_total
+        lc = self.labelled_correct - base.labelled_correct
+        if lt < 0 or lc < 0:
+            lt, lc = self.labelled_total, self.labelled_correct
+        return Snapshot(
+            requests=_sub(self.requests, base.requests),
+            latency=_sub(self.latency, base.latency),
+            scores=_sub(self.scores, base.scores),
+            classes=_sub(self.classes, base.classes),
+            labelled_correct=lc,
+            labelled_total=lt,
+            at=self.at,
+        )
+
+    @property
+    def total_requests(self) -> float:
+        return float(sum(self.requests.values()))
+
+    @property
+    def failed_requests(self) -> float:
+        return float(sum(v for k, v in self.requests.items() if is_server_error(k)))
+
+    @property
+    def predictions(self) -> float:
+        return float(self.scores.get(math.inf, max(self.scores.values(), default=0.0)))
+
+    @property
+    def latency_count(self) -> float:
+        return float(self.latency.get(math.inf, max(self.latency.values(), default=0.0)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "latency": {_le_str(k): v for k, v in self.latency.items()},
+            "scores": {_le_str(k): v for k, v in self.scores.items()},
+            "classes": self.classes,
+            "labelled_correct": self.labelled_correct,
+            "labelled_total": self.labelled_total,
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Snapshot:
+        return cls(
+            requests={str(k): float(v) for k, v in d.get("requests", {}).items()},
+            latency={parse_le(k): float(v) for k, v in d.get("latency", {}).items()},
+            scores={parse_le(k): float(v) for k, v in d.get("scores", {}).items()},
+            classes={str(k): float(v) for k, v in d.get("classes", {}).items()},
+            labelled_correct=float(d.get("labelled_correct", 0.0)),
+            labelled_total=float(d.get("labelled_total", 0.0)),
+            at=float(d.get("at", 0.0)),
+        )
+
+
+def _le_str(le: float) -> str:
+    return "+Inf" if math.isinf(le) else repr(float(le))
+
+
+def parse_le(le: str | float) -> float:
+    if isinstance(le, str) and le.strip() in ("+Inf", "Inf", "inf", "+inf"):
+        return math.inf
+    return float(le)
+
+
+def bucket_counts(cumulative: dict[float, float]) -> tuple[list[float], list[float]]:
+    """Cumulative ``{le: count}`` -> (upper bounds, per-bucket counts), sorted by bound."""
+    bounds = sorted(cumulative)
+    counts, prev = [], 0.0
+    for b in bounds:
+        c = cumulative[b]
+        counts.append(max(c - prev, 0.0))
+        prev = max(c, prev)
+    return bounds, counts
+
+
+def histogram_quantile(q: float, cumulative: dict[float, float]) -> float:
+    """Prometheus ``histogram_quantile`` over cumulative buckets (linear inside a bucket).
+
+    Returns NaN for an empty histogram; when the quantile falls in the ``+Inf`` bucket, the
+    largest finite bound (what Prometheus returns too: "at least this slow").
+    """
+    if not 0 <= q <= 1:
+        raise ValueError(f"quantile must be in [0, 1], got {q}")
+    bounds = sorted(cumulative)
+    if not bounds:
+        return math.nan
+    total = cumulative[bounds[-1]]
+    if total <= 0:
+        return math.nan
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for b in bounds:
+        c = cumulative[b]
+        if c >= rank:
+            if math.isinf(b):
+                finite = [x for x in bounds if not math.isinf(x)]
+                return finite[-1] if finite else math.nan
+            if c == lower_count:
+                return b
+            return lower_bound + (b - lower_bound) * (rank - lower_count) / (c - lower_count)
+        lower_bound, lower_count = b, c
+    return bounds[-1]
+
+
+def _aligned(p_cum: dict[float, float], q_cum: dict[float, float]) -> tuple[list[float], list[float]]:
+    bounds = sorted(set(p_cum) | set(q_cum))
+
+    # a bound missing on one side: carry the cumulative count of the bound below it
+    def fill(c: dict[float, float]) -> dict[float, float]:
+        out, last = {}, 0.0
+        for b in bounds:
+            last = c.get(b, last)
+            out[b] = last
+        return out
+
+    _, p = bucket_counts(fill(p_cum))
+    _, q = bucket_counts(fill(q_cum))
+    return p, q
+
+
+def psi(canary_cum: dict[float, float], stable_cum: dict[float, float], alpha: float = 0.5) -> float:
+    """Population stability index  PSI = sum_i (c_i - s_i) * ln(c_i / s_i)  over score buckets.
+
+    ``c_i``/``s_i`` are the canary/stable shares of bucket i after additive (Laplace) smoothing
+    with ``alpha`` pseudo-counts, so an empty bucket on one side stays finite.
+    """
+    p, q = _aligned(canary_cum, stable_cum)
+    k = len(p)
+    if k == 0 or sum(p) <= 0 or sum(q) <= 0:
+        return math.nan
+    np_, nq = sum(p) + k * alpha, sum(q) + k * alpha
+    total = 0.0
+    for a, b in zip(p, q, strict=True):
+        pa, qb = (a + alpha) / np_, (b + alpha) / nq
+        total += (pa - qb) * math.log(pa / qb)
+    return total
+
+
+def js_distance(canary_cum: dict[float, float], stable_cum: dict[float, float]) -> float:
+    """Jensen-Shannon distance, base 2, in [0, 1]: sqrt(JSD), JSD = (KL(P||M) + KL(Q||M))/2, M = (P+Q)/2."""
+    p, q = _aligned(canary_cum, stable_cum)
+    sp, sq = sum(p), sum(q)
+    if sp <= 0 or sq <= 0:
+        return math.nan
+    jsd = 0.0
+    for a, b in zip(p, q, strict=True):
+        pa, qb = a / sp, b / sq
+        m = (pa + qb) / 2
+        if pa > 0:
+            jsd += 0.5 * pa * math.log2(pa / m)
+        if qb > 0:
+            jsd += 0.5 * qb * math.log2(qb / m)
+    return math.sqrt(max(jsd, 0.0))
