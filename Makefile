@@ -68,5 +68,16 @@ lock: ## regenerate requirements.lock from requirements.in in a scratch venv
 	/tmp/mlrollout-lock/bin/pip install --quiet -r requirements.in
 	/tmp/mlrollout-lock/bin/pip freeze | grep -v '^-e' > requirements.lock
 
+cluster: ## kind cluster with cert-manager, Envoy Gateway, KServe, KFP, Prometheus (needs docker + kind; PROFILE=knative adds Knative)
+	@bash infra/cluster-up.sh --preflight-only
+	@$(MAKE) --no-print-directory tools
+	bash infra/cluster-up.sh $(if $(PROFILE),--profile $(PROFILE))
+
+cluster-down: ## delete the kind cluster
+	bash infra/cluster-down.sh
+
+e2e: venv tools ## cluster e2e tests against the current kube context (run `make cluster` first)
+	$(BIN)/python -m pytest -m e2e tests/e2e
+
 clean: ## remove local outputs (keeps .venv and .tools)
 	rm -rf local_outputs models demo_outputs bench_outputs .pytest_cache

@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# Bring up the mlrollout kind platform (`make cluster`):
+#
+#   kind cluster -> serving image built + `kind load`ed -> cert-manager -> Gateway API CRDs ->
+#   Envoy Gateway + GatewayClass/Gateway -> [knative profile: Knative Serving + Kourier] ->
+#   KServe (Standard mode, Gateway API) -> KFP 2.17 standalone (cluster-scoped-resources, then
+#   env/platform-agnostic) -> Prometheus -> KFP<->KServe wiring of the model namespace.
+#
+#   bash infra/cluster-up.sh [--dry-run] [--profile knative] [--skip-image] [--preflight-only]
+#
+# Idempotent: every step is `kubectl apply` / `helm upgrade --install` / "create if missing", so a
+# second run (or a run after a failure) converges. Every wait has a timeout and prints how long it
+# took; the KServe webhook race right after install is retried (see `retry` in infra/lib.sh).
+# Every version comes from infra/versions.env. Settings: CLUSTER_NAME (mlrollout), MODEL_NAMESPACE
+# (models), PROFILE (default|knative), and KIND/DOCKER/KUBECTL/HELM to point at other binaries.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "${here}/lib.sh"
+
+PROFILE="${PROFILE:-default}"
+SKIP_IMAGE=0
+PREFLIGHT_ONLY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --profile) [ $# -ge 2 ] || die "--profile needs a value (default or knative)"; PROFILE="$2"; shift ;;
+    --profile=*) PROFILE="${1#--profile=}" ;;
+    --skip-image) SKIP_IMAGE=1 ;;
+    --preflight-only) PREFLIGHT_ONLY=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) die "unknown argument '$1' (try --help)" ;;
+  esac
+  shift
+done
+case "${PROFILE}" in default|knative) ;; *) die "unknown profile '${PROFILE}': use default or knative" ;; esac
+
+RUNTIME_IMAGE="${MLROLLOUT_RUNTIME_IMAGE}:${MLROLLOUT_VERSION}"
+KSERVE_CHART_VERSION="v${KSERVE_VERSION}"
+KFP_KUSTOMIZE="github.com/kubeflow/pipelines/manifests/kustomize"
+WAIT_SHORT=180   # a controller Deployment
+WAIT_LONG=900    # KFP: mysql + metadata + api server pull ~2 GB of images on a cold node
+
+# ---------------------------------------------------------------- preflight
+# What cannot be bootstrapped (docker engine, kind) is checked before anything else and reported in
+# ONE line; helm/kubectl come from `make tools`.
+preflight() {
+  local missing=() hints=() out
+  if ! command -v "${DOCKER}" >/dev/null 2>&1; then
+    missing+=("docker"); hints+=("install Docker Engine (https://docs.docker.com/engine/install/)")
+  elif ! out="$(timeout 20 "${DOCKER}" info --format '{{.ServerVersion}}' 2>&1)"; then
+    missing+=("a running docker engine (docker info: $(tail -n1 <<<"${out}"))")
+    hints+=("start it (sudo systemctl start docker) or set DOCKER_HOST")
+  fi
+  if ! command -v "${KIND}" >/dev/null 2>&1; then
+    missing+=("kind"); hints+=("install kind ${KIND_VERSION}: go install sigs.k8s.io/kind@${KIND_VERSION} or https://kind.sigs.k8s.io/docs/user/quick-start/#installation")
+  fi
+  if [ "${PREFLIGHT_ONLY}" = 0 ]; then
+    command -v "${KUBECTL}" >/dev/null 2>&1 || { missing+=("kubectl"); hints+=("run make tools"); }
+    command -v "${HELM}" >/dev/null 2>&1 || { missing+=("helm"); hints+=("run make tools"); }
+  fi
+  if [ "${#missing[@]}" -gt 0 ]; then
+    local what how i
+    what="${missing[0]}"; how="${hints[0]}"
+    for ((i = 1; i < ${#missing[@]}; i++)); do
+      what+=", ${missing[i]}"
+      [[ "${how}" == *"${hints[i]}"* ]] || how+="; ${hints[i]}"
+    done
+    printf 'make cluster: missing %s -> %s\n' "${what}" "${how}" >&2
+    exit 2
+  fi
+}
+
+check_host() {
+  local v
+  v="$("${KIND}" version 2>/dev/null | awk '{print $2}')" || true
+  [ "${v}" = "${KIND_VERSION}" ] || log "note: kind ${v:-?} found, ${KIND_VERSION} is the tested version"
+  if [ -r /proc/sys/fs/inotify/max_user_instances ]; then
+    local inst watches
+    inst="$(cat /proc/sys/fs/inotify/max_user_instances)"; watches="$(cat /proc/sys/fs/inotify/max_user_watches)"
+    if [ "${inst}" -lt 512 ] || [ "${watches}" -lt 524288 ]; then
+      log "WARNING: inotify limits are low (max_user_instances=${inst}, max_user_watches=${watches}); KFP pods may"
+      log "         crash-loop with 'too many open files'. Fix: sudo sysctl fs.inotify.max_user_instances=1280 fs.inotify.max_user_watches=655360"
+    fi
+  fi
+}
+
+# ---------------------------------------------------------------- steps
+kind_cluster() {
+  if [ "${DRY_RUN}" = 0 ] && "${KIND}" get clusters 2>/dev/null | grep -qx "${CLUSTER_NAME}"; then
+    log "kind cluster '${CLUSTER_NAME}' exists: reusing it"
+    run "${KUBECTL}" config use-context "kind-${CLUSTER_NAME}"
+    return 0
+  fi
+  timed "kind cluster ${CLUSTER_NAME}" "${KIND}" create cluster --name "${CLUSTER_NAME}" \
+    --image "${KIND_NODE_IMAGE}" --config "${INFRA_DIR}/kind-config.yaml" --wait 180s
+}
+
+serving_image() {
+  if [ "${SKIP_IMAGE}" = 1 ]; then log "--skip-image: not building ${RUNTIME_IMAGE}"; return 0; fi
+  [ "${DRY_RUN}" = 1 ] || [ -f "${REPO_ROOT}/serving/Dockerfile" ] || die "serving/Dockerfile not found: cannot build ${RUNTIME_IMAGE}"
+  timed "image ${RUNTIME_IMAGE} built" "${DOCKER}" build -t "${RUNTIME_IMAGE}" -f "${REPO_ROOT}/serving/Dockerfile" "${REPO_ROOT}"
+  timed "image loaded into kind" "${KIND}" load docker-image "${RUNTIME_IMAGE}" --name "${CLUSTER_NAME}"
+}
+
+cert_manager() {
+  retry 5 5 "${KUBECTL}" apply -f "https://github.com/cert-manager/cert-manager/releases/download/${CERT_MANAGER_VERSION}/cert-manager.yaml"
+  timed "cert-manager deployments" "${KUBECTL}" -n cert-manager wait --for=condition=Available --timeout="${WAIT_SHORT}s" \
+    deployment/cert-manager deployment/cert-manager-cainjector deployment/cert-manager-webhook
+}
+
+gateway_api_crds() {
+  retry 5 5 "${KUBECTL}" apply --server-side --force-conflicts -f "https://github.com/kubernetes-sigs/gateway-api/releases/download/${GATEWAY_API_VERSION}/standard-install.yaml"
+  timed "Gateway API CRDs established" "${KUBECTL}" wait --for=condition=Established --timeout=60s \
+    crd/gatewayclasses.gateway.networking.k8s.io crd/gateways.gateway.networking.k8s.io crd/httproutes.gateway.networking.k8s.io
+}
+
+envoy_gateway() {
+  # The chart's crds/ also carries Gateway API CRDs; Helm skips CRDs that already exist, so the pinned
+  # GATEWAY_API_VERSION installed above stays in charge of them.
+  timed "Envoy Gateway chart" "${HELM}" upgrade --install eg oci://docker.io/envoyproxy/gateway-helm \
+    --version "${ENVOY_GATEWAY_VERSION}" -n envoy-gateway-system --create-namespace --wait --timeout "${WAIT_SHORT}s"
+  timed "envoy-gateway controller" "${KUBECTL}" -n envoy-gateway-system wait --for=condition=Available \
+    --timeout="${WAIT_SHORT}s" deployment/envoy-gateway
+  apply_rendered "${INFRA_DIR}/manifests/gateway.yaml"
+  timed "GatewayClass envoy accepted" "${KUBECTL}" wait --for=condition=Accepted --timeout=120s gatewayclass/envoy
+  timed "Gateway kserve/kserve-ingress-gateway programmed" "${KUBECTL}" -n kserve wait --for=condition=Programmed \
+    --timeout="${WAIT_SHORT}s" gateway/kserve-ingress-gateway
+}
+
+knative() {
+  local base="https://github.com/knative/serving/releases/download/knative-${KNATIVE_SERVING_VERSION}"
+  retry 5 5 "${KUBECTL}" apply -f "${base}/serving-crds.yaml"
+  timed "Knative CRDs established" "${KUBECTL}" wait --for=condition=Established --timeout=60s crd/services.serving.knative.dev
+  retry 10 5 "${KUBECTL}" apply -f "${base}/serving-core.yaml"
+  retry 10 5 "${KUBECTL}" apply -f "https://github.com/knative/net-kourier/releases/download/knative-${KNATIVE_KOURIER_VERSION}/kourier.yaml"
+  timed "Knative Serving + Kourier" "${KUBECTL}" -n knative-serving wait --for=condition=Available --timeout="${WAIT_SHORT}s" \
+    deployment/controller deployment/webhook deployment/activator deployment/autoscaler deployment/net-kourier-controller
+  retry 10 5 "${KUBECTL}" -n knative-serving patch configmap/config-network --type merge \
+    -p '{"data":{"ingress-class":"kourier.ingress.networking.knative.dev"}}'
+  retry 10 5 "${KUBECTL}" -n knative-serving patch configmap/config-domain --type merge -p '{"data":{"example.com":""}}'
+  # kind-loaded images are not in any registry: Knative must not resolve their tags to digests (kserve#3689)
+  retry 10 5 "${KUBECTL}" -n knative-serving patch configmap/config-deployment --type merge \
+    -p "{\"data\":{\"registries-skipping-tag-resolving\":\"kind.local,ko.local,dev.local,${MLROLLOUT_RUNTIME_IMAGE%%/*}\"}}"
+}
+
+kserve_webhook_serving() {
+  "${KUBECTL}" -n kserve get endpointslices -l kubernetes.io/service-name=kserve-webhook-server-service \
+    -o jsonpath='{.items[*].endpoints[*].conditions.ready}' 2>/dev/null | grep -q true
+}
+
+kserve() {
+  local values=(-f "${INFRA_DIR}/kserve-values.yaml")
+  [ "${PROFILE}" = knative ] && values+=(-f "${INFRA_DIR}/kserve-values-knative.yaml")
+  timed "KServe CRDs chart" "${HELM}" upgrade --install kserve-crd oci://ghcr.io/kserve/charts/kserve-crd \
+    --version "${KSERVE_CHART_VERSION}" -n kserve --create-namespace --wait --timeout "${WAIT_SHORT}s"
+  # the chart's cert-manager Certificate can hit cert-manager's own webhook before it serves: retried
+  retry 6 10 "${HELM}" upgrade --install kserve oci://ghcr.io/kserve/charts/kserve-resources \
+    --version "${KSERVE_CHART_VERSION}" -n kserve "${values[@]}" --wait --timeout "${WAIT_SHORT}s"
+  timed "kserve-controller-manager" "${KUBECTL}" -n kserve wait --for=condition=Available --timeout="${WAIT_SHORT}s" \
+    deployment/kserve-controller-manager
+  wait_for "KServe webhook endpoints ready" 120 kserve_webhook_serving
+  # The webhook answers "connection refused" / x509 for a while after its endpoint turns ready
+  # (kserve#4182, #5037, #3748): prove admission works with a server-side dry-run, retried.
+  retry 12 5 "${KUBECTL}" apply --dry-run=server -f "${INFRA_DIR}/manifests/kserve-webhook-probe.yaml"
+}
+
+kfp() {
+  retry 5 10 "${KUBECTL}" apply -k "${KFP_KUSTOMIZE}/cluster-scoped-resources?ref=${KFP_VERSION}"
+  timed "KFP CRDs established" "${KUBECTL}" wait --for=condition=Established --timeout=60s crd/applications.app.k8s.io
+  retry 5 10 "${KUBECTL}" apply -k "${KFP_KUSTOMIZE}/env/platform-agnostic?ref=${KFP_VERSION}"
+  timed "KFP deployments (first pull of ~2 GB of images is the slow part)" "${KUBECTL}" -n kubeflow wait \
+    --for=condition=Available --timeout="${WAIT_LONG}s" deployment/mysql deployment/seaweedfs \
+    deployment/metadata-grpc-deployment deployment/ml-pipeline deployment/ml-pipeline-ui deployment/workflow-controller
+}
+
+prometheus() {
+  apply_rendered "${INFRA_DIR}/manifests/prometheus.yaml"
+  timed "Prometheus" "${KUBECTL}" -n monitoring rollout status deployment/prometheus --timeout="${WAIT_SHORT}s"
+}
+
+# The S3 Secret KServe's storage-initializer uses, copied from KFP's own (so no credential is in git),
+# with the annotations KServe turns into S3_ENDPOINT & co. Path-style addressing: SeaweedFS needs it.
+create_storage_secret() {
+  printf '+ copy kubeflow/mlpipeline-minio-artifact -> %s/kfp-s3-credentials (KServe S3 annotations)\n' "${MODEL_NAMESPACE}"
+  [ "${DRY_RUN}" = 1 ] && return 0
+  local access secret
+  access="$("${KUBECTL}" -n kubeflow get secret mlpipeline-minio-artifact -o jsonpath='{.data.accesskey}' | base64 -d)"
+  secret="$("${KUBECTL}" -n kubeflow get secret mlpipeline-minio-artifact -o jsonpath='{.data.secretkey}' | base64 -d)"
+  if [ -z "${access}" ] || [ -z "${secret}" ]; then
+    die "kubeflow/mlpipeline-minio-artifact has no accesskey/secretkey"
+  fi
+  "${KUBECTL}" -n "${MODEL_NAMESPACE}" create secret generic kfp-s3-credentials \
+    --from-literal=AWS_ACCESS_KEY_ID="${access}" --from-literal=AWS_SECRET_ACCESS_KEY="${secret}" \
+    --dry-run=client -o yaml | "${KUBECTL}" apply -f - >&2
+  "${KUBECTL}" -n "${MODEL_NAMESPACE}" annotate --overwrite secret kfp-s3-credentials \
+    serving.kserve.io/s3-endpoint=seaweedfs.kubeflow.svc.cluster.local:9000 \
+    serving.kserve.io/s3-usehttps=0 serving.kserve.io/s3-verifyssl=0 \
+    serving.kserve.io/s3-region=us-east-1 serving.kserve.io/s3-usevirtualbucket=0 >&2
+}
+
+model_namespace() {
+  apply_rendered "${INFRA_DIR}/manifests/model-namespace.yaml"
+  create_storage_secret
+}
+
+summary() {
+  cat >&2 <<EOF
+
+mlrollout platform is up (kind cluster '${CLUSTER_NAME}', profile ${PROFILE}).
+  model traffic   http://127.0.0.1:8080  (Envoy Gateway kserve/kserve-ingress-gateway; send the route's Host header)
+  KFP UI / API    ${KUBECTL} -n kubeflow port-forward svc/ml-pipeline-ui 8888:80   -> http://127.0.0.1:8888
+  Prometheus      ${KUBECTL} -n monitoring port-forward svc/prometheus 9090:9090    -> http://127.0.0.1:9090
+  models go in    namespace ${MODEL_NAMESPACE} (serviceAccountName: kfp-s3 for s3://mlpipeline/...)
+  next            make e2e        tear down: make cluster-down
+EOF
+}
+
+# ---------------------------------------------------------------- main
+STEPS=(kind_cluster serving_image cert_manager gateway_api_crds envoy_gateway)
+[ "${PROFILE}" = knative ] && STEPS+=(knative)
+STEPS+=(kserve kfp prometheus model_namespace)
+
+CURRENT_STEP=""
+STEP_START="${SECONDS}"
+on_exit() {
+  local rc="$1"
+  if [ "${rc}" -ne 0 ] && [ -n "${CURRENT_STEP}" ]; then
+    log "step '${CURRENT_STEP}' failed after $((SECONDS - STEP_START))s (exit ${rc}); re-run 'make cluster' to resume (every step is idempotent)"
+    diagnostics
+  fi
+}
+
+main() {
+  if [ "${DRY_RUN}" = 1 ]; then
+    log "dry run: printing the plan for profile ${PROFILE}, executing nothing"
+  else
+    preflight
+    [ "${PREFLIGHT_ONLY}" = 1 ] && return 0
+    check_host
+  fi
+  trap 'on_exit $?' EXIT
+  local s timings=() total_start="${SECONDS}"
+  for s in "${STEPS[@]}"; do
+    step "${s}"
+    CURRENT_STEP="${s}"; STEP_START="${SECONDS}"
+    "${s}"   # errexit applies: the first failing command ends the run (and on_exit explains)
+    timings+=("$(printf '%-18s %4ss' "${s}" "$((SECONDS - STEP_START))")")
+  done
+  CURRENT_STEP=""
+  if [ "${DRY_RUN}" = 0 ]; then
+    step "timings"
+    printf '  %s\n' "${timings[@]}" >&2
+    log "total $((SECONDS - total_start))s"
+    summary
+  fi
+}
+
+main
