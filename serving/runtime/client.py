@@ -1,0 +1,209 @@
+"""Start the runtime as a subprocess on free 127.0.0.1 ports, wait until it is ready, stop it.
+
+Shared by ``make demo``, the rollout controller's local stack, the tests and the benchmark::
+
+    from serving.runtime.client import RuntimeServer
+
+    with RuntimeServer("models/breast-cancer") as srv:
+        srv.predict_v1([[...30 numbers...]])            # {"predictions": [...]}
+        srv.infer_v2([[...]])                            # V2 response dict
+        srv.url, srv.grpc_target, srv.name, srv.version  # for your own clients
+
+Environment variables in ``env`` (e.g. the fault knobs ``MLROLLOUT_FAULT_ERROR_RATE``) are added to
+the server's environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from pipelines.core import modelcard
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerStartError(RuntimeError):
+    """The runtime exited or did not become ready; ``log`` holds its output."""
+
+    def __init__(self, message: str, returncode: int | None, log: str):
+        super().__init__(f"{message}\n--- server log (tail) ---\n{log[-4000:]}")
+        self.returncode = returncode
+        self.log = log
+
+
+class RuntimeServer:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        name: str | None = None,
+        args: list[str] | tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        ready_timeout: float = 60.0,
+        python: str = sys.executable,
+        cwd: str | os.PathLike | None = None,
+        taskset: str | None = None,
+    ):
+        self.model_dir = Path(model_dir)
+        self.name = name
+        self.extra_args = list(args)
+        self.env = dict(env or {})
+        self.host = host
+        self.ready_timeout = ready_timeout
+        self.python = python
+        self.cwd = cwd
+        self.taskset = taskset
+        self.http_port = self.grpc_port = 0
+        self.proc: subprocess.Popen | None = None
+        self._log_file = None
+        self.version: str | None = None
+        self.input_name = "input"
+
+    # --- addresses ----------------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def log(self) -> str:
+        if self._log_file is None:
+            return ""
+        self._log_file.flush()
+        return Path(self._log_file.name).read_text(errors="replace")
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> RuntimeServer:
+        card = modelcard.load_card(modelcard.find_package(self.model_dir))
+        self.name = self.name or card["name"]
+        self.version = card["version"]
+        self.input_name = card["inputs"][0]["name"]
+        last_error: ServerStartError | None = None
+        for _attempt in range(3):  # a free port can be taken between asking and binding: retry
+            self.http_port, self.grpc_port = free_port(self.host), free_port(self.host)
+            try:
+                self._start_once()
+                return self
+            except ServerStartError as e:
+                last_error = e
+                self.stop()
+                if "address already in use" not in e.log.lower():
+                    raise
+        raise last_error  # type: ignore[misc]
+
+    def _start_once(self) -> None:
+        cmd = [
+            self.python,
+            "-m",
+            "serving",
+            "--model_dir",
+            str(self.model_dir),
+            "--host",
+            self.host,
+            "--http_port",
+            str(self.http_port),
+            "--grpc_port",
+            str(self.grpc_port),
+            "--model_name",
+            self.name,
+            *self.extra_args,
+        ]
+        if self.taskset:
+            cmd = ["taskset", "-c", self.taskset, *cmd]
+        self._log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (lives as long as the server)
+            "w+", prefix="mlrollout-runtime-", suffix=".log", delete=False
+        )
+        env = {**os.environ, **self.env}
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + self.ready_timeout
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                rc = self.proc.poll()
+                if rc is not None:
+                    raise ServerStartError(f"runtime exited with code {rc} before it was ready", rc, self.log)
+                try:
+                    r = client.get(f"{self.url}/v2/models/{self.name}/ready")
+                    if r.status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+        raise ServerStartError(f"runtime not ready within {self.ready_timeout:g} s", None, self.log)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM the server's process group, SIGKILL after ``timeout``; returns the exit code."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        return proc.returncode
+
+    def __enter__(self) -> RuntimeServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self._log_file is not None:
+            self._log_file.close()
+            Path(self._log_file.name).unlink(missing_ok=True)
+            self._log_file = None
+
+    # --- convenience clients ------------------------------------------------------------------------------
+    def predict_v1(self, instances: list, probabilities: bool = False, timeout: float = 10.0) -> dict:
+        body: dict = {"instances": instances}
+        if probabilities:
+            body["parameters"] = {"probabilities": True}
+        r = httpx.post(f"{self.url}/v1/models/{self.name}:predict", json=body, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def infer_v2(self, rows: list[list[float]], timeout: float = 10.0) -> dict:
+        body = {
+            "inputs": [
+                {
+                    "name": self.input_name,
+                    "datatype": "FP32",
+                    "shape": [len(rows), len(rows[0])],
+                    "data": [v for row in rows for v in row],
+                }
+            ]
+        }
+        r = httpx.post(f"{self.url}/v2/models/{self.name}/infer", json=body, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def metrics_text(self, timeout: float = 10.0) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=timeout).text

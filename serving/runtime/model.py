@@ -1,0 +1,267 @@
+"""``OnnxModel``: a ``kserve.Model`` over onnxruntime serving one package written by ``package_model``.
+
+``load()`` checks the card's sha256, opens the ONNX session with deliberate thread settings, checks
+the graph against the card, runs one warm-up inference and only then marks the model ready.
+KServe's own request path (gRPC, and REST when ``--fast_path false``) calls :meth:`predict`; the fast
+REST path in ``serving.runtime.asgi`` calls :meth:`infer` directly. Both share ``serving.runtime.core``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from kserve import Model
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from pipelines.core import modelcard
+from serving.runtime import core
+from serving.runtime.metrics import ModelMetrics
+
+log = logging.getLogger("kserve.mlrollout")
+
+FAULT_ERROR_RATE_ENV = "MLROLLOUT_FAULT_ERROR_RATE"
+FAULT_LATENCY_ENV = "MLROLLOUT_FAULT_LATENCY_MS"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the opt-in fault knob (test/demo only): answered as 500 / gRPC INTERNAL."""
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Test/demo-only fault injection, off unless the environment variables are set."""
+
+    error_rate: float = 0.0
+    latency_ms: float = 0.0
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> Faults:
+        env = os.environ if env is None else env
+        values = {}
+        for key, attr, hi in (
+            (FAULT_ERROR_RATE_ENV, "error_rate", 1.0),
+            (FAULT_LATENCY_ENV, "latency_ms", 60000.0),
+        ):
+            raw = env.get(key, "").strip()
+            if not raw:
+                continue
+            try:
+                v = float(raw)
+            except ValueError:
+                raise ValueError(f"{key}={raw!r} is not a number") from None
+            if not 0.0 <= v <= hi:
+                raise ValueError(f"{key}={raw!r} is out of range [0, {hi:g}]")
+            values[attr] = v
+        return cls(**values)
+
+    @property
+    def active(self) -> bool:
+        return self.error_rate > 0 or self.latency_ms > 0
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """One intra-op thread per session by default: batch-1 requests gain nothing from a thread pool
+    (ORT's call overhead dominates; perf.md §2), and ``--workers`` scales across cores with processes
+    instead. No spinning: on shared CPUs a spinning pool steals the event loop's core."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxModel(Model):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        name: str | None = None,
+        max_batch_size: int = 1024,
+        ort_threads: int = 1,
+        inline_max_rows: int = 64,
+        faults: Faults | None = None,
+    ):
+        self.package_dir = modelcard.find_package(model_dir)
+        card = modelcard.load_card(self.package_dir)
+        super().__init__(name or card["name"])
+        self.max_batch_size = max_batch_size
+        self.ort_threads = ort_threads
+        self.inline_max_rows = inline_max_rows
+        self.faults = faults or Faults()
+        self.card: dict = card
+        self.spec: core.ModelSpec | None = None
+        self.session: ort.InferenceSession | None = None
+        self.metrics: ModelMetrics | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # --- loading -----------------------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        self.card = modelcard.verify_package(self.package_dir)  # raises ModelPackageError on sha256 mismatch
+        self.spec = core.ModelSpec.from_card(self.card, self.name)
+        self._open_session()
+        self._check_graph()
+        t0 = time.perf_counter()
+        self.run(np.zeros((1, self.spec.n_features), dtype=np.float32))
+        log.info(
+            "model %s %s loaded from %s (sha256 %s…), warm-up inference %.2f ms",
+            self.name,
+            self.spec.version,
+            self.package_dir,
+            self.card["sha256"][:12],
+            (time.perf_counter() - t0) * 1000,
+        )
+        self.metrics = ModelMetrics(self.name, self.spec.version, self.spec.classes)
+        self.ready = True
+        return True
+
+    def _open_session(self) -> None:
+        path = modelcard.onnx_path(self.package_dir)
+        self.session = ort.InferenceSession(
+            str(path), sess_options=session_options(self.ort_threads), providers=["CPUExecutionProvider"]
+        )
+        self._run = self.session.run
+        self._output_order = ["label", "probabilities"]
+
+    def _check_graph(self) -> None:
+        spec = self.spec
+        inputs = self.session.get_inputs()
+        outputs = {o.name for o in self.session.get_outputs()}
+        problems = []
+        if len(inputs) != 1 or inputs[0].name != spec.input_name:
+            problems.append(f"graph inputs {[i.name for i in inputs]} != card input {spec.input_name!r}")
+        elif isinstance(inputs[0].shape[-1], int) and inputs[0].shape[-1] != spec.n_features:
+            problems.append(f"graph takes {inputs[0].shape[-1]} features, card says {spec.n_features}")
+        if not {"label", "probabilities"} <= outputs:
+            problems.append(
+                f"graph outputs {sorted(outputs)} lack 'label'/'probabilities' (ZipMap must be off)"
+            )
+        if problems:
+            raise modelcard.ModelPackageError(
+                f"{self.package_dir}: ONNX graph does not match its card: " + "; ".join(problems)
+            )
+
+    # multi-worker REST (--workers > 1) pickles the model into spawned processes: reopen the session there
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for k in ("session", "_run", "_executor", "metrics"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._executor = None
+        if self.ready:
+            self._open_session()
+            self.metrics = ModelMetrics(self.name, self.spec.version, self.spec.classes)
+
+    # --- inference ---------------------------------------------------------------------------------------
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        labels, proba = self._run(self._output_order, {self.spec.input_name: x})
+        return labels, proba
+
+    async def infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run the checked matrix. Small batches run inline (an ORT call is ~25 µs, cheaper than a thread
+        hand-off); bigger ones in a thread so the event loop keeps serving (ORT releases the GIL)."""
+        if self.faults.active:
+            await self._apply_faults()
+        if x.shape[0] <= self.inline_max_rows:
+            labels, proba = self._run(self._output_order, {self.spec.input_name: x})
+        else:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="ort"
+                )
+            labels, proba = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, x)
+        self.metrics.predictions(core.scores(proba, labels, self.spec.classes), labels)
+        return labels, proba
+
+    async def _apply_faults(self) -> None:
+        if self.faults.latency_ms:
+            await asyncio.sleep(self.faults.latency_ms / 1000)
+        if self.faults.error_rate and random.random() < self.faults.error_rate:
+            raise InjectedFault(
+                f"injected fault ({FAULT_ERROR_RATE_ENV}={self.faults.error_rate:g}; test/demo only)"
+            )
+
+    # --- KServe's path -----------------------------------------------------------------------------------
+
+    def validate(self, payload):
+        return payload  # everything is checked once, in predict() through serving.runtime.core
+
+    async def predict(self, payload, headers=None):
+        try:
+            if isinstance(payload, InferRequest):
+                return await self._predict_v2(payload)
+            x, want_proba = core.parse_v1(payload, self.spec, self.max_batch_size)
+        except core.InputError as e:
+            raise InvalidInput(e.message) from None
+        labels, proba = await self.infer(x)
+        return core.v1_response(labels, proba, want_proba)
+
+    async def _predict_v2(self, request: InferRequest) -> InferResponse:
+        body, raw = _infer_request_to_dict(request)
+        req = core.parse_v2(body, self.spec, self.max_batch_size, raw=raw)
+        labels, proba = await self.infer(req.x)
+        arrays = core.output_arrays(labels, proba)
+        dtypes = {o["name"]: o["datatype"] for o in self.spec.outputs}
+        outputs = []
+        for name, _binary in req.outputs:
+            out = InferOutput(name=name, shape=list(arrays[name].shape), datatype=dtypes[name])
+            out.set_data_from_numpy(arrays[name], binary_data=False)
+            outputs.append(out)
+        return InferResponse(
+            response_id=request.id,
+            model_name=self.name,
+            model_version=self.spec.version,
+            infer_outputs=outputs,
+            use_binary_outputs=request.use_binary_outputs,
+            requested_outputs=request.request_outputs,
+        )
+
+    def get_input_types(self) -> list[dict]:
+        s = self.spec
+        return [{"name": s.input_name, "datatype": s.input_datatype, "shape": [-1, s.n_features]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [dict(o) for o in self.spec.outputs]
+
+    def stop(self):
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+
+def _infer_request_to_dict(request: InferRequest) -> tuple[dict, bytes | None]:
+    """KServe's InferRequest (from gRPC or stock REST) -> the plain V2 dict ``core.parse_v2`` checks."""
+    inputs, raw = [], None
+    for inp in request.inputs:
+        entry = {"name": inp.name, "datatype": inp.datatype, "shape": list(inp.shape or [])}
+        if inp._raw_data is not None:  # gRPC raw_input_contents
+            raw = bytes(inp._raw_data)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+        else:
+            data = inp.data
+            entry["data"] = data.tolist() if isinstance(data, np.ndarray) else list(data or [])
+        inputs.append(entry)
+    body: dict = {"inputs": inputs, "id": request.id}
+    if request.request_outputs:
+        body["outputs"] = [{"name": o.name} for o in request.request_outputs]
+    return body, raw
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    return modelcard.find_package(path)
