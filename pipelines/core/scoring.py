@@ -1,0 +1,646 @@
+"""Batch (offline) scoring: a CSV or Parquet table in, predictions and probabilities out.
+
+One implementation shared by the command (``python -m serving.batch``) and the KFP component
+(``pipelines/components/batch.py``, which embeds this package), so both score the same way:
+
+* the model package is found and its sha256 checked (``modelcard.verify_package``) first;
+* the input is streamed in chunks with pyarrow (``csv.open_csv`` / ``ParquetFile.iter_batches``),
+  only the model's feature columns (matched by *name*) and the id column are read; extra
+  columns are ignored;
+* the columns are checked against the card's input schema before a single row is written: a
+  missing column, or one that cannot be cast to float32, stops the run with a message naming it;
+* each chunk becomes one C-contiguous float32 matrix and one ``InferenceSession.run`` call;
+* reading/converting, scoring and writing run in three threads joined by small bounded queues
+  (pyarrow, numpy and onnxruntime release the GIL), so I/O overlaps with inference;
+* the output is written to a temporary file next to the destination and renamed into place only
+  when every row is written, so a failed or interrupted run leaves no partial output behind.
+
+Output columns: the id column (the input's ``id_column``, or ``row_number`` counting from 0),
+``prediction`` (the model's ``label`` output, i.e. one of the card's ``classes``) and one
+``prob_<class name>`` float32 column per class, in the card's class order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from . import modelcard
+
+DEFAULT_CHUNK_ROWS = 65_536
+ROW_NUMBER_COLUMN = "row_number"
+DEFAULT_ID_COLUMN = "id"
+PREDICTION_COLUMN = "prediction"
+PROB_PREFIX = "prob_"
+FORMATS = ("csv", "parquet")
+_SUFFIX_FORMAT = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_QUEUE_DEPTH = 2  # chunks in flight between two stages: enough to overlap, little memory
+_POLL_S = 0.1
+
+
+class BatchScoringError(ValueError):
+    """The input, output or model cannot be scored; the message says what is wrong and how to fix it."""
+
+
+class SchemaMismatchError(BatchScoringError):
+    """The input table does not match the model card's input schema (missing or mistyped column)."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class BatchModel:
+    """A verified model package with its onnxruntime session."""
+
+    name: str
+    version: str
+    features: list[str]
+    input_name: str
+    classes: list[Any]
+    class_names: list[str]
+    session: ort.InferenceSession = field(repr=False)
+
+    @property
+    def prob_columns(self) -> list[str]:
+        return prob_column_names(self.class_names)
+
+    def score(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels int64 [n], probabilities float32 [n, n_classes]) for a float32 [n, n_features] matrix."""
+        label, proba = self.session.run(["label", "probabilities"], {self.input_name: matrix})
+        return label, proba
+
+
+def prob_column_names(class_names: list[str]) -> list[str]:
+    """``prob_<class name>`` with anything but letters, digits, '-' and '.' turned into '_'; unique."""
+    names = [
+        PROB_PREFIX + (re.sub(r"[^0-9A-Za-z.-]+", "_", str(c)).strip("_") or str(i))
+        for i, c in enumerate(class_names)
+    ]
+    if len(set(names)) != len(names):  # two class names collapse to one: fall back to indices
+        names = [f"{PROB_PREFIX}{i}" for i in range(len(class_names))]
+    return names
+
+
+def session_options(threads: int = 0, spinning: bool = False) -> ort.SessionOptions:
+    """intra-op threads: 0 lets onnxruntime use one thread per physical core (its default).
+
+    Spinning is off by default: idle onnxruntime threads would otherwise busy-wait between
+    chunks and take the cores the reader and writer threads need.
+    """
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.intra_op_num_threads = max(0, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+def load_model(model_dir: str | os.PathLike, threads: int = 0, spinning: bool = False) -> BatchModel:
+    """Find the package under ``model_dir``, verify its sha256 and open an onnxruntime session."""
+    pkg = modelcard.find_package(model_dir)
+    card = modelcard.verify_package(pkg)
+    inputs = card["inputs"]
+    if len(inputs) != 1 or inputs[0].get("datatype") != "FP32" or not inputs[0].get("features"):
+        raise modelcard.ModelPackageError(
+            f"model card in {str(pkg)!r} must declare one FP32 input with feature names "
+            "(inputs[0].features); re-package the model with the training pipeline"
+        )
+    sess = ort.InferenceSession(
+        str(modelcard.onnx_path(pkg)), session_options(threads, spinning), providers=["CPUExecutionProvider"]
+    )
+    outputs = {o.name for o in sess.get_outputs()}
+    if not {"label", "probabilities"} <= outputs:
+        raise modelcard.ModelPackageError(
+            f"{str(modelcard.onnx_path(pkg))!r} has outputs {sorted(outputs)}, expected 'label' and "
+            "'probabilities' (export with skl2onnx options zipmap=False)"
+        )
+    n_classes = sess.get_outputs()[[o.name for o in sess.get_outputs()].index("probabilities")].shape[-1]
+    classes = list(card.get("classes") or [])
+    if not classes and isinstance(n_classes, int):
+        classes = list(range(n_classes))
+    class_names = [str(c) for c in (card.get("class_names") or classes)]
+    return BatchModel(
+        name=card["name"],
+        version=card["version"],
+        features=list(inputs[0]["features"]),
+        input_name=inputs[0].get("name", sess.get_inputs()[0].name),
+        classes=classes,
+        class_names=class_names,
+        session=sess,
+    )
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def input_format(path: str | os.PathLike, declared: str = "auto") -> str:
+    """'csv' or 'parquet': the declared one, else by extension, else by the Parquet magic bytes."""
+    if declared != "auto":
+        if declared not in FORMATS:
+            raise BatchScoringError(f"unknown input format {declared!r}: use one of auto, csv, parquet")
+        return declared
+    p = Path(path)
+    if p.suffix.lower() in _SUFFIX_FORMAT:
+        return _SUFFIX_FORMAT[p.suffix.lower()]
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise BatchScoringError(f"cannot read input {str(p)!r}: {e.strerror or e}") from e
+    return "parquet" if magic == b"PAR1" else "csv"
+
+
+def output_format(path: str | os.PathLike, declared: str = "auto") -> str:
+    """'csv' or 'parquet' from the declared format or the output file's extension."""
+    if declared != "auto":
+        if declared not in FORMATS:
+            raise BatchScoringError(f"unknown output format {declared!r}: use one of auto, csv, parquet")
+        return declared
+    suffix = Path(path).suffix.lower()
+    if suffix not in _SUFFIX_FORMAT:
+        raise BatchScoringError(
+            f"cannot tell the output format from {str(path)!r}: name the output file *.csv or *.parquet"
+        )
+    return _SUFFIX_FORMAT[suffix]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Source:
+    """An opened input: its batches (only the needed columns), row count when known, id column."""
+
+    format: str
+    columns: list[str]
+    id_column: str | None
+    total_rows: int | None
+    batches: Iterator[pa.RecordBatch]
+    close: Callable[[], None] = lambda: None
+    id_type: pa.DataType | None = None  # the id column's type as written out (None: row numbers)
+
+
+def _castable(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_decimal(t)
+        or pa.types.is_null(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_dictionary(t)
+    )
+
+
+def _resolve_id_column(columns: list[str], id_column: str | None, path: Path) -> str | None:
+    if id_column is None:
+        return DEFAULT_ID_COLUMN if DEFAULT_ID_COLUMN in columns else None
+    if id_column not in columns:
+        raise SchemaMismatchError(
+            f"id column {id_column!r} is not in {str(path)!r} (its columns: {_preview(columns)}); "
+            "pass --id-column with one of them, or leave it out to number the rows"
+        )
+    return id_column
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _check_columns(columns: list[str], features: list[str], path: Path) -> None:
+    missing = [f for f in features if f not in columns]
+    if missing:
+        raise SchemaMismatchError(
+            f"input {str(path)!r} lacks {len(missing)} column(s) the model needs: {_preview(missing)}; "
+            f"columns are matched by name: add them or rename the input's columns to the model card's "
+            f"feature names"
+        )
+
+
+def _open_csv(path: Path, features: list[str], id_column: str | None, chunk_rows: int) -> Source:
+    probe_bytes = 1 << 20
+    try:
+        probe = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=probe_bytes))
+    except pa.ArrowInvalid as e:
+        if "Empty CSV file" in str(e):
+            raise BatchScoringError(
+                f"input {str(path)!r} is empty (no header row): write a header with the model's "
+                "feature names, even for a table with no rows"
+            ) from e
+        raise BatchScoringError(f"cannot parse CSV {str(path)!r}: {e}") from e
+    columns = list(probe.schema.names)
+    try:
+        first = probe.read_next_batch()
+        per_row = probe_bytes / max(1, first.num_rows) if first.num_rows else 256.0
+    except StopIteration:
+        per_row = 256.0
+    except pa.ArrowInvalid:
+        per_row = 256.0  # the real reader below reports the problem with column names
+    _check_columns(columns, features, path)
+    id_col = _resolve_id_column(columns, id_column, path)
+    wanted = list(dict.fromkeys([*features, *([id_col] if id_col else [])]))
+    types = {f: pa.float32() for f in features}
+    if id_col and id_col not in types:
+        types[id_col] = pa.string()  # ids are copied through verbatim, never re-typed
+    # pyarrow's CSV reader is sized in bytes: turn the row count into a block size from the first rows
+    block = int(min(max(chunk_rows * per_row * 1.05, 1 << 16), 1 << 30))
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=block, use_threads=True),
+            convert_options=pacsv.ConvertOptions(
+                column_types=types, include_columns=wanted, strings_can_be_null=False
+            ),
+        )
+    except pa.ArrowInvalid as e:
+        raise _csv_error(e, columns, path) from e
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        while True:
+            try:
+                yield reader.read_next_batch()
+            except StopIteration:
+                return
+            except pa.ArrowInvalid as e:
+                raise _csv_error(e, columns, path) from e
+
+    # ids are read as text and copied through verbatim
+    id_type = None if not id_col else pa.float32() if id_col in types and id_col in features else pa.string()
+    return Source("csv", columns, id_col, None, batches(), reader.close, id_type)
+
+
+def _csv_error(e: Exception, columns: list[str], path: Path) -> BatchScoringError:
+    m = re.search(r"In CSV column #(\d+): .*?invalid value '(.*)'", str(e))
+    if m and int(m.group(1)) < len(columns):
+        name = columns[int(m.group(1))]
+        return SchemaMismatchError(
+            f"column {name!r} in {str(path)!r} holds a value that is not a number: {m.group(2)!r}; "
+            "the model needs every feature column castable to float32: clean or re-encode that column"
+        )
+    return BatchScoringError(f"cannot parse CSV {str(path)!r}: {e}")
+
+
+def _open_parquet(path: Path, features: list[str], id_column: str | None, chunk_rows: int) -> Source:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise BatchScoringError(
+            f"cannot read {str(path)!r} as Parquet ({e}); if it is CSV, name it *.csv or pass "
+            "--input-format csv"
+        ) from e
+    schema = pf.schema_arrow
+    columns = list(schema.names)
+    _check_columns(columns, features, path)
+    for f in features:
+        t = schema.field(f).type
+        if not _castable(t):
+            raise SchemaMismatchError(
+                f"column {f!r} in {str(path)!r} has type {t}, which cannot be cast to float32; "
+                "the model needs numeric feature columns"
+            )
+    id_col = _resolve_id_column(columns, id_column, path)
+    wanted = list(dict.fromkeys([*features, *([id_col] if id_col else [])]))
+    return Source(
+        "parquet",
+        columns,
+        id_col,
+        pf.metadata.num_rows,
+        pf.iter_batches(batch_size=chunk_rows, columns=wanted, use_threads=True),
+        pf.close,
+        schema.field(id_col).type if id_col else None,
+    )
+
+
+def open_source(
+    path: str | os.PathLike,
+    features: list[str],
+    id_column: str | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    fmt: str = "auto",
+) -> Source:
+    p = Path(path)
+    if not p.is_file():
+        raise BatchScoringError(f"input file {str(p)!r} does not exist (or is not a file)")
+    fmt = input_format(p, fmt)
+    opener = _open_csv if fmt == "csv" else _open_parquet
+    return opener(p, features, id_column, chunk_rows)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _cast_column(col: pa.Array, name: str) -> pa.Array:
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    try:
+        return pc.cast(col, pa.float32(), safe=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        sample = _first_bad_value(col)
+        raise SchemaMismatchError(
+            f"column {name!r} cannot be cast to float32 (e.g. value {sample!r}); the model needs "
+            "numeric feature columns: clean or re-encode that column"
+        ) from e
+
+
+def _first_bad_value(col: pa.Array) -> Any:
+    for v in col.to_pylist():
+        if v is None:
+            continue
+        try:
+            float(v)
+        except (TypeError, ValueError):
+            return v
+    return None
+
+
+def to_matrix(batch: pa.RecordBatch, features: list[str], first_row: int = 0) -> np.ndarray:
+    """One C-contiguous float32 ``[rows, len(features)]`` matrix; rejects nulls and NaN/inf.
+
+    ``first_row`` is the batch's offset in the file, used only to name the offending row.
+    """
+    n = batch.num_rows
+    out = np.empty((n, len(features)), dtype=np.float32)
+    for j, name in enumerate(features):
+        col = batch.column(name)
+        t = col.type
+        if not (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)):
+            col = _cast_column(col, name)  # strings, decimals, dictionaries: arrow's cast, with checks
+        if col.null_count:
+            row = first_row + int(pc.index(pc.is_null(col), True).as_py())
+            raise SchemaMismatchError(
+                f"column {name!r} has {col.null_count} missing value(s) (empty/NA/null; first at row {row}); "
+                "the model cannot score missing values: impute or drop those rows"
+            )
+        # numpy casts (float64/int -> float32) while it scatters into the row-major matrix: one pass
+        out[:, j] = col.to_numpy(zero_copy_only=False)
+    # fast path: one reduction tells whether any NaN/inf is present; locate it only then
+    if n and not np.isfinite(out.sum(dtype=np.float64)):
+        bad = ~np.isfinite(out)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise SchemaMismatchError(
+                f"column {features[c]!r} has a non-finite value ({out[r, c]}) at row {first_row + int(r)}; "
+                "the model cannot score NaN or infinity: impute or drop those rows"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def output_schema(model: BatchModel, id_type: pa.DataType | None, id_name: str) -> pa.Schema:
+    fields = [pa.field(id_name, id_type or pa.int64()), pa.field(PREDICTION_COLUMN, pa.int64())]
+    fields += [pa.field(c, pa.float32()) for c in model.prob_columns]
+    return pa.schema(fields)
+
+
+class _AtomicTableWriter:
+    """Writes batches to ``.<name>.<random>.partial`` beside the target; ``commit`` renames it into place."""
+
+    def __init__(self, target: Path, fmt: str, schema: pa.Schema):
+        self.target = target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        os.close(fd)
+        self.tmp = Path(tmp)
+        try:
+            if fmt == "parquet":
+                self._w = pq.ParquetWriter(self.tmp, schema, compression="snappy")
+            else:
+                self._w = pacsv.CSVWriter(self.tmp, schema)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._w.write_batch(batch)
+
+    def commit(self) -> None:
+        self._w.close()
+        os.replace(self.tmp, self.target)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):  # the partial file goes next, whatever state the writer is in
+            self._w.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class ScoreSummary:
+    rows: int
+    seconds: float
+    output: str
+    input_format: str
+    output_format: str
+    id_column: str
+    class_counts: dict[str, int]
+    model: str
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"scored {self.rows:,} rows in {self.seconds:.2f} s ({self.rows_per_s:,.0f} rows/s) "
+            f"with {self.model} -> {self.output}"
+        )
+
+
+class _Stage(threading.Thread):
+    """Runs ``fn(item)`` on every item of an input queue (or of an iterator) into an output queue."""
+
+    _END = object()
+
+    def __init__(self, name: str, stop: threading.Event, source, fn, out: queue.Queue | None):
+        super().__init__(name=name, daemon=True)
+        self.stop, self.source, self.fn, self.out = stop, source, fn, out
+        self.error: BaseException | None = None
+
+    def _items(self):
+        if isinstance(self.source, queue.Queue):
+            while not self.stop.is_set():
+                try:
+                    item = self.source.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                if item is _Stage._END:
+                    return
+                yield item
+        else:
+            yield from self.source
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            for item in self._items():
+                if self.stop.is_set():
+                    return
+                result = self.fn(item)
+                if self.out is not None:
+                    self._put(result)
+            if self.out is not None:
+                self._put(_Stage._END)
+        except BaseException as e:  # handed to the main thread, which re-raises it
+            self.error = e
+            self.stop.set()
+
+
+def score_file(
+    model_dir: str | os.PathLike | BatchModel,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    id_column: str | None = None,
+    input_fmt: str = "auto",
+    output_fmt: str = "auto",
+    threads: int = 0,
+    spinning: bool = False,
+    overwrite: bool = True,
+    progress: Callable[[int], None] | None = None,
+    on_open: Callable[[Source], None] | None = None,
+    pipelined: bool = True,
+) -> ScoreSummary:
+    """Score ``input_path`` into ``output_path`` (atomically).
+
+    ``on_open(source)`` is called once the input is open and checked (``source.total_rows`` is the
+    row count when the format records it), ``progress(n)`` after each chunk of ``n`` rows is written.
+
+    Raises ``BatchScoringError`` (bad input/output), ``modelcard.ModelPackageError`` (bad package).
+    """
+    t0 = time.perf_counter()
+    if chunk_rows < 1:
+        raise BatchScoringError(f"chunk rows must be at least 1 (got {chunk_rows})")
+    out = Path(output_path)
+    out_fmt = output_format(out, output_fmt)
+    if out.exists() and not overwrite:
+        raise BatchScoringError(f"output {str(out)!r} already exists: remove it or pass --overwrite")
+    if out.exists() and out.is_dir():
+        raise BatchScoringError(f"output {str(out)!r} is a directory: give a file name (*.csv / *.parquet)")
+    if Path(input_path).exists() and out.exists() and out.resolve() == Path(input_path).resolve():
+        raise BatchScoringError("output would overwrite the input file: choose another output path")
+    model = model_dir if isinstance(model_dir, BatchModel) else load_model(model_dir, threads, spinning)
+    src = open_source(input_path, model.features, id_column, chunk_rows, input_fmt)
+    if on_open is not None:
+        on_open(src)
+    id_name = src.id_column or ROW_NUMBER_COLUMN
+    schema = output_schema(model, src.id_type, id_name)
+    features = model.features
+    n_classes = len(model.prob_columns)
+    counts = np.zeros(max(1, len(model.classes)), dtype=np.int64)
+    class_index = {c: i for i, c in enumerate(model.classes)}
+    offset = [0]
+
+    def convert(batch: pa.RecordBatch):
+        first = offset[0]
+        offset[0] += batch.num_rows
+        ids = (
+            batch.column(src.id_column)
+            if src.id_column
+            else pa.array(np.arange(first, first + batch.num_rows, dtype=np.int64))
+        )
+        return ids, to_matrix(batch, features, first)
+
+    def score(item):
+        ids, matrix = item
+        if len(matrix):
+            label, proba = model.score(matrix)
+        else:
+            label, proba = np.empty(0, np.int64), np.empty((0, n_classes), np.float32)
+        if proba.shape[1] != n_classes:
+            raise modelcard.ModelPackageError(
+                f"model returned {proba.shape[1]} probability columns but its card names {n_classes} "
+                "classes; re-package the model"
+            )
+        return ids, label, proba
+
+    def write_result(item):
+        ids, label, proba = item
+        probs_t = np.ascontiguousarray(proba.T, dtype=np.float32)
+        arrays = [ids, pa.array(label.astype(np.int64, copy=False)), *(pa.array(p) for p in probs_t)]
+        writer.write(pa.RecordBatch.from_arrays(arrays, schema=schema))
+        if len(model.classes) and len(label):
+            values, n = np.unique(label, return_counts=True)
+            for v, k in zip(values.tolist(), n.tolist(), strict=True):
+                if v in class_index:
+                    counts[class_index[v]] += k
+        if progress is not None:
+            progress(len(label))
+        return len(label)
+
+    writer = _AtomicTableWriter(out, out_fmt, schema)
+    stop = threading.Event()
+    q_conv: queue.Queue = queue.Queue(_QUEUE_DEPTH)
+    q_scored: queue.Queue = queue.Queue(_QUEUE_DEPTH)
+    stages = [
+        _Stage("batch-read", stop, src.batches, convert, q_conv),
+        _Stage("batch-score", stop, q_conv, score, q_scored),
+        _Stage("batch-write", stop, q_scored, write_result, None),
+    ]
+    committed = False
+    try:
+        if not pipelined:  # one thread, stage after stage (kept for the benchmark's comparison)
+            for batch in src.batches:
+                write_result(score(convert(batch)))
+            stages = []
+        for s in stages:
+            s.start()
+        # the main thread only waits, so it stays responsive to SIGINT/SIGTERM (KeyboardInterrupt)
+        while any(s.is_alive() for s in stages):
+            stages[-1].join(timeout=_POLL_S)
+            if stop.is_set():
+                break
+        for s in stages:
+            if s.error is not None:
+                raise s.error
+        writer.commit()
+        committed = True
+    finally:
+        if not committed:
+            stop.set()
+            for s in stages:
+                s.join(timeout=10)
+            writer.abort()
+        src.close()
+    names = model.class_names if len(model.class_names) == len(counts) else [str(c) for c in model.classes]
+    return ScoreSummary(
+        rows=offset[0],
+        seconds=time.perf_counter() - t0,
+        output=str(out),
+        input_format=src.format,
+        output_format=out_fmt,
+        id_column=id_name,
+        class_counts={str(n): int(c) for n, c in zip(names, counts.tolist(), strict=False)},
+        model=f"{model.name}:{model.version}",
+    )

@@ -1,0 +1,149 @@
+"""``python -m serving.batch``: score a CSV or Parquet table with a packaged ONNX model."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+from pipelines.core import modelcard, scoring
+
+EPILOG = """\
+input columns are matched to the model card's feature names by name, not position; columns the
+model does not use are ignored (and not copied to the output, except the id column). A missing
+feature column, or one that cannot be cast to float32, stops the run before any output is written.
+
+output: the id column (--id-column, else 'id' when the input has one, else 'row_number' from 0),
+'prediction' (the predicted class label) and one 'prob_<class name>' column per class. The format
+follows the output file's extension (.csv or .parquet). The file is written under a temporary name
+and renamed into place at the end: a failed or interrupted run leaves no output file behind.
+
+exit status: 0 done, 2 bad arguments, input or model, 130/143 interrupted (SIGINT/SIGTERM), 1 other.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m serving.batch",
+        description="Score a CSV or Parquet table with a packaged ONNX model "
+        "(onnxruntime, streamed in chunks).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model_dir",
+        "--model-dir",
+        dest="model_dir",
+        required=True,
+        help="model package: <root>, <root>/<name> or <root>/<name>/1 (sha256 is verified)",
+    )
+    p.add_argument("--input", required=True, help="table to score: *.csv or *.parquet")
+    p.add_argument("--output", required=True, help="where to write predictions: *.csv or *.parquet")
+    p.add_argument(
+        "--chunk-rows",
+        "--chunk_rows",
+        dest="chunk_rows",
+        type=int,
+        default=scoring.DEFAULT_CHUNK_ROWS,
+        help="rows per chunk read, scored and written (default %(default)s; approximate for CSV)",
+    )
+    p.add_argument(
+        "--id-column",
+        "--id_column",
+        dest="id_column",
+        default=None,
+        help="input column copied to the output to identify rows (default: 'id' if present, "
+        "else a 0-based 'row_number')",
+    )
+    p.add_argument(
+        "--input-format",
+        choices=["auto", *scoring.FORMATS],
+        default="auto",
+        help="input format (default: from the extension, else sniffed)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="onnxruntime intra-op threads (default 0: one per physical core)",
+    )
+    p.add_argument(
+        "--no-overwrite",
+        dest="overwrite",
+        action="store_false",
+        help="fail if the output file exists (default: replace it, atomically)",
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (it is also off when stderr is not a terminal); "
+        "a one-line summary is printed either way",
+    )
+    return p
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so clean-up (removing the partial file) runs."""
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the interrupt test in a subprocess
+    raise _Terminated()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    show = args.progress and sys.stderr.isatty()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    bar = None
+    try:
+        from tqdm import tqdm
+
+        model = scoring.load_model(args.model_dir, args.threads)
+        bar = tqdm(
+            desc=f"scoring {model.name}:{model.version}",
+            unit=" rows",
+            unit_scale=True,
+            file=sys.stderr,
+            disable=not show,
+        )
+        summary = scoring.score_file(
+            model,
+            args.input,
+            args.output,
+            chunk_rows=args.chunk_rows,
+            id_column=args.id_column,
+            input_fmt=args.input_format,
+            overwrite=args.overwrite,
+            progress=bar.update,
+            on_open=lambda src: _set_total(bar, src.total_rows),
+        )
+        bar.close()
+        shares = ", ".join(f"{k}={v}" for k, v in summary.class_counts.items())
+        print(f"{summary.line()} [{shares}]", file=sys.stderr)
+        return 0
+    except (scoring.BatchScoringError, modelcard.ModelPackageError) as e:
+        _close(bar)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _close(bar)
+        print("interrupted (SIGINT): no output written", file=sys.stderr)
+        return 130
+    except _Terminated:
+        _close(bar)
+        print("terminated (SIGTERM): no output written", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _set_total(bar, total: int | None) -> None:
+    bar.total = total
+    bar.refresh()
+
+
+def _close(bar) -> None:
+    if bar is not None:
+        bar.close()

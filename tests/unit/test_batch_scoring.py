@@ -1,0 +1,302 @@
+"""Batch scoring (``pipelines.core.scoring`` + the ``serving.batch`` command), in-process.
+
+Every comparison is against onnxruntime (and sklearn) run here on the same rows, never against
+hard-coded numbers. The real-subprocess and signal tests are in tests/integration/test_batch_cli.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.core import modelcard, scoring
+from serving.batch import cli
+from tests.modelfactory import breast_cancer
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, _, features, class_names = breast_cancer()
+    return X, [str(f) for f in features], [str(c) for c in class_names]
+
+
+@pytest.fixture(scope="module")
+def reference(model_package):
+    """In-process onnxruntime on the same model file: the oracle."""
+    sess = ort.InferenceSession(str(modelcard.onnx_path(model_package)), providers=["CPUExecutionProvider"])
+
+    def run(X):
+        label, proba = sess.run(["label", "probabilities"], {"input": np.ascontiguousarray(X, np.float32)})
+        return label, proba
+
+    return run
+
+
+def table(X, features, *, reverse=True, extra=True, ids=True) -> pa.Table:
+    """Feature columns in *reverse* order (matching must be by name), plus columns the model ignores."""
+    cols = {}
+    if ids:
+        cols["customer"] = pa.array([f"c{i:05d}" for i in range(len(X))])
+    order = list(reversed(range(len(features)))) if reverse else range(len(features))
+    for j in order:
+        cols[features[j]] = pa.array(X[:, j].astype(np.float64))
+    if extra:
+        cols["note"] = pa.array(["free text, ignored"] * len(X))
+        cols["ts"] = pa.array(np.arange(len(X)).astype("datetime64[s]"))
+    return pa.table(cols)
+
+
+def write(t: pa.Table, path):
+    if str(path).endswith(".csv"):
+        pacsv.write_csv(t, path)
+    else:
+        pq.write_table(t, path)
+    return path
+
+
+def read(path) -> pa.Table:
+    if str(path).endswith(".csv"):
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+    return pq.read_table(path)
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".partial")
+
+
+@pytest.mark.parametrize("in_fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("out_fmt", ["csv", "parquet"])
+def test_scores_match_in_process_onnxruntime(tmp_path, model_package, data, reference, in_fmt, out_fmt):
+    """Same rows, many chunks, columns shuffled and extra columns: predictions equal ORT's."""
+    X, features, class_names = data
+    X = np.concatenate([X, X[::-1]])  # 1138 rows; chunks of 100 -> more than ten chunks
+    inp = write(table(X, features), tmp_path / f"in.{in_fmt}")
+    out = tmp_path / f"out.{out_fmt}"
+    chunks = []
+    summary = scoring.score_file(
+        model_package, inp, out, chunk_rows=100, id_column="customer", progress=chunks.append
+    )
+    assert len(chunks) > 1 and sum(chunks) == len(X) == summary.rows
+    got = read(out)
+    assert got.column_names == ["customer", "prediction", *[f"prob_{c}" for c in class_names]]
+    assert got.column("customer").to_pylist() == [f"c{i:05d}" for i in range(len(X))]
+    label, proba = reference(X)
+    np.testing.assert_array_equal(got.column("prediction").to_numpy(), label)
+    probs = np.column_stack([got.column(f"prob_{c}").to_numpy() for c in class_names])
+    # parquet input holds float64 that ORT's caller casts to float32 exactly as we do: identical.
+    # CSV goes through decimal text, so allow float32 rounding; text output also rounds.
+    tol = 0 if (in_fmt, out_fmt) == ("parquet", "parquet") else 1e-6
+    np.testing.assert_allclose(probs, proba, rtol=0, atol=tol)
+    counts = np.bincount(label, minlength=2)
+    assert summary.class_counts == {class_names[0]: counts[0], class_names[1]: counts[1]}
+    assert leftovers(tmp_path) == []
+
+
+def test_scores_agree_with_sklearn(tmp_path, data):
+    """The package's ONNX graph and the sklearn pipeline it came from agree through the batch path."""
+    from tests.modelfactory import build_package
+
+    model_dir, pipe = build_package(tmp_path / "models", estimator="random_forest")
+    X, features, class_names = data
+    out = tmp_path / "out.parquet"
+    scoring.score_file(model_dir, write(table(X, features), tmp_path / "in.parquet"), out, chunk_rows=64)
+    got = read(out)
+    np.testing.assert_array_equal(got.column("prediction").to_numpy(), pipe.predict(X))
+    probs = np.column_stack([got.column(f"prob_{c}").to_numpy() for c in class_names])
+    np.testing.assert_allclose(probs, pipe.predict_proba(X), atol=1e-5)
+
+
+def test_row_numbers_when_no_id_column(tmp_path, model_package, data):
+    X, features, _ = data
+    inp = write(table(X[:300], features, ids=False), tmp_path / "in.parquet")
+    scoring.score_file(model_package, inp, tmp_path / "out.csv", chunk_rows=64)
+    got = read(tmp_path / "out.csv")
+    assert got.column_names[0] == "row_number"
+    assert got.column("row_number").to_pylist() == list(range(300))
+
+
+def test_parquet_id_keeps_its_type(tmp_path, model_package, data):
+    X, features, _ = data
+    t = table(X[:50], features, ids=False).append_column("id", pa.array(np.arange(1000, 1050)))
+    scoring.score_file(model_package, write(t, tmp_path / "in.parquet"), tmp_path / "out.parquet")
+    got = read(tmp_path / "out.parquet")
+    assert got.schema.field("id").type == pa.int64()  # 'id' is picked up by default
+    assert got.column("id").to_pylist() == list(range(1000, 1050))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_missing_column_stops_before_output(tmp_path, model_package, data, fmt):
+    X, features, _ = data
+    t = table(X[:20], features)
+    t = t.drop_columns([features[3]])
+    inp = write(t, tmp_path / f"in.{fmt}")
+    with pytest.raises(scoring.SchemaMismatchError, match=rf"lacks 1 column\(s\).*'{features[3]}'"):
+        scoring.score_file(model_package, inp, tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_mistyped_column_names_column_and_value(tmp_path, model_package, data, fmt):
+    X, features, _ = data
+    t = table(X[:20], features)
+    bad = [str(v) for v in X[:20, 5]]
+    bad[7] = "12,5 mm"
+    t = t.set_column(t.schema.get_field_index(features[5]), features[5], pa.array(bad))
+    inp = write(t, tmp_path / f"in.{fmt}")
+    with pytest.raises(scoring.SchemaMismatchError, match=rf"'{features[5]}'.*'12,5 mm'"):
+        scoring.score_file(model_package, inp, tmp_path / "out.csv")
+    assert list(tmp_path.iterdir()) == [inp]
+
+
+def test_numeric_strings_are_accepted(tmp_path, model_package, data, reference):
+    """'Cast to float32' is the rule, not the declared type: numeric text in Parquet is fine."""
+    X, features, _ = data
+    t = table(X[:30], features)
+    i = t.schema.get_field_index(features[0])
+    t = t.set_column(i, features[0], pa.array([repr(float(v)) for v in X[:30, 0]]))
+    scoring.score_file(model_package, write(t, tmp_path / "in.parquet"), tmp_path / "out.parquet")
+    np.testing.assert_array_equal(read(tmp_path / "out.parquet").column("prediction"), reference(X[:30])[0])
+
+
+def test_uncastable_parquet_type_is_refused_up_front(tmp_path, model_package, data):
+    X, features, _ = data
+    t = table(X[:10], features)
+    i = t.schema.get_field_index(features[2])
+    t = t.set_column(i, features[2], pa.array(np.arange(10).astype("datetime64[s]")))
+    with pytest.raises(scoring.SchemaMismatchError, match=rf"'{features[2]}'.*timestamp\[m?s\].*float32"):
+        scoring.score_file(model_package, write(t, tmp_path / "in.parquet"), tmp_path / "out.csv")
+
+
+@pytest.mark.parametrize("value", [None, float("nan"), float("inf")])
+def test_missing_or_non_finite_value_names_column_and_row(tmp_path, model_package, data, value):
+    X, features, _ = data
+    t = table(X[:200], features)
+    col = X[:200, 9].astype(np.float64).tolist()
+    col[150] = value
+    t = t.set_column(t.schema.get_field_index(features[9]), features[9], pa.array(col, pa.float64()))
+    with pytest.raises(scoring.SchemaMismatchError, match=rf"'{features[9]}'.*row 150"):
+        scoring.score_file(
+            model_package, write(t, tmp_path / "in.parquet"), tmp_path / "o.parquet", chunk_rows=64
+        )
+    assert leftovers(tmp_path) == [] and not (tmp_path / "o.parquet").exists()
+
+
+@pytest.mark.parametrize("out_fmt", ["csv", "parquet"])
+def test_failure_in_a_late_chunk_keeps_the_previous_output(tmp_path, model_package, data, out_fmt):
+    """Earlier chunks were already written to the temp file: the old output must survive intact."""
+    X, features, _ = data
+    Xn = np.concatenate([X, X])
+    col = Xn[:, 0].astype(object).astype(str)
+    col[-3] = "oops"  # in the last chunk
+    t = table(Xn, features)
+    t = t.set_column(t.schema.get_field_index(features[0]), features[0], pa.array(col))
+    inp = write(t, tmp_path / "in.csv")
+    out = tmp_path / f"out.{out_fmt}"
+    out.write_bytes(b"previous results")
+    seen = []
+    with pytest.raises(scoring.SchemaMismatchError, match="oops"):
+        scoring.score_file(model_package, inp, out, chunk_rows=100, progress=seen.append)
+    assert sum(seen) >= 100  # chunks had been scored and written before the failure
+    assert out.read_bytes() == b"previous results"
+    assert leftovers(tmp_path) == []
+
+
+def test_header_only_csv_gives_an_empty_result(tmp_path, model_package, data):
+    _, features, class_names = data
+    inp = tmp_path / "in.csv"
+    inp.write_text(",".join(["id", *features]) + "\n")
+    for out in (tmp_path / "out.csv", tmp_path / "out.parquet"):
+        summary = scoring.score_file(model_package, inp, out)
+        got = read(out)
+        assert summary.rows == 0 and got.num_rows == 0
+        assert got.column_names == ["id", "prediction", *[f"prob_{c}" for c in class_names]]
+
+
+def test_zero_row_parquet_gives_an_empty_result(tmp_path, model_package, data):
+    X, features, _ = data
+    inp = write(table(X[:0], features), tmp_path / "in.parquet")
+    scoring.score_file(model_package, inp, tmp_path / "out.parquet")
+    assert read(tmp_path / "out.parquet").num_rows == 0
+
+
+def test_zero_byte_file_is_a_clear_error(tmp_path, model_package, capsys):
+    inp = tmp_path / "in.csv"
+    inp.write_bytes(b"")
+    rc = cli.main(
+        ["--model_dir", str(model_package), "--input", str(inp), "--output", str(tmp_path / "o.csv")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and "is empty (no header row)" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+def test_cli_error_is_one_line_naming_the_column(tmp_path, model_package, data, capsys):
+    X, features, _ = data
+    inp = write(table(X[:10], features).drop_columns([features[0]]), tmp_path / "in.parquet")
+    rc = cli.main(
+        ["--model_dir", str(model_package), "--input", str(inp), "--output", str(tmp_path / "o.csv")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and repr(features[0]) in err[0]
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_cli_refuses_a_tampered_model(tmp_path, model_package, data, capsys):
+    X, features, _ = data
+    copy = shutil.copytree(model_package, tmp_path / "m" / model_package.name)
+    card = json.loads((copy / "model-card.json").read_text())
+    (copy / "model-card.json").write_text(json.dumps(dict(card, sha256="0" * 64)))
+    inp = write(table(X[:10], features), tmp_path / "in.parquet")
+    rc = cli.main(["--model_dir", str(copy), "--input", str(inp), "--output", str(tmp_path / "o.csv")])
+    assert rc == 2 and "sha256 mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_cli_output_extension_and_overwrite_rules(tmp_path, model_package, data, capsys):
+    X, features, _ = data
+    inp = write(table(X[:10], features), tmp_path / "in.parquet")
+    base = ["--model_dir", str(model_package), "--input", str(inp), "--output"]
+    assert cli.main([*base, str(tmp_path / "o.txt")]) == 2
+    assert "*.csv or *.parquet" in capsys.readouterr().err
+    (tmp_path / "o.csv").write_text("keep me")
+    assert cli.main([*base, str(tmp_path / "o.csv"), "--no-overwrite"]) == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "o.csv").read_text() == "keep me"
+    assert cli.main([*base, str(tmp_path / "o.csv"), "--id-column", "nope"]) == 2
+    assert "'nope'" in capsys.readouterr().err and (tmp_path / "o.csv").read_text() == "keep me"
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_cli_progress_bar_and_summary(tmp_path, model_package, data, monkeypatch):
+    X, features, _ = data
+    inp = write(table(X, features), tmp_path / "in.parquet")
+    argv = ["--model_dir", str(model_package), "--input", str(inp), "--output", str(tmp_path / "o.parquet")]
+    tty = _Tty()
+    monkeypatch.setattr("sys.stderr", tty)
+    assert cli.main([*argv, "--chunk-rows", "50"]) == 0
+    shown = tty.getvalue()
+    assert "rows/s" in shown and f"{len(X)}/{len(X)}" in shown  # the bar knew the Parquet row count
+    assert shown.strip().splitlines()[-1].startswith(f"scored {len(X):,} rows in ")
+    quiet = _Tty()
+    monkeypatch.setattr("sys.stderr", quiet)
+    assert cli.main([*argv, "--no-progress"]) == 0
+    lines = quiet.getvalue().strip().splitlines()
+    assert len(lines) == 1 and "rows/s" in lines[0] and "\r" not in quiet.getvalue()
+
+
+def test_prob_column_names_are_safe_and_unique():
+    assert scoring.prob_column_names(["no churn", "churn!"]) == ["prob_no_churn", "prob_churn"]
+    assert scoring.prob_column_names(["a b", "a-b", "a/b"]) == ["prob_0", "prob_1", "prob_2"]
