@@ -1,0 +1,1 @@
+"""KFP v2 components: thin, hermetic wrappers over ``pipelines.core``."""

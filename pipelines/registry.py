@@ -1,0 +1,11 @@
+"""Every pipeline this project compiles: ``pipelines/compiled/<stem>.yaml`` <- pipeline function.
+
+``python -m pipelines compile`` compiles each entry; the staleness and strict-parse tests iterate
+over this dict, so a new pipeline needs only a new entry here.
+"""
+
+from pipelines.training_pipeline import training_pipeline
+
+PIPELINES = {
+    "training_pipeline": training_pipeline,
+}
