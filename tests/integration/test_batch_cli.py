@@ -1,0 +1,86 @@
+"""``python -m serving.batch`` as a real subprocess: end to end, and interrupted mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.core import modelcard
+from tests.modelfactory import breast_cancer
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def big_input(tmp_path_factory):
+    """300k rows: with 500-row chunks the command needs ~600 chunk round trips, time to interrupt it."""
+    X, _, features, _ = breast_cancer()
+    rng = np.random.default_rng(1)
+    Xb = X[rng.integers(0, len(X), 300_000)]
+    path = tmp_path_factory.mktemp("batch-in") / "big.parquet"
+    cols = {"id": np.arange(len(Xb))} | {str(f): Xb[:, j] for j, f in enumerate(features)}
+    pq.write_table(pa.table(cols), path, row_group_size=50_000)
+    return path, Xb
+
+
+def _cmd(model_dir, inp, out, *extra):
+    return [sys.executable, "-m", "serving.batch", "--model_dir", str(model_dir), "--input", str(inp),
+            "--output", str(out), *extra]  # fmt: skip
+
+
+def test_subprocess_end_to_end(tmp_path, model_package, big_input):
+    inp, Xb = big_input
+    out = tmp_path / "scored.parquet"
+    p = subprocess.run(_cmd(model_package, inp, out), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == ""  # stdout stays clean for pipes; progress and summary go to stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"scored {len(Xb):,} rows in ") and "rows/s" in last
+    got = pq.read_table(out)
+    sess = ort.InferenceSession(str(modelcard.onnx_path(model_package)), providers=["CPUExecutionProvider"])
+    label, proba = sess.run(["label", "probabilities"], {"input": np.ascontiguousarray(Xb, np.float32)})
+    assert got.column("id").to_pylist() == list(range(len(Xb)))
+    np.testing.assert_array_equal(got.column("prediction").to_numpy(), label)
+    np.testing.assert_array_equal(got.column("prob_benign").to_numpy(), proba[:, 1])
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_run_leaves_no_output(tmp_path, model_package, big_input, sig, code):
+    inp, _ = big_input
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "scored.csv"
+    proc = subprocess.Popen(
+        _cmd(model_package, inp, out, "--chunk-rows", "500", "--no-progress"),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        # wait until it is really writing: the temporary file exists and has grown past its header
+        deadline = time.monotonic() + 60
+        partial = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            partial = [p for p in out_dir.iterdir() if p.name.endswith(".partial")]
+            if partial and partial[0].stat().st_size > 50_000:
+                break
+            time.sleep(0.005)
+        assert partial and proc.poll() is None, "the command finished or never started writing"
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == code, err
+    assert "no output written" in err.strip().splitlines()[-1]
+    assert list(out_dir.iterdir()) == []  # neither the output nor the temporary file
