@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     new = render(readme, args.chart)
     if args.check:
         if new != readme:
-            print(f"{readme_path} is out of date: run python helm/values_doc.py {args.chart}",
-                  file=sys.stderr)
+            print(
+                f"{readme_path} is out of date: run python helm/values_doc.py {args.chart}", file=sys.stderr
+            )
             return 1
         return 0
     readme_path.write_text(new)

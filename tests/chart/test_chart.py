@@ -1,0 +1,617 @@
+"""The Helm chart helm/mlrollout-model, rendered by the real helm binary and checked object by object."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import pytest
+import yaml
+
+from tests.chart.conftest import CHART, NAMESPACE, ROOT, versions_env
+from tests.chart.validators import InvalidObject, check_httproute, check_kserve, check_object
+
+pytestmark = pytest.mark.chart
+
+CI_FILES = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
+CANARY = "ci/canary-values.yaml"
+FULL = "bc-mlrollout-model"  # fullname of release "bc"
+
+
+def kinds(objs: list[dict], kind: str) -> list[dict]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def one(objs: list[dict], kind: str) -> dict:
+    found = kinds(objs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def by_name(objs: list[dict], kind: str, name: str) -> dict:
+    for o in kinds(objs, kind):
+        if o["metadata"]["name"] == name:
+            return o
+    raise AssertionError(f"no {kind} named {name}; have {[o['metadata']['name'] for o in kinds(objs, kind)]}")
+
+
+# ------------------------------------------------------------------------------------------- tooling
+
+
+def test_tools_are_the_pinned_official_binaries(tools):
+    pins = versions_env()
+    assert (
+        tools.run(tools.helm, "version", "--template", "{{.Version}}", check=True).stdout
+        == pins["HELM_VERSION"]
+    )
+    out = tools.run(tools.kubectl, "version", "--client", check=True).stdout
+    assert f"Client Version: {pins['KUBECTL_VERSION']}" in out
+
+
+def test_bootstrap_script_is_shellcheck_clean_and_idempotent(tools):
+    if shutil.which("shellcheck"):
+        proc = subprocess.run(
+            ["shellcheck", "-x", "infra/bootstrap-tools.sh"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stdout
+    # binaries present: a second run is a no-op that only reports the versions
+    proc = subprocess.run(
+        ["bash", "infra/bootstrap-tools.sh", ".tools"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "downloading" not in proc.stdout + proc.stderr
+    assert versions_env()["HELM_VERSION"] in proc.stdout
+
+
+def test_chart_version_pins_match_versions_env():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    pins = versions_env()
+    assert chart["appVersion"] == pins["MLROLLOUT_VERSION"]
+    assert values["clusterServingRuntime"]["image"]["repository"] == pins["MLROLLOUT_RUNTIME_IMAGE"]
+    test_image = f"{values['test']['image']['repository']}:{values['test']['image']['tag']}"
+    assert test_image == pins["CURL_IMAGE"]
+
+
+# ------------------------------------------------------------------------------- lint and validate
+
+
+@pytest.mark.parametrize("values_file", CI_FILES)
+def test_helm_lint_strict(tools, values_file):
+    proc = tools.run(
+        tools.helm, "lint", "--strict", CHART, "-f", CHART / "ci" / values_file, "--namespace", NAMESPACE
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("values_file", CI_FILES)
+def test_every_rendered_object_is_valid(render, values_file):
+    objs = render(f"ci/{values_file}")
+    assert objs, "nothing rendered"
+    used = {}
+    for obj in objs:
+        used[obj["kind"]] = check_object(obj)
+        if obj["kind"] != "ClusterServingRuntime":
+            assert obj["metadata"]["namespace"] == NAMESPACE, f"{obj['kind']} not in the release namespace"
+        assert "rollout.mlrollout.io/state" not in (obj["metadata"].get("annotations") or {}), (
+            "the rollout state annotation belongs to the controller; the chart must not render it"
+        )
+    assert used["InferenceService"] == "kserve-sdk"
+    assert used["ServiceAccount"] == "kubernetes-1.37"
+    assert used["NetworkPolicy"] == "kubernetes-1.37"
+    assert used["Pod"] == "kubernetes-1.37"  # the helm test hook
+
+
+def test_validators_catch_what_they_must(render):
+    """The validators reject a misspelt field, a wrong type and an HTTPRoute weight out of range."""
+    objs = render(CANARY)
+    isvc = json.loads(json.dumps(kinds(objs, "InferenceService")[0]))
+    isvc["spec"]["predictor"]["model"]["storageURI"] = "s3://typo"
+    with pytest.raises(InvalidObject, match="storageURI"):
+        check_kserve(isvc)
+    isvc = json.loads(json.dumps(kinds(objs, "InferenceService")[0]))
+    isvc["spec"]["predictor"]["minReplicas"] = "one"
+    with pytest.raises(InvalidObject, match="minReplicas"):
+        check_kserve(isvc)
+    route = json.loads(json.dumps(one(objs, "HTTPRoute")))
+    route["spec"]["rules"][0]["backendRefs"][0]["weight"] = -1
+    with pytest.raises(InvalidObject, match="weight"):
+        check_httproute(route)
+    sa = json.loads(json.dumps(one(objs, "ServiceAccount")))
+    sa["automountToken"] = False
+    with pytest.raises(InvalidObject, match="automountToken"):
+        check_object(sa)
+
+
+# ------------------------------------------------------------------------------------- bad values
+
+BAD_VALUES = {
+    "unknown strategy": (
+        ["model.storageUri=s3://m/a", "strategy.type=linear"],
+        "at '/strategy/type': value must be one of 'rolling', 'canary', 'blueGreen', 'knativeCanary'",
+    ),
+    "weight above 100": (
+        [
+            "model.storageUri=s3://m/a",
+            "strategy.type=canary",
+            "strategy.canary.storageUri=s3://m/b",
+            "strategy.canary.weight=101",
+        ],
+        "at '/strategy/canary/weight': maximum: got 101, want 100",
+    ),
+    "negative weight": (
+        [
+            "model.storageUri=s3://m/a",
+            "strategy.type=canary",
+            "strategy.canary.storageUri=s3://m/b",
+            "strategy.canary.weight=-5",
+        ],
+        "at '/strategy/canary/weight': minimum: got -5, want 0",
+    ),
+    "missing storageUri": ([], "at '/model/storageUri': minLength: got 0, want 1"),
+    "canary without its storageUri": (
+        ["model.storageUri=s3://m/a", "strategy.type=canary"],
+        "at '/strategy/canary/storageUri': minLength: got 0, want 1",
+    ),
+    "storageUri without a scheme": (
+        ["model.storageUri=/models/a"],
+        "at '/model/storageUri': '/models/a' does not match",
+    ),
+    "both colours active": (
+        [
+            "strategy.type=blueGreen",
+            "strategy.blueGreen.blue.storageUri=s3://m/a",
+            "strategy.blueGreen.green.storageUri=s3://m/b",
+            "strategy.blueGreen.blue.active=true",
+            "strategy.blueGreen.green.active=true",
+        ],
+        "at '/strategy/blueGreen/green/active': value must be false",
+    ),
+    "no colour active": (
+        [
+            "strategy.type=blueGreen",
+            "strategy.blueGreen.blue.storageUri=s3://m/a",
+            "strategy.blueGreen.green.storageUri=s3://m/b",
+            "strategy.blueGreen.blue.active=false",
+        ],
+        "at '/strategy/blueGreen/green/active': value must be true",
+    ),
+    "shadow with a live weight": (
+        [
+            "model.storageUri=s3://m/a",
+            "strategy.type=canary",
+            "strategy.canary.storageUri=s3://m/b",
+            "strategy.canary.shadow.enabled=true",
+            "strategy.canary.weight=10",
+        ],
+        "at '/strategy/canary/weight': value must be 0",
+    ),
+    "triton with protocol v1": (
+        ["model.storageUri=s3://m/a", "model.runtime=triton", "model.protocolVersion=v1"],
+        "at '/model/protocolVersion': value must be one of '', 'v2'",
+    ),
+    "misspelt key": (
+        ["model.storageUri=s3://m/a", "strategy.canary.wieght=5"],
+        "additional properties 'wieght'",
+    ),
+    "max below min replicas": (
+        ["model.storageUri=s3://m/a", "replicas.min=4", "replicas.max=2"],
+        "replicas.max (2) must be >= replicas.min (4)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_bad_values_fail_with_a_readable_message(tools, case):
+    sets, message = BAD_VALUES[case]
+    args = [tools.helm, "template", "bc", CHART, "--namespace", NAMESPACE]
+    for s in sets:
+        args += ["--set", s]
+    proc = tools.run(*args)
+    assert proc.returncode != 0, f"{case}: helm template accepted it"
+    assert message in proc.stderr, proc.stderr
+    assert "InferenceService" not in proc.stdout
+
+
+# ------------------------------------------------------------------------------------- strategies
+
+
+@pytest.mark.parametrize("weight", [0, 1, 10, 37, 50, 99, 100])
+def test_canary_route_weights_equal_the_values(render, weight):
+    objs = render(CANARY, sets=(f"strategy.canary.weight={weight}",))
+    route = one(objs, "HTTPRoute")
+    assert route["metadata"]["name"] == FULL
+    rules = route["spec"]["rules"]
+    assert len(rules) == 1
+    refs = [(r["name"], r["port"], r["weight"]) for r in rules[0]["backendRefs"]]
+    assert refs == [(f"{FULL}-stable-predictor", 80, 100 - weight), (f"{FULL}-canary-predictor", 80, weight)]
+    assert "filters" not in rules[0]
+    names = sorted(o["metadata"]["name"] for o in kinds(objs, "InferenceService"))
+    assert names == [f"{FULL}-canary", f"{FULL}-stable"]
+    storage = {
+        o["metadata"]["name"]: o["spec"]["predictor"]["model"]["storageUri"]
+        for o in kinds(objs, "InferenceService")
+    }
+    assert storage == {
+        f"{FULL}-stable": "s3://mlpipeline/models/breast-cancer/1.0.0",
+        f"{FULL}-canary": "s3://mlpipeline/models/breast-cancer/1.1.0",
+    }
+
+
+def test_shadow_mirrors_to_the_canary_and_serves_only_stable(render):
+    route = one(render("ci/shadow-values.yaml"), "HTTPRoute")
+    rule = route["spec"]["rules"][0]
+    assert [(r["name"], r["weight"]) for r in rule["backendRefs"]] == [
+        (f"{FULL}-stable-predictor", 100),
+        (f"{FULL}-canary-predictor", 0),
+    ]
+    assert rule["filters"] == [
+        {
+            "type": "RequestMirror",
+            "requestMirror": {
+                "backendRef": {"group": "", "kind": "Service", "name": f"{FULL}-canary-predictor", "port": 80}
+            },
+        }
+    ]
+
+
+@pytest.mark.parametrize("active", ["blue", "green"])
+def test_blue_green_sends_everything_to_the_active_colour(render, active):
+    sets = (
+        f"strategy.blueGreen.blue.active={str(active == 'blue').lower()}",
+        f"strategy.blueGreen.green.active={str(active == 'green').lower()}",
+    )
+    objs = render("ci/blue-green-values.yaml", sets=sets)
+    weights = {r["name"]: r["weight"] for r in one(objs, "HTTPRoute")["spec"]["rules"][0]["backendRefs"]}
+    other = "green" if active == "blue" else "blue"
+    assert weights == {f"{FULL}-{active}-predictor": 100, f"{FULL}-{other}-predictor": 0}
+    assert sorted(o["metadata"]["name"] for o in kinds(objs, "InferenceService")) == [
+        f"{FULL}-blue",
+        f"{FULL}-green",
+    ]
+    test_pod = one(objs, "Pod")
+    url = next(e["value"] for e in test_pod["spec"]["containers"][0]["env"] if e["name"] == "URL")
+    assert url.startswith(f"http://{FULL}-{active}-predictor.{NAMESPACE}.svc.cluster.local/")
+
+
+def test_rolling_sets_the_deployment_strategy(render):
+    objs = render("ci/rolling-values.yaml", sets=("strategy.rolling.maxUnavailable=1",))
+    isvc = one(objs, "InferenceService")
+    assert isvc["metadata"]["name"] == FULL
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    assert isvc["spec"]["predictor"]["deploymentStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 1},
+    }
+    route = one(objs, "HTTPRoute")
+    assert [(r["name"], r["weight"]) for r in route["spec"]["rules"][0]["backendRefs"]] == [
+        (f"{FULL}-predictor", 100)
+    ]
+    assert not kinds(render("ci/rolling-values.yaml", sets=("route.enabled=false",)), "HTTPRoute")
+
+
+def test_knative_canary_uses_canary_traffic_percent(render):
+    objs = render("ci/knative-canary-values.yaml")
+    isvc = one(objs, "InferenceService")
+    pred = isvc["spec"]["predictor"]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/enable-tag-routing"] == "true"
+    assert pred["canaryTrafficPercent"] == 20
+    assert "deploymentStrategy" not in pred
+    assert not kinds(objs, "HTTPRoute"), "Knative routes by itself"
+    promoted = one(
+        render("ci/knative-canary-values.yaml", sets=("strategy.knativeCanary.trafficPercent=null",)),
+        "InferenceService",
+    )
+    assert "canaryTrafficPercent" not in promoted["spec"]["predictor"]
+    rollback = one(
+        render("ci/knative-canary-values.yaml", sets=("strategy.knativeCanary.trafficPercent=0",)),
+        "InferenceService",
+    )
+    assert rollback["spec"]["predictor"]["canaryTrafficPercent"] == 0
+
+
+def test_every_track_serves_under_one_model_name(render):
+    for isvc in kinds(render(CANARY), "InferenceService"):
+        model = isvc["spec"]["predictor"]["model"]
+        assert model["args"][0] == "--model_name=breast-cancer"
+        assert model["runtime"] == "mlrollout-onnx"
+        assert model["modelFormat"] == {"name": "onnx"}
+        assert model["protocolVersion"] == "v1"
+
+
+def test_triton_runtime_uses_v2_and_the_triton_layout(render):
+    objs = render("ci/triton-pvc-values.yaml")
+    model = one(objs, "InferenceService")["spec"]["predictor"]["model"]
+    assert model["runtime"] == "kserve-tritonserver"
+    assert model["protocolVersion"] == "v2"
+    assert model["storageUri"] == "pvc://models/repository"
+    assert "args" not in model  # Triton names the model after its directory
+    assert {"name": "tmp", "mountPath": "/tmp"} in model["volumeMounts"]
+    env = {e["name"]: e["value"] for e in one(objs, "Pod")["spec"]["containers"][0]["env"]}
+    assert env["URL"].endswith("/v2/models/breast-cancer/infer")
+    body = json.loads(env["BODY"])
+    assert body["inputs"][0]["shape"] == [1, 30] and body["inputs"][0]["datatype"] == "FP32"
+    assert not kinds(objs, "HTTPRoute") and not kinds(objs, "Role") and not kinds(objs, "PodDisruptionBudget")
+    csr = one(objs, "ClusterServingRuntime")
+    assert "namespace" not in csr["metadata"]
+
+
+def test_cluster_serving_runtime_matches_the_contract(render):
+    pins = versions_env()
+    csr = one(render("ci/triton-pvc-values.yaml"), "ClusterServingRuntime")
+    spec = csr["spec"]
+    assert csr["metadata"]["name"] == "mlrollout-onnx"
+    assert (
+        spec["supportedModelFormats"][0]["name"] == "onnx" and spec["supportedModelFormats"][0]["autoSelect"]
+    )
+    assert spec["protocolVersions"] == ["v1", "v2", "grpc-v2"]
+    assert spec["annotations"] == {
+        "prometheus.kserve.io/port": "8080",
+        "prometheus.kserve.io/path": "/metrics",
+    }
+    (container,) = spec["containers"]
+    assert container["name"] == "kserve-container"
+    assert container["image"] == f"{pins['MLROLLOUT_RUNTIME_IMAGE']}:{pins['MLROLLOUT_VERSION']}"
+    assert container["args"] == [
+        "--model_name={{.Name}}",
+        "--model_dir=/mnt/models",
+        "--http_port=8080",
+        "--grpc_port=8081",
+    ]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+
+# ---------------------------------------------------------------------------------------- security
+
+
+def pod_specs(objs: list[dict]):
+    """(where, pod-level securityContext, [containers]) for every pod spec the chart controls."""
+    for o in objs:
+        where = f"{o['kind']}/{o['metadata']['name']}"
+        if o["kind"] == "InferenceService":
+            pred = o["spec"]["predictor"]
+            yield where, pred["securityContext"], [pred["model"]], pred
+        elif o["kind"] == "ClusterServingRuntime":
+            yield where, None, o["spec"]["containers"], o["spec"]
+        elif o["kind"] == "Pod":
+            yield where, o["spec"]["securityContext"], o["spec"]["containers"], o["spec"]
+
+
+@pytest.mark.parametrize("values_file", CI_FILES)
+def test_every_controlled_container_is_restricted(render, values_file):
+    seen = 0
+    for where, pod_ctx, containers, spec in pod_specs(render(f"ci/{values_file}")):
+        if pod_ctx is not None:
+            assert pod_ctx["runAsNonRoot"] is True, where
+            assert pod_ctx.get("runAsUser", 1) != 0, where
+            assert pod_ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert spec.get("automountServiceAccountToken") is False, where
+        for c in containers:
+            ctx = c["securityContext"]
+            assert ctx["runAsNonRoot"] is True, where
+            assert ctx["readOnlyRootFilesystem"] is True, where
+            assert ctx["allowPrivilegeEscalation"] is False, where
+            assert ctx["capabilities"] == {"drop": ["ALL"]}, where
+            assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert "limits" in c["resources"] and "requests" in c["resources"], where
+            seen += 1
+    assert seen >= 2
+
+
+@pytest.mark.parametrize("values_file", CI_FILES)
+def test_rbac_is_least_privilege(render, values_file):
+    objs = render(f"ci/{values_file}")
+    assert not kinds(objs, "ClusterRole") and not kinds(objs, "ClusterRoleBinding")
+    for role in kinds(objs, "Role"):
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], f"wildcard in {field}: {rule}"
+            assert "secrets" not in rule["resources"]
+            assert "deletecollection" not in rule["verbs"]
+            assert set(rule["resources"]) <= {"inferenceservices", "inferenceservices/status", "httproutes"}
+    if kinds(objs, "Role"):
+        binding = one(objs, "RoleBinding")
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}
+        ]
+        assert binding["roleRef"]["name"] == one(objs, "Role")["metadata"]["name"]
+
+
+def test_network_policy_allows_only_gateway_prometheus_dns_and_storage(render):
+    objs = render(CANARY)
+    np = one(objs, "NetworkPolicy")["spec"]
+    assert np["policyTypes"] == ["Ingress", "Egress"]
+    assert np["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "mlrollout-model",
+        "app.kubernetes.io/instance": "bc",
+        "app.kubernetes.io/component": "predictor",
+    }
+    sources = [peer for rule in np["ingress"] for peer in rule["from"]]
+    assert {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "envoy-gateway-system"}}
+    } in sources
+    assert {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    } in sources
+    for peer in sources:  # no open "from everywhere" peer
+        assert peer.get("namespaceSelector", {"x": 1}) != {} and (
+            peer.get("podSelector") != {} or "namespaceSelector" in peer
+        )
+    egress_ports = sorted(p["port"] for rule in np["egress"] for p in rule["ports"])
+    assert egress_ports == [53, 53, 8333, 9000]
+    # the selected pods are exactly the predictors: their labels come from spec.predictor.labels
+    for isvc in kinds(objs, "InferenceService"):
+        labels = isvc["spec"]["predictor"]["labels"]
+        assert np["podSelector"]["matchLabels"].items() <= labels.items()
+    test_pod_labels = one(objs, "Pod")["metadata"]["labels"]
+    test_peer = next(p for p in sources if "podSelector" in p and "namespaceSelector" not in p)
+    assert test_peer["podSelector"]["matchLabels"].items() <= test_pod_labels.items()
+
+
+def test_pdb_per_inference_service(render):
+    objs = render(CANARY)
+    pdbs = {p["metadata"]["name"]: p["spec"] for p in kinds(objs, "PodDisruptionBudget")}
+    assert set(pdbs) == {o["metadata"]["name"] for o in kinds(objs, "InferenceService")}
+    for isvc in kinds(objs, "InferenceService"):
+        selector = pdbs[isvc["metadata"]["name"]]["selector"]["matchLabels"]
+        assert selector.items() <= isvc["spec"]["predictor"]["labels"].items()
+        assert selector["mlrollout.io/track"] == isvc["metadata"]["labels"]["mlrollout.io/track"]
+
+
+@pytest.mark.parametrize("values_file", CI_FILES)
+def test_storage_wiring_uses_an_existing_secret_only(render, values_file):
+    objs = render(f"ci/{values_file}")
+    assert not kinds(objs, "Secret"), "the chart must never render credentials"
+    sa = one(objs, "ServiceAccount")
+    for isvc in kinds(objs, "InferenceService"):
+        assert isvc["spec"]["predictor"]["serviceAccountName"] == sa["metadata"]["name"]
+    ann = sa["metadata"]["annotations"]
+    assert ann["serving.kserve.io/s3-endpoint"] == "seaweedfs.kubeflow:9000"
+    assert ann["serving.kserve.io/s3-usehttps"] == "0"
+    assert ann["serving.kserve.io/s3-usevirtualbucket"] == "false"
+    assert "serving.kserve.io/s3-region" in ann
+    if "triton" in values_file:  # pvc:// needs no credentials
+        assert "secrets" not in sa
+    else:
+        assert sa["secrets"] == [{"name": "mlrollout-s3"}]
+
+
+def test_no_credentials_in_values():
+    text = (CHART / "values.yaml").read_text() + "".join(p.read_text() for p in (CHART / "ci").glob("*.yaml"))
+    assert not re.search(r"(?i)(AWS_SECRET_ACCESS_KEY|secretkey|password)\s*:", text)
+
+
+# ------------------------------------------------------------------------------ helm test and NOTES
+
+
+class _FakeModel(BaseHTTPRequestHandler):
+    """Answers like the runtime's V1 endpoint; `mode` picks a healthy or a broken answer."""
+
+    mode = "ok"
+    seen: ClassVar[list[dict]] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append({"path": self.path, "body": body})
+        if self.mode == "ok":
+            status, answer = 200, {"predictions": [0] * len(body["instances"])}
+        elif self.mode == "no-predictions":
+            status, answer = 200, {"error": "nothing"}
+        else:
+            status, answer = 503, {"error": "model not ready"}
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="curl is not installed: the hook script cannot run here")
+@pytest.mark.parametrize(("mode", "rc"), [("ok", 0), ("no-predictions", 1), ("unavailable", 1)])
+def test_helm_test_hook_script_sends_the_configured_row(render, mode, rc, tmp_path):
+    """Run the hook Pod's own shell script (real sh + curl) against a local HTTP server on a free port."""
+    pod = one(render(CANARY), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert (
+        env["URL"]
+        == f"http://{FULL}-stable-predictor.{NAMESPACE}.svc.cluster.local/v1/models/breast-cancer:predict"
+    )
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert json.loads(env["BODY"]) == {"instances": values["test"]["instances"]}
+    assert len(values["test"]["instances"][0]) == 30
+
+    _FakeModel.mode, _FakeModel.seen = mode, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeModel)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        # same script, pointed at the local server; /tmp of the Pod becomes a temp dir here
+        script = container["args"][0].replace("/tmp/body", str(tmp_path / "body"))
+        local_env = {
+            **env,
+            "URL": f"http://127.0.0.1:{server.server_port}/v1/models/breast-cancer:predict",
+            "ATTEMPTS": "2",
+            "PATH": "/usr/bin:/bin",
+        }
+        proc = subprocess.run(
+            ["/bin/sh", "-c", script], env=local_env, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert proc.returncode == rc, proc.stdout + proc.stderr
+    assert _FakeModel.seen and _FakeModel.seen[0]["body"] == json.loads(env["BODY"])
+    assert _FakeModel.seen[0]["path"] == "/v1/models/breast-cancer:predict"
+    if mode == "unavailable":
+        assert len(_FakeModel.seen) == 2 and "after 2 attempts" in proc.stdout
+    if mode == "ok":
+        assert "PASS" in proc.stdout
+
+
+def test_notes_tell_how_to_call_and_watch(tools):
+    proc = tools.run(
+        tools.helm,
+        "install",
+        "bc",
+        CHART,
+        "--dry-run=client",
+        "--namespace",
+        NAMESPACE,
+        "-f",
+        CHART / CANARY,
+        check=True,
+    )
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "Traffic: 90% -> bc-mlrollout-model-stable, 10% -> bc-mlrollout-model-canary" in notes
+    assert f"kubectl -n {NAMESPACE} get httproute {FULL}" in notes
+    assert f"port-forward svc/{FULL}-stable-predictor 8080:80" in notes
+    assert "/v1/models/breast-cancer:predict" in notes
+    assert f"helm test bc -n {NAMESPACE} --logs" in notes
+
+
+# ------------------------------------------------------------------------------------------- docs
+
+
+def test_readme_documents_every_value():
+    python = ROOT / ".venv" / "bin" / "python"
+    cmd = [
+        str(python) if python.exists() else "python3",
+        "helm/values_doc.py",
+        "helm/mlrollout-model",
+        "--check",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    readme = (CHART / "README.md").read_text()
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    missing = [
+        k for k in leaves(yaml.safe_load((CHART / "values.yaml").read_text())) if f"`{k}`" not in readme
+    ]
+    assert not missing, f"undocumented values: {missing}"
+    for name in ("<fullname>-stable-predictor", "<fullname>-canary-predictor", "rollout.mlrollout.io/state"):
+        assert name in readme

@@ -1,0 +1,247 @@
+"""Validators for rendered Kubernetes objects, used by the chart and kustomize tests.
+
+- Built-in kinds: the real Kubernetes 1.37 JSON schemas (`kubernetes-validate`, strict: unknown fields fail).
+- KServe kinds (InferenceService, ClusterServingRuntime, ...): KServe's own SDK models (kserve 0.21.0).
+  The object is built bottom-up through the generated classes: every key must be in the class's
+  `attribute_map`, every value must have the declared type, and the class constructors run their own
+  client-side checks (required fields such as a container's `name`). Nested Kubernetes types resolve to
+  the `kubernetes` client's models.
+- HTTPRoute (gateway.networking.k8s.io/v1): no Gateway API CRD or schema is installable offline here (PyPI
+  has none; the npm models ship compiled JS validators only), so `check_httproute` is a hand-written strict
+  structural check of the v1 (standard channel) fields the chart uses and their documented limits.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import kserve.models as kserve_models
+import kubernetes.client.models as k8s_models
+import kubernetes_validate
+
+K8S_VERSION = "1.37.0"
+
+KSERVE_KINDS = {
+    ("serving.kserve.io/v1beta1", "InferenceService"): "V1beta1InferenceService",
+    ("serving.kserve.io/v1alpha1", "ClusterServingRuntime"): "V1alpha1ClusterServingRuntime",
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"): "V1alpha1ServingRuntime",
+}
+# the SDK names a few nested types it does not ship; they are the Kubernetes types of the same shape
+ALIASES = {"K8sIoApiAppsV1DeploymentStrategy": "V1DeploymentStrategy", "ResourceQuantity": "str"}
+PRIMITIVES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+}
+
+
+class InvalidObject(AssertionError):
+    """An object does not match its schema; the message names the object and the field path."""
+
+
+def _ident(obj: dict) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{obj.get('kind')}/{meta.get('name')}"
+
+
+# ---------------------------------------------------------------- built-in kinds
+
+
+def check_builtin(obj: dict) -> None:
+    try:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = "/".join(str(p) for p in exc.path)
+        raise InvalidObject(f"{_ident(obj)}: at '{path}': {exc.message}") from None
+
+
+# ---------------------------------------------------------------- KServe kinds via the SDK models
+
+
+def _resolve_class(name: str):
+    name = ALIASES.get(name, name)
+    for module in (kserve_models, k8s_models):
+        cls = getattr(module, name, None)
+        if cls is not None:
+            return cls
+    return None
+
+
+def _build(value: Any, type_str: str, path: str) -> Any:
+    """Build `value` as `type_str` (an OpenAPI generator type string); raise InvalidObject on any mismatch."""
+    type_str = ALIASES.get(type_str, type_str)
+    if value is None:
+        return None
+    m = re.fullmatch(r"list\[(.+)\]", type_str)
+    if m:
+        if not isinstance(value, list):
+            raise InvalidObject(f"{path}: expected a list, got {type(value).__name__}")
+        return [_build(v, m.group(1), f"{path}[{i}]") for i, v in enumerate(value)]
+    m = re.fullmatch(r"dict\(str, (.+)\)", type_str)
+    if m:
+        if not isinstance(value, dict):
+            raise InvalidObject(f"{path}: expected a map, got {type(value).__name__}")
+        return {k: _build(v, m.group(1), f"{path}.{k}") for k, v in value.items()}
+    if type_str == "object":  # free-form in the API (int-or-string, raw JSON)
+        return value
+    if type_str in PRIMITIVES:
+        ok = PRIMITIVES[type_str]
+        if isinstance(value, bool) and bool not in ok:
+            raise InvalidObject(f"{path}: expected {type_str}, got bool")
+        if not isinstance(value, ok):
+            raise InvalidObject(f"{path}: expected {type_str}, got {type(value).__name__} {value!r}")
+        return value
+    cls = _resolve_class(type_str)
+    if cls is None:
+        raise InvalidObject(f"{path}: the SDK has no model for type {type_str}")
+    if not isinstance(value, dict):
+        raise InvalidObject(f"{path}: expected an object ({type_str}), got {type(value).__name__}")
+    by_json = {json_key: attr for attr, json_key in cls.attribute_map.items()}
+    unknown = sorted(set(value) - set(by_json))
+    if unknown:
+        raise InvalidObject(f"{path}: unknown field(s) {unknown} for {cls.__name__}")
+    kwargs = {by_json[k]: _build(v, cls.openapi_types[by_json[k]], f"{path}.{k}") for k, v in value.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise InvalidObject(f"{path}: {cls.__name__}: {exc}") from None
+
+
+def check_kserve(obj: dict):
+    key = (obj.get("apiVersion"), obj.get("kind"))
+    if key not in KSERVE_KINDS:
+        raise InvalidObject(f"{_ident(obj)}: not a KServe kind this validator knows: {key}")
+    return _build(obj, KSERVE_KINDS[key], _ident(obj))
+
+
+# ---------------------------------------------------------------- Gateway API HTTPRoute (structural)
+
+_DNS_HOST = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
+
+
+def _fields(d: Any, allowed: set[str], required: set[str], path: str) -> dict:
+    if not isinstance(d, dict):
+        raise InvalidObject(f"{path}: expected an object")
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise InvalidObject(f"{path}: unknown field(s) {unknown}")
+    missing = sorted(required - set(d))
+    if missing:
+        raise InvalidObject(f"{path}: missing required field(s) {missing}")
+    return d
+
+
+def _list(d: Any, path: str, max_items: int) -> list:
+    if not isinstance(d, list):
+        raise InvalidObject(f"{path}: expected a list")
+    if len(d) > max_items:
+        raise InvalidObject(f"{path}: at most {max_items} items, got {len(d)}")
+    return d
+
+
+def _port(v: Any, path: str) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65535:
+        raise InvalidObject(f"{path}: port must be an integer 1-65535, got {v!r}")
+
+
+def _backend_ref(ref: Any, path: str, with_weight: bool) -> None:
+    allowed = {"group", "kind", "name", "namespace", "port"} | (
+        {"weight", "filters"} if with_weight else set()
+    )
+    _fields(ref, allowed, {"name"}, path)
+    if ref.get("kind", "Service") == "Service" and ref.get("group", "") == "" and "port" not in ref:
+        raise InvalidObject(f"{path}: a Service backendRef needs a port")
+    if "port" in ref:
+        _port(ref["port"], f"{path}.port")
+    if not _DNS_LABEL.match(str(ref["name"])) or len(ref["name"]) > 63:
+        raise InvalidObject(f"{path}.name: {ref['name']!r} is not a valid Service name")
+    if "weight" in ref:
+        w = ref["weight"]
+        if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= 1_000_000:
+            raise InvalidObject(f"{path}.weight: must be an integer 0-1000000, got {w!r}")
+
+
+def check_httproute(obj: dict) -> None:
+    ident = _ident(obj)
+    _fields(
+        obj,
+        {"apiVersion", "kind", "metadata", "spec", "status"},
+        {"apiVersion", "kind", "metadata", "spec"},
+        ident,
+    )
+    if obj["apiVersion"] != "gateway.networking.k8s.io/v1" or obj["kind"] != "HTTPRoute":
+        raise InvalidObject(f"{ident}: expected gateway.networking.k8s.io/v1 HTTPRoute")
+    # metadata is a plain ObjectMeta: check it with the real Kubernetes schema through a ConfigMap shell
+    check_builtin({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]})
+    spec = _fields(obj["spec"], {"parentRefs", "hostnames", "rules"}, set(), f"{ident}.spec")
+    for i, ref in enumerate(_list(spec.get("parentRefs", []), f"{ident}.spec.parentRefs", 32)):
+        p = f"{ident}.spec.parentRefs[{i}]"
+        _fields(ref, {"group", "kind", "namespace", "name", "sectionName", "port"}, {"name"}, p)
+        if "port" in ref:
+            _port(ref["port"], f"{p}.port")
+    for i, host in enumerate(_list(spec.get("hostnames", []), f"{ident}.spec.hostnames", 16)):
+        if not isinstance(host, str) or len(host) > 253 or not _DNS_HOST.match(host):
+            raise InvalidObject(f"{ident}.spec.hostnames[{i}]: {host!r} is not a valid hostname")
+    for r, rule in enumerate(_list(spec.get("rules", []), f"{ident}.spec.rules", 16)):
+        p = f"{ident}.spec.rules[{r}]"
+        _fields(rule, {"name", "matches", "filters", "backendRefs", "timeouts", "retry"}, set(), p)
+        for m, match in enumerate(_list(rule.get("matches", []), f"{p}.matches", 64)):
+            mp = f"{p}.matches[{m}]"
+            _fields(match, {"path", "headers", "queryParams", "method"}, set(), mp)
+            if "path" in match:
+                path = _fields(match["path"], {"type", "value"}, set(), f"{mp}.path")
+                if path.get("type", "PathPrefix") not in {"Exact", "PathPrefix", "RegularExpression"}:
+                    raise InvalidObject(f"{mp}.path.type: unsupported {path.get('type')!r}")
+                if not str(path.get("value", "/")).startswith("/"):
+                    raise InvalidObject(f"{mp}.path.value: must start with '/'")
+        for f, flt in enumerate(_list(rule.get("filters", []), f"{p}.filters", 16)):
+            fp = f"{p}.filters[{f}]"
+            kinds = {
+                "RequestHeaderModifier": "requestHeaderModifier",
+                "ResponseHeaderModifier": "responseHeaderModifier",
+                "RequestMirror": "requestMirror",
+                "RequestRedirect": "requestRedirect",
+                "URLRewrite": "urlRewrite",
+                "ExtensionRef": "extensionRef",
+            }
+            _fields(flt, {"type", *kinds.values()}, {"type"}, fp)
+            if flt["type"] not in kinds:
+                raise InvalidObject(f"{fp}.type: unsupported filter type {flt['type']!r}")
+            if kinds[flt["type"]] not in flt or set(flt) - {"type", kinds[flt["type"]]}:
+                raise InvalidObject(f"{fp}: type {flt['type']} needs exactly the field {kinds[flt['type']]}")
+            if flt["type"] == "RequestMirror":
+                mirror = _fields(
+                    flt["requestMirror"],
+                    {"backendRef", "percent", "fraction"},
+                    {"backendRef"},
+                    f"{fp}.requestMirror",
+                )
+                _backend_ref(mirror["backendRef"], f"{fp}.requestMirror.backendRef", with_weight=False)
+        refs = _list(rule.get("backendRefs", []), f"{p}.backendRefs", 16)
+        for b, ref in enumerate(refs):
+            _backend_ref(ref, f"{p}.backendRefs[{b}]", with_weight=True)
+        if "timeouts" in rule:
+            t = _fields(rule["timeouts"], {"request", "backendRequest"}, set(), f"{p}.timeouts")
+            for k, v in t.items():
+                if not isinstance(v, str) or not _DURATION.match(v):
+                    raise InvalidObject(f"{p}.timeouts.{k}: {v!r} is not a Gateway API duration")
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def check_object(obj: dict) -> str:
+    """Validate one rendered object with the right validator; return which one ran."""
+    key = (obj.get("apiVersion"), obj.get("kind"))
+    if key in KSERVE_KINDS:
+        check_kserve(obj)
+        return "kserve-sdk"
+    if key == ("gateway.networking.k8s.io/v1", "HTTPRoute"):
+        check_httproute(obj)
+        return "gateway-api-structural"
+    check_builtin(obj)
+    return "kubernetes-1.37"
