@@ -12,7 +12,7 @@ export PATH := $(abspath $(TOOLS))/bin:$(BIN):$(PATH)
 # Debian packages the local stack and the tests need (the demo and `make test` install them)
 APT_PACKAGES := haproxy prometheus shellcheck
 
-.PHONY: help venv sysdeps tools demo test test-fast lint fmt compile bench bench-batch lock cluster cluster-down e2e clean
+.PHONY: help venv sysdeps tools demo test test-fast chart-test lint fmt compile bench bench-batch lock cluster cluster-down e2e clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ test: venv sysdeps tools ## the whole test suite (e2e tests skip when no cluster
 
 test-fast: venv ## unit tests only
 	$(BIN)/python -m pytest tests/unit
+
+chart-test: venv tools ## Helm chart + kustomize tests with the real helm/kubectl (pytest -m chart)
+	$(BIN)/python -m pytest -m chart tests/chart
 
 lint: venv ## ruff
 	$(BIN)/ruff check .
