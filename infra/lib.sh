@@ -28,6 +28,7 @@ DRY_RUN="${DRY_RUN:-0}"
 CLUSTER_NAME="${CLUSTER_NAME:-mlrollout}"
 MODEL_NAMESPACE="${MODEL_NAMESPACE:-models}"
 
+# RETRY_DELAY_OVERRIDE=0 makes retries immediate (the unit tests use it)
 # transient errors worth retrying: webhook not serving yet, CA bundle not injected yet, API server busy
 RETRY_ON_DEFAULT='failed calling webhook|connection refused|no endpoints available|x509: certificate signed by unknown authority|i/o timeout|context deadline exceeded|TLS handshake timeout|the server is currently unable to handle the request|etcdserver: request timed out'
 
@@ -61,7 +62,7 @@ run_sh() {
 # transient errors above) try again after DELAY_S, doubling the delay up to 30 s. Any other failure,
 # or the last attempt failing, returns CMD's exit code at once with its output on stderr.
 retry() {
-  local attempts="$1" delay="$2"; shift 2
+  local attempts="$1" delay="${RETRY_DELAY_OVERRIDE:-$2}"; shift 2
   local pattern="${RETRY_ON:-${RETRY_ON_DEFAULT}}" n=1 rc out
   show "$@"
   [ "${DRY_RUN}" = 1 ] && { printf '  (retry: up to %s attempts on transient errors)\n' "${attempts}"; return 0; }
