@@ -1,0 +1,6 @@
+"""Serving benchmark: the project runtime against its named peers, in one run, on loopback.
+
+``python -m serving.bench`` (or ``make bench-serving``) starts every server on 127.0.0.1, pinned
+to one core, drives each with the same ``wrk`` load generator pinned to another core, and prints
+req/s, p50 and p99 at concurrency 1, 8 and 32 plus the same-run ratios. See README.md here.
+"""
