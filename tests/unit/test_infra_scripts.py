@@ -89,15 +89,17 @@ def test_dry_run_plan_is_ordered_and_waits_have_timeouts():
         for line in (INFRA / "versions.env").read_text().splitlines()
         if line and not line.startswith("#")
     )
+    image = versions["MLROLLOUT_RUNTIME_IMAGE"] + ":" + versions["MLROLLOUT_VERSION"]
     order = [
         r"^kind create cluster .*--image " + re.escape(versions["KIND_NODE_IMAGE"]),
-        r"^docker build -t " + re.escape(f"{versions['MLROLLOUT_RUNTIME_IMAGE']}:{versions['MLROLLOUT_VERSION']}"),
+        r"^docker build -t " + re.escape(image),
         r"^kind load docker-image",
         rf"cert-manager/releases/download/{re.escape(versions['CERT_MANAGER_VERSION'])}/cert-manager\.yaml",
         r"-n cert-manager wait --for=condition=Available",
         rf"gateway-api/releases/download/{re.escape(versions['GATEWAY_API_VERSION'])}/standard-install\.yaml",
         r"wait --for=condition=Established .*crd/gateways\.gateway\.networking\.k8s\.io",
-        rf"helm upgrade --install eg oci://docker\.io/envoyproxy/gateway-helm --version {versions['ENVOY_GATEWAY_VERSION']}",
+        r"helm upgrade --install eg oci://docker\.io/envoyproxy/gateway-helm --version "
+        + re.escape(versions["ENVOY_GATEWAY_VERSION"]),
         r"render infra/manifests/gateway\.yaml",
         r"wait --for=condition=Programmed .*gateway/kserve-ingress-gateway",
         rf"kserve-crd --version v{re.escape(versions['KSERVE_VERSION'])}",
@@ -169,10 +171,12 @@ def test_preflight_without_kind_and_docker_fails_fast_in_one_line(tmp_path):
 
 
 def test_preflight_reports_a_docker_cli_without_engine(tmp_path):
-    docker = _fake_bin(tmp_path, "docker", 'echo "Cannot connect to the Docker daemon at unix:///x.sock" >&2; exit 1\n')
+    docker = _fake_bin(tmp_path, "docker", 'echo "Cannot connect to the Docker daemon" >&2; exit 1\n')
     kind = _fake_bin(tmp_path, "kind", "exit 0\n")
     proc = _bash(
-        "bash infra/cluster-up.sh --preflight-only", env={"KIND": str(kind), "DOCKER": str(docker)}, timeout=30
+        "bash infra/cluster-up.sh --preflight-only",
+        env={"KIND": str(kind), "DOCKER": str(docker)},
+        timeout=30,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -186,7 +190,8 @@ FLAKY = """
 n=$(( $(cat "$COUNTER" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$COUNTER"
 if [ "$n" -le "$FAILS" ]; then
   echo "Error from server (InternalError): Internal error occurred: failed calling webhook" \
-       "\\"inferenceservice.kserve-webhook-server.validator\\": dial tcp 10.96.1.2:443: connect: connection refused" >&2
+       "\\"inferenceservice.kserve-webhook-server.validator\\":" \
+       "dial tcp 10.96.1.2:443: connect: connection refused" >&2
   exit 1
 fi
 echo "inferenceservice.serving.kserve.io/probe created (server dry run)"
@@ -214,8 +219,10 @@ def test_retry_on_webhook_race(tmp_path, fails, attempts, want_rc, want_calls):
 
 def test_retry_does_not_retry_real_errors(tmp_path):
     bad = _fake_bin(
-        tmp_path, "bad", 'echo "$(( $(cat $COUNTER 2>/dev/null || echo 0) + 1 ))" > "$COUNTER"\n'
-        'echo \'error: error parsing x.yaml: line 3: mapping values are not allowed\' >&2; exit 7\n'
+        tmp_path,
+        "bad",
+        'echo "$(( $(cat $COUNTER 2>/dev/null || echo 0) + 1 ))" > "$COUNTER"\n'
+        "echo 'error: error parsing x.yaml: line 3: mapping values are not allowed' >&2; exit 7\n",
     )
     counter = tmp_path / "count"
     proc = _bash(f". infra/lib.sh; retry 5 0 {bad}", env={"COUNTER": str(counter)})
@@ -237,7 +244,8 @@ def test_render_substitutes_versions_and_rejects_unknown_placeholders(tmp_path):
     good.write_text("image: ${PROMETHEUS_IMAGE}\nnamespace: ${MODEL_NAMESPACE}\n")
     proc = _bash(f". infra/lib.sh; render {good}", env={"MODEL_NAMESPACE": "team-a"})
     assert proc.returncode == 0, proc.stderr
-    assert re.fullmatch(r"image: quay\.io/prometheus/prometheus:v\d+\.\d+\.\d+\nnamespace: team-a\n", proc.stdout)
+    want = r"image: quay\.io/prometheus/prometheus:v\d+\.\d+\.\d+\nnamespace: team-a\n"
+    assert re.fullmatch(want, proc.stdout)
     bad = tmp_path / "bad.yaml"
     bad.write_text("image: ${PROMETHEUS_IMAGEE}\n")
     proc = _bash(f". infra/lib.sh; render {bad}")
@@ -259,13 +267,17 @@ case "$(basename "$0") $*" in
   *"apply --dry-run=server"*)
     n=$(( $(cat "$FAKE_DIR/webhook" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$FAKE_DIR/webhook"
     if [ "$n" -le 2 ]; then
-      echo 'Error from server (InternalError): failed calling webhook "inferenceservice.kserve-webhook-server.defaulter": connect: connection refused' >&2
+      echo 'Error from server (InternalError): failed calling webhook' \
+           '"inferenceservice.kserve-webhook-server.defaulter": connect: connection refused' >&2
       exit 1
     fi ;;
   *"apply -f -") cat >/dev/null ;;  # reads the manifest from stdin, like kubectl
   *"apply -f /"*)
     f="${!#}"; cp "$f" "$FAKE_DIR/applied-$(date +%s%N).yaml" ;;
-  *"-n kubeflow wait"*) [ -n "$FAIL_KFP_WAIT" ] && { echo "error: timed out waiting for the condition on deployments/ml-pipeline" >&2; exit 1; } ;;
+  *"-n kubeflow wait"*)
+    if [ -n "$FAIL_KFP_WAIT" ]; then
+      echo "error: timed out waiting for the condition on deployments/ml-pipeline" >&2; exit 1
+    fi ;;
 esac
 exit 0
 """
