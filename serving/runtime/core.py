@@ -9,6 +9,7 @@ same functions here, so a request is validated exactly once and the same way on 
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +134,7 @@ def numbers_to_array(data: list, spec: ModelSpec, what: str, maybe_bool: bool = 
         raise InputError(
             f"{what}s have different lengths: every {what} needs exactly {spec.n_features} values"
         ) from None
-    if arr.dtype.kind not in "iuf" or (maybe_bool and arr.dtype.kind != "f" and _has_bool(data)):
+    if arr.dtype.kind not in "iuf" or (maybe_bool and _has_bool(data)):
         if arr.dtype.kind == "b" or _has_bool(data):
             raise InputError(f"wrong datatype: booleans are not feature values; send numbers ({what}s)")
         msg = _first_bad_value(data, spec, what)
@@ -200,6 +201,11 @@ def parse_v1(body: Any, spec: ModelSpec, max_batch: int, maybe_bool: bool = True
         )
     if isinstance(instances[0], dict):
         instances = _named_rows(instances, spec)
+    elif isinstance(instances[0], (int, float)) and not isinstance(instances[0], bool):
+        raise InputError(
+            f"'instances' must be a list of rows, each a list of {spec.n_features} numbers: "
+            "got one flat list; wrap it as [[...]]"
+        )
     elif not isinstance(instances[0], list):
         raise InputError(
             f"each instance must be a list of {spec.n_features} numbers or an object keyed by feature name, "
@@ -257,7 +263,7 @@ def v1_response(labels: np.ndarray, proba: np.ndarray, want_proba: bool) -> dict
 @dataclass
 class V2Request:
     x: np.ndarray
-    id: str | None
+    id: str  # the request's id, or a fresh UUID (KServe's InferenceResponse requires one)
     outputs: list[tuple[str, bool]]  # (name, binary) in the order requested; all outputs when none asked
 
 
@@ -360,7 +366,7 @@ def parse_v2(
     rid = body.get("id")
     return V2Request(
         x=x,
-        id=None if rid is None else str(rid),
+        id=str(uuid.uuid4()) if rid is None else str(rid),
         outputs=_requested_outputs(body.get("outputs"), spec, binary_default),
     )
 

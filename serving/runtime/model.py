@@ -225,7 +225,7 @@ class OnnxModel(Model):
             out.set_data_from_numpy(arrays[name], binary_data=False)
             outputs.append(out)
         return InferResponse(
-            response_id=request.id,
+            response_id=req.id,
             model_name=self.name,
             model_version=self.spec.version,
             infer_outputs=outputs,
