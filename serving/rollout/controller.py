@@ -299,9 +299,14 @@ class Controller:
 
 
 def command(
-    store: StateStore, verb: str, *, router: TrafficRouter | None = None, api: Any = None,
-    reason: str | None = None, clock: Callable[[], float] = time.time,
-) -> dict[str, Any]:  # fmt: skip
+    store: StateStore,
+    verb: str,
+    *,
+    router: TrafficRouter | None = None,
+    api: Any = None,
+    reason: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> dict[str, Any]:
     """An operator command (pause, resume, promote, abort): persisted, then applied to the data plane."""
     now = clock()
     decision: list[Decision] = []

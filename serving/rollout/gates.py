@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from serving.rollout.stats import Snapshot, histogram_quantile, js_distance, psi
+from serving.rollout.stats import Snapshot, coarsen, histogram_quantile, js_distance, psi
 
 
 class Verdict(StrEnum):
@@ -46,10 +46,16 @@ class GateResult:
     def to_dict(self) -> dict[str, Any]:
         value = None if self.value is None or math.isnan(self.value) else self.value
         return {
-            "gate": self.gate, "verdict": self.verdict.value, "value": value, "threshold": self.threshold,
-            "op": self.op, "samples": self.samples, "baseline_samples": self.baseline_samples,
-            "unit": self.unit, "detail": self.detail,
-        }  # fmt: skip
+            "gate": self.gate,
+            "verdict": self.verdict.value,
+            "value": value,
+            "threshold": self.threshold,
+            "op": self.op,
+            "samples": self.samples,
+            "baseline_samples": self.baseline_samples,
+            "unit": self.unit,
+            "detail": self.detail,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GateResult:
@@ -98,8 +104,15 @@ class SuccessRateGate:
     def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
         n = int(canary.total_requests)
         if n < self.min_requests:
-            return GateResult(self.name, Verdict.INCONCLUSIVE, None, self.min_rate, ">=", n,
-                              detail=f"fewer than {self.min_requests} canary requests")  # fmt: skip
+            return GateResult(
+                self.name,
+                Verdict.INCONCLUSIVE,
+                None,
+                self.min_rate,
+                ">=",
+                n,
+                detail=f"fewer than {self.min_requests} canary requests",
+            )
         rate = 1.0 - canary.failed_requests / n
         return GateResult(self.name, _judge(rate >= self.min_rate), rate, self.min_rate, ">=", n)
 
@@ -116,8 +129,16 @@ class LatencyGate:
     def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
         n = int(canary.latency_count)
         if n < self.min_requests:
-            return GateResult(self.name, Verdict.INCONCLUSIVE, None, self.max_ms, "<=", n, unit="ms",
-                              detail=f"fewer than {self.min_requests} canary requests")  # fmt: skip
+            return GateResult(
+                self.name,
+                Verdict.INCONCLUSIVE,
+                None,
+                self.max_ms,
+                "<=",
+                n,
+                unit="ms",
+                detail=f"fewer than {self.min_requests} canary requests",
+            )
         q_ms = histogram_quantile(self.quantile, canary.latency) * 1000.0
         return GateResult(self.name, _judge(q_ms <= self.max_ms), q_ms, self.max_ms, "<=", n, unit="ms")
 
@@ -130,9 +151,10 @@ class DriftGate:
     else the stable predictions since the rollout began (at a 100% step stable gets no traffic).
     """
 
-    max_drift: float = 0.2
+    max_drift: float = 0.15
     method: str = "js"  # "js" (Jensen-Shannon distance, base 2) or "psi"
-    min_samples: int = 200
+    min_samples: int = 400
+    bins: int = 5  # score buckets merged into this many equal-width bins (0 = the runtime's 20)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -146,10 +168,18 @@ class DriftGate:
         base = stable if stable.predictions >= self.min_samples else stable_ref
         m = int(base.predictions)
         if n < self.min_samples or m < self.min_samples:
-            return GateResult(self.name, Verdict.INCONCLUSIVE, None, self.max_drift, "<=", n, m,
-                              detail=f"fewer than {self.min_samples} predictions on a side")  # fmt: skip
+            return GateResult(
+                self.name,
+                Verdict.INCONCLUSIVE,
+                None,
+                self.max_drift,
+                "<=",
+                n,
+                m,
+                detail=f"fewer than {self.min_samples} predictions on a side",
+            )
         fn = js_distance if self.method == "js" else psi
-        d = fn(canary.scores, base.scores)
+        d = fn(coarsen(canary.scores, self.bins), coarsen(base.scores, self.bins))
         return GateResult(self.name, _judge(d <= self.max_drift), d, self.max_drift, "<=", n, m)
 
 
@@ -170,8 +200,16 @@ class AccuracyGate:
         if self.max_drop is not None and m >= self.min_labelled:
             threshold = max(threshold, stable_ref.labelled_correct / m - self.max_drop)
         if n < self.min_labelled:
-            return GateResult(self.name, Verdict.INCONCLUSIVE, None, threshold, ">=", n, m,
-                              detail=f"fewer than {self.min_labelled} labelled canary answers")  # fmt: skip
+            return GateResult(
+                self.name,
+                Verdict.INCONCLUSIVE,
+                None,
+                threshold,
+                ">=",
+                n,
+                m,
+                detail=f"fewer than {self.min_labelled} labelled canary answers",
+            )
         acc = canary.labelled_correct / n
         return GateResult(self.name, _judge(acc >= threshold), acc, threshold, ">=", n, m)
 

@@ -190,9 +190,17 @@ def analyse(
                 results,
             )
             return _apply(
-                state, now, "analysis", d, phase=Phase.ROLLED_BACK, weight=0, failed_checks=failed,
-                analyses=analyses, inconclusive_checks=0, reason=d.reason,
-            )  # fmt: skip
+                state,
+                now,
+                "analysis",
+                d,
+                phase=Phase.ROLLED_BACK,
+                weight=0,
+                failed_checks=failed,
+                analyses=analyses,
+                inconclusive_checks=0,
+                reason=d.reason,
+            )
         d = Decision(
             Action.HOLD,
             state.weight,
@@ -201,48 +209,98 @@ def analyse(
             results,
         )
         return _apply(
-            state, now, "analysis", d, failed_checks=failed, analyses=analyses, inconclusive_checks=0,
-            next_analysis_at=nxt, reason=d.reason,
-        )  # fmt: skip
+            state,
+            now,
+            "analysis",
+            d,
+            failed_checks=failed,
+            analyses=analyses,
+            inconclusive_checks=0,
+            next_analysis_at=nxt,
+            reason=d.reason,
+        )
     if verdict is Verdict.INCONCLUSIVE:
         inc = state.inconclusive_checks + 1
         why = ", ".join(g.summary() for g in results if g.verdict is Verdict.INCONCLUSIVE)
         if inc >= spec.max_inconclusive:
             d = Decision(
-                Action.PAUSE, state.weight,
+                Action.PAUSE,
+                state.weight,
                 f"pause: {inc} inconclusive analyses in a row ({why}); send traffic or lower min samples, "
-                "then resume (or abort)", verdict, results,
-            )  # fmt: skip
+                "then resume (or abort)",
+                verdict,
+                results,
+            )
             return _apply(
-                state, now, "analysis", d, phase=Phase.PAUSED, inconclusive_checks=inc, analyses=analyses,
+                state,
+                now,
+                "analysis",
+                d,
+                phase=Phase.PAUSED,
+                inconclusive_checks=inc,
+                analyses=analyses,
                 reason=d.reason,
-            )  # fmt: skip
+            )
         d = Decision(
-            Action.HOLD, state.weight,
-            f"hold: inconclusive {inc}/{spec.max_inconclusive} ({why}); keep collecting", verdict, results,
-        )  # fmt: skip
+            Action.HOLD,
+            state.weight,
+            f"hold: inconclusive {inc}/{spec.max_inconclusive} ({why}); keep collecting",
+            verdict,
+            results,
+        )
         return _apply(
-            state, now, "analysis", d, inconclusive_checks=inc, analyses=analyses, next_analysis_at=nxt,
+            state,
+            now,
+            "analysis",
+            d,
+            inconclusive_checks=inc,
+            analyses=analyses,
+            next_analysis_at=nxt,
             reason=d.reason,
-        )  # fmt: skip
+        )
     # PASS
     if last:
-        d = Decision(Action.PROMOTE, 100, f"promote: all gates passed at the last step ({state.weight}%)",
-                     verdict, results)  # fmt: skip
+        d = Decision(
+            Action.PROMOTE,
+            100,
+            f"promote: all gates passed at the last step ({state.weight}%)",
+            verdict,
+            results,
+        )
         return _apply(
-            state, now, "analysis", d, phase=Phase.PROMOTED, weight=100, analyses=analyses,
-            inconclusive_checks=0, reason=d.reason,
-        )  # fmt: skip
+            state,
+            now,
+            "analysis",
+            d,
+            phase=Phase.PROMOTED,
+            weight=100,
+            analyses=analyses,
+            inconclusive_checks=0,
+            reason=d.reason,
+        )
     i = state.step_index + 1
     w = spec.steps[i]
     d = Decision(
-        Action.SET_WEIGHT, w, f"advance: all gates passed at {state.weight}%; canary weight -> {w}%",
-        verdict, results, reset_window=True,
-    )  # fmt: skip
+        Action.SET_WEIGHT,
+        w,
+        f"advance: all gates passed at {state.weight}%; canary weight -> {w}%",
+        verdict,
+        results,
+        reset_window=True,
+    )
     return _apply(
-        state, now, "analysis", d, step_index=i, weight=w, analyses=analyses, inconclusive_checks=0,
-        step_started_at=now, next_analysis_at=nxt, reason=d.reason,
-    )  # fmt: skip
+        state,
+        now,
+        "analysis",
+        d,
+        step_index=i,
+        weight=w,
+        analyses=analyses,
+        inconclusive_checks=0,
+        step_started_at=now,
+        next_analysis_at=nxt,
+        reason=d.reason,
+    )
 
 
 def _require_live(state: RolloutState, command: str) -> None:
@@ -269,9 +327,16 @@ def resume(state: RolloutState, spec: RolloutSpec, now: float) -> tuple[RolloutS
         raise InvalidTransition(f"cannot resume: the rollout is {state.phase.value}, not Paused")
     d = Decision(Action.SET_WEIGHT, state.weight, f"resume at {state.weight}%", reset_window=True)
     return _apply(
-        state, now, "resume", d, phase=Phase.PROGRESSING, inconclusive_checks=0, step_started_at=now,
-        next_analysis_at=now + spec.interval_s, reason=d.reason,
-    )  # fmt: skip
+        state,
+        now,
+        "resume",
+        d,
+        phase=Phase.PROGRESSING,
+        inconclusive_checks=0,
+        step_started_at=now,
+        next_analysis_at=now + spec.interval_s,
+        reason=d.reason,
+    )
 
 
 def promote(

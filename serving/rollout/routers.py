@@ -83,8 +83,13 @@ class LocalProxyRouter:
 
     name = "local_proxy"
 
-    def __init__(self, socket_path: str, backend: str = "be_model", stable_server: str = "stable",
-                 canary_server: str = "canary"):  # fmt: skip
+    def __init__(
+        self,
+        socket_path: str,
+        backend: str = "be_model",
+        stable_server: str = "stable",
+        canary_server: str = "canary",
+    ):
         self.api = HAProxyRuntimeAPI(socket_path)
         self.backend, self.stable_server, self.canary_server = backend, stable_server, canary_server
 
@@ -120,8 +125,13 @@ class LocalProxyRouter:
         self.set_weights(100, 0)
 
     def config(self) -> dict[str, Any]:
-        return {"router": self.name, "socket": self.api.socket_path, "backend": self.backend,
-                "stable_server": self.stable_server, "canary_server": self.canary_server}  # fmt: skip
+        return {
+            "router": self.name,
+            "socket_path": self.api.socket_path,
+            "backend": self.backend,
+            "stable_server": self.stable_server,
+            "canary_server": self.canary_server,
+        }
 
 
 # --------------------------------------------------------------------------- Kubernetes
@@ -151,9 +161,19 @@ class GatewayApiRouter:
 
     name = "gateway_api"
 
-    def __init__(self, route: str, namespace: str, stable_backend: str, canary_backend: str,
-                 stable_isvc: str = "", canary_isvc: str = "", api: Any = None, kubeconfig: str | None = None,
-                 ready_timeout_s: float = 300.0, poll_s: float = 2.0):  # fmt: skip
+    def __init__(
+        self,
+        route: str,
+        namespace: str,
+        stable_backend: str,
+        canary_backend: str,
+        stable_isvc: str = "",
+        canary_isvc: str = "",
+        api: Any = None,
+        kubeconfig: str | None = None,
+        ready_timeout_s: float = 300.0,
+        poll_s: float = 2.0,
+    ):
         self.route, self.namespace = route, namespace
         self.stable_backend, self.canary_backend = stable_backend, canary_backend
         self.stable_isvc, self.canary_isvc = stable_isvc, canary_isvc
@@ -183,8 +203,10 @@ class GatewayApiRouter:
             route = self._get_route()
             _, s, c = self._refs(route)
             s["weight"], c["weight"] = int(stable), int(canary)
-            body = {"metadata": {"resourceVersion": route["metadata"]["resourceVersion"]},
-                    "spec": {"rules": route["spec"]["rules"]}}  # fmt: skip
+            body = {
+                "metadata": {"resourceVersion": route["metadata"]["resourceVersion"]},
+                "spec": {"rules": route["spec"]["rules"]},
+            }
             try:
                 self.api.patch_namespaced_custom_object(g, v, self.namespace, p, self.route, body)
                 return
@@ -234,10 +256,16 @@ class GatewayApiRouter:
         self.set_weights(100, 0)
 
     def config(self) -> dict[str, Any]:
-        return {"router": self.name, "route": self.route, "namespace": self.namespace,
-                "stable_backend": self.stable_backend, "canary_backend": self.canary_backend,
-                "stable_isvc": self.stable_isvc, "canary_isvc": self.canary_isvc,
-                "kubeconfig": self.kubeconfig}  # fmt: skip
+        return {
+            "router": self.name,
+            "route": self.route,
+            "namespace": self.namespace,
+            "stable_backend": self.stable_backend,
+            "canary_backend": self.canary_backend,
+            "stable_isvc": self.stable_isvc,
+            "canary_isvc": self.canary_isvc,
+            "kubeconfig": self.kubeconfig,
+        }
 
 
 class KServeKnativeRouter:

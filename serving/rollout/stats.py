@@ -164,6 +164,27 @@ def _aligned(p_cum: dict[float, float], q_cum: dict[float, float]) -> tuple[list
     return p, q
 
 
+def coarsen(cumulative: dict[float, float], bins: int) -> dict[float, float]:
+    """Merge score buckets (bounds in (0, 1], plus ``+Inf``) into ``bins`` equal-width bins.
+
+    Fewer bins means less sampling noise in PSI/JS at the few hundred predictions an analysis
+    window holds (the expected JSD of two samples of one distribution grows with bins/n).
+    Anything above 1 (``+Inf``) joins the last bin.
+    """
+    if bins <= 0:
+        return dict(cumulative)
+    bounds, counts = bucket_counts(cumulative)
+    per_bin = [0.0] * bins
+    for b, c in zip(bounds, counts, strict=True):
+        i = bins - 1 if math.isinf(b) or b >= 1 else max(math.ceil(round(b * bins, 9)) - 1, 0)
+        per_bin[i] += c
+    out, run = {}, 0.0
+    for i, c in enumerate(per_bin):
+        run += c
+        out[(i + 1) / bins] = run
+    return out
+
+
 def psi(canary_cum: dict[float, float], stable_cum: dict[float, float], alpha: float = 0.5) -> float:
     """Population stability index  PSI = sum_i (c_i - s_i) * ln(c_i / s_i)  over score buckets.
 

@@ -126,8 +126,12 @@ class IsvcAnnotationStore:
         for _ in range(10):
             obj = self._get()
             new = fn(self._parse(obj))
-            body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"],
-                                 "annotations": {STATE_ANNOTATION: _trim_for_annotation(new)}}}  # fmt: skip
+            body = {
+                "metadata": {
+                    "resourceVersion": obj["metadata"]["resourceVersion"],
+                    "annotations": {STATE_ANNOTATION: _trim_for_annotation(new)},
+                }
+            }
             try:
                 self.api.patch_namespaced_custom_object(
                     "serving.kserve.io", "v1beta1", self.namespace, "inferenceservices", self.isvc, body

@@ -1,0 +1,5 @@
+import sys
+
+from serving.rollout.cli import main
+
+sys.exit(main())

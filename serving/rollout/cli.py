@@ -1,0 +1,338 @@
+"""``python -m serving.rollout``: start | status | pause | resume | promote | abort | report | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any
+
+from serving.rollout import controller as ctl
+from serving.rollout.gates import AccuracyGate, DriftGate, Gate, LatencyGate, SuccessRateGate
+from serving.rollout.machine import InvalidTransition, RolloutSpec, RolloutState
+from serving.rollout.metrics import MetricsError, Target
+from serving.rollout.routers import RouterError, build_router
+from serving.rollout.store import FileStateStore, IsvcAnnotationStore, StateStore, StoreError
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``1m``, ``1m30s``, ``500ms``, ``2.5s`` (a bare number means seconds) -> seconds."""
+    t = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        secs = float(t)
+    else:
+        parts = _DURATION.findall(t)
+        if not parts or "".join(n + u for n, u in parts) != t:
+            raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 30s, 1m, 1m30s or 500ms")
+        secs = sum(float(n) * _UNIT[u] for n, u in parts)
+    if secs <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive, got {text!r}")
+    return secs
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(s) for s in text.split(",") if s.strip())
+        RolloutSpec(steps=steps)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid --steps {text!r}: {e}") from None
+    return steps
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("state (where the rollout's state persists)")
+    g.add_argument("--state-file", help="local JSON state file (local stack)")
+    g.add_argument(
+        "--state-isvc", help="InferenceService whose annotation rollout.mlrollout.io/state holds it"
+    )
+    g.add_argument("--namespace", default="default", help="Kubernetes namespace (default: default)")
+    g.add_argument("--kubeconfig", help="kubeconfig path (default: in-cluster config, else ~/.kube/config)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m serving.rollout",
+        description="Progressive canary delivery with ML-aware gates (success rate, p99, prediction drift).",
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser(
+        "start", help="start a rollout (or resume the live one for the same versions) and drive it"
+    )
+    s.add_argument("--router", required=True, choices=["local_proxy", "gateway_api", "kserve_knative"])
+    s.add_argument("--model", required=True, help="model name (the runtime's `model` metric label)")
+    s.add_argument("--stable-version", required=True)
+    s.add_argument("--canary-version", required=True)
+    s.add_argument(
+        "--steps", type=parse_steps, default=(10, 25, 50, 100), help="canary weights, e.g. 10,25,50,100"
+    )
+    s.add_argument("--interval", type=parse_duration, default=30.0, help="analysis interval, e.g. 30s, 1m")
+    s.add_argument("--threshold", type=int, default=2, help="failed checks before rollback (default 2)")
+    s.add_argument(
+        "--max-inconclusive", type=int, default=5, help="inconclusive analyses in a row before pausing"
+    )
+    r = s.add_argument_group("router: local_proxy (HAProxy runtime API)")
+    r.add_argument("--haproxy-socket", help="HAProxy admin stats socket")
+    r.add_argument("--backend", default="be_model")
+    r.add_argument("--stable-server", default="stable")
+    r.add_argument("--canary-server", default="canary")
+    k = s.add_argument_group(
+        "router: gateway_api (HTTPRoute weights) / kserve_knative (canaryTrafficPercent)"
+    )
+    k.add_argument("--route", help="HTTPRoute name (gateway_api)")
+    k.add_argument("--stable-backend", help="backendRef name of the stable Service (gateway_api)")
+    k.add_argument("--canary-backend", help="backendRef name of the canary Service (gateway_api)")
+    k.add_argument("--stable-isvc", default="", help="stable InferenceService (gateway_api promotion, state)")
+    k.add_argument("--canary-isvc", default="", help="canary InferenceService (gateway_api promotion)")
+    k.add_argument("--isvc", help="the InferenceService (kserve_knative)")
+    m = s.add_argument_group("metrics")
+    m.add_argument("--metrics", choices=["prometheus", "scrape"], default="prometheus")
+    m.add_argument("--prometheus-url", default="http://127.0.0.1:9090")
+    m.add_argument("--stable-metrics-url", default="", help="stable runtime /metrics URL (scrape)")
+    m.add_argument("--canary-metrics-url", default="", help="canary runtime /metrics URL (scrape)")
+    g = s.add_argument_group("gates")
+    g.add_argument("--min-success-rate", type=float, default=0.99)
+    g.add_argument("--max-p99-ms", type=float, default=500.0)
+    g.add_argument(
+        "--min-requests", type=int, default=20, help="canary requests a window needs to be conclusive"
+    )
+    g.add_argument("--max-drift", type=float, default=0.15, help="max JS distance (or PSI) canary vs stable")
+    g.add_argument("--drift-method", choices=["js", "psi"], default="js")
+    g.add_argument("--drift-bins", type=int, default=5)
+    g.add_argument("--min-predictions", type=int, default=400, help="predictions per side for the drift gate")
+    g.add_argument("--no-drift-gate", action="store_true")
+    g.add_argument("--min-accuracy", type=float, help="enable the accuracy gate on labelled feedback")
+    g.add_argument("--max-accuracy-drop", type=float, default=0.05)
+    g.add_argument("--min-labelled", type=int, default=50)
+    s.add_argument("--report-dir", help="write the text report and PNG timeline here at the end")
+    s.add_argument("--max-seconds", type=parse_duration, help="stop driving after this long (state is kept)")
+    s.add_argument("--force", action="store_true", help="replace a live rollout of other versions")
+    _store_args(s)
+
+    for verb, helptext in (
+        ("status", "show phase, step, weights and the last decision's evidence"),
+        ("pause", "hold the current weight and stop analysing"),
+        ("resume", "continue a paused rollout at the same step"),
+        ("promote", "send all traffic to the canary now (skips remaining steps)"),
+        ("abort", "send all traffic back to stable now"),
+    ):
+        c = sub.add_parser(verb, help=helptext)
+        _store_args(c)
+        if verb == "status":
+            c.add_argument("--json", action="store_true")
+        if verb in ("pause", "promote", "abort"):
+            c.add_argument("--reason")
+    rp = sub.add_parser("report", help="write the text report and PNG timeline of the stored rollout")
+    _store_args(rp)
+    rp.add_argument("--out", required=True)
+    d = sub.add_parser("demo", help="local stack: a good rollout, then a bad canary rolled back")
+    d.add_argument("--stable", required=True, help="stable model package folder")
+    d.add_argument("--canary", required=True, help="canary model package folder")
+    d.add_argument("--out", default="demo_outputs/rollout")
+    d.add_argument("--bad", choices=["drift", "errors", "latency"], default="drift")
+    d.add_argument("--interval", type=parse_duration, default=3.0)
+    return ap
+
+
+def _store(a: argparse.Namespace, default_isvc: str = "") -> StateStore:
+    if a.state_file:
+        return FileStateStore(a.state_file)
+    isvc = a.state_isvc or default_isvc
+    if isvc:
+        return IsvcAnnotationStore(isvc, a.namespace, kubeconfig=a.kubeconfig)
+    raise ValueError("say where the state lives: --state-file PATH (local) or --state-isvc NAME (cluster)")
+
+
+def _router_cfg(a: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    if a.router == "local_proxy":
+        if not a.haproxy_socket:
+            raise ValueError("--router local_proxy needs --haproxy-socket (the HAProxy admin stats socket)")
+        return {
+            "router": "local_proxy",
+            "socket_path": a.haproxy_socket,
+            "backend": a.backend,
+            "stable_server": a.stable_server,
+            "canary_server": a.canary_server,
+        }, ""
+    if a.router == "gateway_api":
+        missing = [f for f in ("route", "stable_backend", "canary_backend") if not getattr(a, f)]
+        if missing:
+            raise ValueError(
+                "--router gateway_api needs " + ", ".join("--" + m.replace("_", "-") for m in missing)
+            )
+        return {
+            "router": "gateway_api",
+            "route": a.route,
+            "namespace": a.namespace,
+            "stable_backend": a.stable_backend,
+            "canary_backend": a.canary_backend,
+            "stable_isvc": a.stable_isvc,
+            "canary_isvc": a.canary_isvc,
+            "kubeconfig": a.kubeconfig,
+        }, a.stable_isvc
+    if not a.isvc:
+        raise ValueError(
+            "--router kserve_knative needs --isvc (the InferenceService with canaryTrafficPercent)"
+        )
+    return {
+        "router": "kserve_knative",
+        "isvc": a.isvc,
+        "namespace": a.namespace,
+        "kubeconfig": a.kubeconfig,
+    }, a.isvc
+
+
+def gates_from_args(a: argparse.Namespace) -> list[Gate]:
+    gates: list[Gate] = [
+        SuccessRateGate(min_rate=a.min_success_rate, min_requests=a.min_requests),
+        LatencyGate(max_ms=a.max_p99_ms, min_requests=a.min_requests),
+    ]
+    if not a.no_drift_gate:
+        gates.append(
+            DriftGate(
+                max_drift=a.max_drift, method=a.drift_method, min_samples=a.min_predictions, bins=a.drift_bins
+            )
+        )
+    if a.min_accuracy is not None:
+        gates.append(
+            AccuracyGate(
+                min_accuracy=a.min_accuracy, max_drop=a.max_accuracy_drop, min_labelled=a.min_labelled
+            )
+        )
+    return gates
+
+
+def cmd_start(a: argparse.Namespace) -> int:
+    router_cfg, default_isvc = _router_cfg(a)
+    spec = RolloutSpec(
+        steps=a.steps, interval_s=a.interval, threshold=a.threshold, max_inconclusive=a.max_inconclusive
+    )
+    stable = Target(a.model, a.stable_version, a.stable_metrics_url)
+    canary = Target(a.model, a.canary_version, a.canary_metrics_url)
+    if a.metrics == "scrape" and not (a.stable_metrics_url and a.canary_metrics_url):
+        raise ValueError("--metrics scrape needs --stable-metrics-url and --canary-metrics-url")
+    metrics_cfg = (
+        {"provider": "prometheus", "url": a.prometheus_url}
+        if a.metrics == "prometheus"
+        else {"provider": "scrape"}
+    )
+    store = _store(a, default_isvc)
+    record = ctl.new_record(spec, gates_from_args(a), stable, canary, router_cfg, metrics_cfg)
+    _, resumed = ctl.begin(store, record, force=a.force)
+    if resumed:
+        print("a live rollout of the same versions exists: resuming it")
+    c = ctl.Controller(store)
+    if not c.provider.online() and a.metrics == "prometheus":
+        print(
+            f"warning: prometheus at {a.prometheus_url} is not ready; analyses stay inconclusive until it is",
+            file=sys.stderr,
+        )
+    try:
+        rec = c.run(max_seconds=a.max_seconds)
+    except KeyboardInterrupt:
+        print(
+            f"\ncontroller stopped; state kept in {store.describe()}. "
+            "Re-run the same command to resume, or abort.",
+            file=sys.stderr,
+        )
+        return 130
+    if a.report_dir:
+        from serving.rollout.report import write_report
+
+        txt, png = write_report(rec, a.report_dir)
+        print(f"report: {txt}\ntimeline: {png}")
+    phase = rec["state"]["phase"]
+    return 0 if phase == "Promoted" else (3 if phase in ("RolledBack", "Aborted") else 0)
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    store = _store(a)
+    rec = store.load()
+    if rec is None or rec.get("state") is None:
+        raise StoreError(f"no rollout in {store.describe()}")
+    if a.json:
+        print(json.dumps(rec, indent=1))
+        return 0
+    st = RolloutState.from_dict(rec["state"])
+    steps = rec["spec"]["steps"]
+    live = ""
+    try:
+        live = " (router reports stable {}% / canary {}%)".format(*build_router(rec["router"]).get_weights())
+    except (RouterError, OSError, ValueError, ImportError) as e:
+        live = f" (router unreachable: {e})"
+    except Exception as e:  # kubernetes ApiException, config errors
+        live = f" (router unreachable: {type(e).__name__})"
+    print(f"{rec['canary']['model']}: {rec['stable']['version']} -> {rec['canary']['version']}")
+    print(
+        f"phase {st.phase.value}, step {st.step_index + 1}/{len(steps)} {steps}, "
+        f"canary weight {st.weight}%{live}"
+    )
+    print(
+        f"analyses {st.analyses}, failed checks {st.failed_checks}/{rec['spec']['threshold']}, "
+        f"inconclusive in a row {st.inconclusive_checks}/{rec['spec']['max_inconclusive']}"
+    )
+    print(f"reason: {st.reason}")
+    last = next((h for h in reversed(st.history) if h.get("evidence")), None)
+    if last:
+        from serving.rollout.gates import GateResult
+
+        print("last analysis evidence:")
+        for g in last["evidence"]:
+            print("  " + GateResult.from_dict(g).summary())
+    return 0
+
+
+def cmd_verb(a: argparse.Namespace) -> int:
+    rec = ctl.command(_store(a), a.cmd, reason=getattr(a, "reason", None))
+    st = rec["state"]
+    print(f"{a.cmd}: phase {st['phase']}, canary weight {st['weight']}% ({st['reason']})")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from serving.rollout.report import write_report
+
+    rec = _store(a).load()
+    if rec is None or rec.get("state") is None:
+        raise StoreError("no rollout to report on")
+    txt, png = write_report(rec, a.out)
+    print(txt.read_text())
+    print(f"report: {txt}\ntimeline: {png}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from serving.rollout.demo import run_demo
+
+    res = run_demo(a.stable, a.canary, a.out, bad=a.bad, interval_s=a.interval)
+    return 0 if res["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    from pipelines.core.modelcard import ModelPackageError
+    from serving.rollout.localstack.stack import StackError
+
+    handlers = {"start": cmd_start, "status": cmd_status, "report": cmd_report, "demo": cmd_demo}
+    try:
+        return handlers.get(a.cmd, cmd_verb)(a)
+    except (
+        ValueError,
+        StoreError,
+        RouterError,
+        MetricsError,
+        InvalidTransition,
+        StackError,
+        ModelPackageError,
+        FileNotFoundError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

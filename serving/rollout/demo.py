@@ -1,0 +1,209 @@
+"""The rollout part of ``make demo``: a good canary promoted, then a bad canary rolled back.
+
+``run_demo(stable_pkg, canary_pkg, out_dir)`` starts the local stack (two runtimes, HAProxy,
+Prometheus), drives bounded traffic through HAProxy, rolls the canary out 10 -> 25 -> 50 -> 100
+printing every decision's evidence, and writes a text report and a PNG timeline. Then it serves
+the promoted version as stable and rolls out a deliberately bad canary (by default the same
+model with its classes swapped: no errors, normal latency, only its predictions are wrong),
+which the drift gate rolls back. Every process it started is stopped on exit or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.core import modelcard
+from serving.rollout import controller as ctl
+from serving.rollout.badmodel import build_swapped_package, with_version
+from serving.rollout.gates import AccuracyGate, DriftGate, LatencyGate, SuccessRateGate
+from serving.rollout.localstack import LocalStack, TrafficGenerator
+from serving.rollout.machine import RolloutSpec
+from serving.rollout.report import write_report
+from serving.rollout.store import FileStateStore
+
+FAULTS = {
+    "errors": {"MLROLLOUT_FAULT_ERROR_RATE": "0.3"},
+    "latency": {"MLROLLOUT_FAULT_LATENCY_MS": "600"},
+    "drift": {},
+}
+
+
+def traffic_data(
+    card: dict[str, Any], n_fallback: int = 512, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows to send: the card's training source when it can be read here, else standard-normal rows."""
+    n_features = int(card["inputs"][0]["shape"][-1])
+    source = str(card.get("training_data", {}).get("source", ""))
+    try:
+        if source.startswith("sklearn:"):
+            import sklearn.datasets
+
+            data = getattr(sklearn.datasets, f"load_{source.split(':', 1)[1]}")()
+            x, y = np.asarray(data.data, dtype=np.float32), np.asarray(data.target)
+            if x.shape[1] == n_features:
+                return x, y
+        elif source and Path(source).exists():
+            import pandas as pd
+
+            df = pd.read_parquet(source) if source.endswith(".parquet") else pd.read_csv(source)
+            feats = card["inputs"][0].get("features") or []
+            if feats and set(feats) <= set(df.columns):
+                return df[feats].to_numpy(dtype=np.float32), None
+    except (AttributeError, ImportError, OSError, ValueError):
+        pass
+    return np.random.default_rng(seed).standard_normal((n_fallback, n_features)).astype(np.float32), None
+
+
+def default_gates(labelled: bool) -> list:
+    gates = [
+        SuccessRateGate(min_rate=0.99, min_requests=20),
+        LatencyGate(max_ms=250.0, min_requests=20),
+        DriftGate(max_drift=0.15, method="js", min_samples=400, bins=5),
+    ]
+    if labelled:
+        gates.append(AccuracyGate(min_accuracy=0.0, max_drop=0.05, min_labelled=200))
+    return gates
+
+
+def rollout_once(
+    stable_pkg: Path,
+    canary_pkg: Path,
+    work: Path,
+    out: Path,
+    stem: str,
+    *,
+    canary_env: dict[str, str],
+    interval_s: float,
+    steps: tuple[int, ...],
+    rps: float,
+    log,
+    use_prometheus: bool = True,
+) -> dict[str, Any]:
+    card = modelcard.load_card(modelcard.find_package(stable_pkg))
+    x, y = traffic_data(card)
+    with LocalStack(
+        stable_pkg, canary_pkg, work / stem, canary_env=canary_env, prometheus=use_prometheus, log=log
+    ) as stack:
+        tg = TrafficGenerator(
+            stack.proxy_url,
+            stack.model,
+            x,
+            y,
+            rps=rps,
+            concurrency=4,
+            batch=16,
+            max_seconds=interval_s * (len(steps) * 6 + 4) + 30,
+        )
+        with tg:
+            time.sleep(interval_s)  # stable-only traffic first: the drift gate's stable reference
+            state = out / f"{stem}-state.json"
+            state.unlink(missing_ok=True)
+            store = FileStateStore(state)
+            spec = RolloutSpec(steps=steps, interval_s=interval_s, threshold=2, max_inconclusive=6)
+            record = ctl.new_record(
+                spec,
+                default_gates(y is not None),
+                stack.stable_target,
+                stack.canary_target,
+                stack.router().config(),
+                stack.metrics_config(),
+            )
+            ctl.begin(store, record, force=True)
+            c = ctl.Controller(
+                store,
+                router=stack.router(),
+                provider=stack.provider(),
+                labelled=tg.labelled if y is not None else None,
+                log=log,
+            )
+            rec = c.run(max_seconds=interval_s * (len(steps) * 7 + 4) + 30)
+            time.sleep(min(interval_s, 2.0))  # traffic after the final decision: stable keeps serving
+        traffic = tg.result()
+    txt, png = write_report(rec, out, stem, traffic=traffic)
+    return {"record": rec, "traffic": traffic, "report": txt, "png": png, "phase": rec["state"]["phase"]}
+
+
+def _bump(version: str) -> str:
+    core = version.split("-")[0].split("+")[0]
+    major, minor, patch = (int(p) for p in core.split("."))
+    return f"{major}.{minor}.{patch + 1}"
+
+
+def run_demo(
+    stable_pkg: str | os.PathLike,
+    canary_pkg: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    bad: str = "drift",
+    interval_s: float = 3.0,
+    steps: tuple[int, ...] = (10, 25, 50, 100),
+    rps: float = 80.0,
+    log=print,
+) -> dict[str, Any]:
+    """Good rollout (expected Promoted) then a bad canary (expected RolledBack). Returns a summary dict
+    with ``ok`` plus each part's phase, report and PNG paths."""
+    if bad not in FAULTS:
+        raise ValueError(f"bad canary kind must be one of {sorted(FAULTS)}, got {bad!r}")
+    out = Path(out_dir)
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    stable = modelcard.find_package(stable_pkg)
+    canary = modelcard.find_package(canary_pkg)
+    c_card = modelcard.verify_package(canary)
+    modelcard.verify_package(stable)
+
+    log(
+        f"== rollout 1/2: {c_card['name']} {modelcard.load_card(stable)['version']} -> {c_card['version']} "
+        f"(steps {list(steps)}, interval {interval_s:g}s) =="
+    )
+    good = rollout_once(
+        stable, canary, work, out, "good", canary_env={}, interval_s=interval_s, steps=steps, rps=rps, log=log
+    )
+    log(good["report"].read_text())
+
+    bad_version = _bump(c_card["version"])
+    if bad == "drift":
+        bad_pkg = build_swapped_package(canary, work / "bad-model", bad_version)
+        what = (
+            "the same model with its classes swapped (no errors, normal latency: only the drift gate sees it)"
+        )
+    else:
+        bad_pkg = with_version(canary, work / "bad-model", bad_version, note=f"injected {bad}")
+        what = f"the same model with injected faults {FAULTS[bad]}"
+    log(f"== rollout 2/2: bad canary {bad_version}: {what} ==")
+    bad_run = rollout_once(
+        canary,
+        bad_pkg,
+        work,
+        out,
+        "bad",
+        canary_env=FAULTS[bad],
+        interval_s=interval_s,
+        steps=steps,
+        rps=rps,
+        log=log,
+    )
+    log(bad_run["report"].read_text())
+    ok = good["phase"] == "Promoted" and bad_run["phase"] == "RolledBack"
+    summary = {
+        "ok": ok,
+        "good": {"phase": good["phase"], "report": str(good["report"]), "png": str(good["png"])},
+        "bad": {
+            "phase": bad_run["phase"],
+            "kind": bad,
+            "report": str(bad_run["report"]),
+            "png": str(bad_run["png"]),
+        },
+    }
+    log(
+        f"rollout demo: good canary {good['phase']}, bad canary ({bad}) {bad_run['phase']} -> "
+        f"{'OK' if ok else 'UNEXPECTED'}; reports and timelines in {out}"
+    )
+    return summary

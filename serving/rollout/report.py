@@ -1,0 +1,172 @@
+"""The end-of-rollout report: a text summary and a PNG timeline (weights, success rate, p99, drift)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from serving.rollout.gates import gates_from_config
+
+
+def _gate_cfg(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for g, cfg in zip(gates_from_config(record["gates"]), record["gates"], strict=True):
+        out[g.name] = cfg
+    return out
+
+
+def _threshold(cfg: dict[str, Any]) -> float | None:
+    for k in ("min_rate", "max_ms", "max_drift", "min_accuracy"):
+        if k in cfg:
+            return float(cfg[k])
+    return None
+
+
+def text_report(record: dict[str, Any], traffic: Any = None) -> str:
+    st, spec = record["state"], record["spec"]
+    t0 = record["state"]["history"][0]["t"] if st and st.get("history") else record.get("created_at", 0)
+    lines = [
+        f"Rollout of {record['canary']['model']}: {record['stable']['version']} (stable) -> "
+        f"{record['canary']['version']} (canary)",
+        f"  router {record['router']['router']}, metrics {record['metrics']['provider']}, "
+        f"steps {spec['steps']}, "
+        f"interval {spec['interval_s']:g}s, rollback after {spec['threshold']} failed checks, "
+        f"pause after {spec['max_inconclusive']} inconclusive",
+        "  gates: "
+        + "; ".join(
+            f"{name} ({', '.join(f'{k}={v}' for k, v in cfg.items() if k not in ('kind', 'name'))})"
+            for name, cfg in _gate_cfg(record).items()
+        ),
+        f"  outcome: {st['phase']} after {st['analyses']} analyses ({st['failed_checks']} failed): "
+        f"{st['reason']}",
+        "",
+        f"  {'t(s)':>6} {'weight':>6} {'obs.share':>9} {'verdict':>12}  {'action':<10} gates",
+    ]
+    for p in record.get("timeline", []):
+        req = p.get("requests") or {}
+        tot = req.get("stable", 0) + req.get("canary", 0)
+        share = f"{100 * req.get('canary', 0) / tot:8.1f}%" if tot else "      n/a"
+        gates = ", ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in p["gates"].items())
+        lines.append(
+            f"  {p['t'] - t0:6.1f} {p['weight']:5d}% {share} {p['verdict'] or '':>12}  "
+            f"{p['action']:<10} {gates}"
+        )
+    lines.append("")
+    lines.append("  decisions:")
+    for h in (st or {}).get("history", []):
+        lines.append(
+            f"    +{h['t'] - t0:6.1f}s {h['event']:<8} {h['action']:<10} weight {h['weight']:3d}%  "
+            f"{h['reason']}"
+        )
+    if traffic is not None and traffic.total:
+        fails = traffic.failures()
+        proxy = traffic.proxy_failures()
+        lines += [
+            "",
+            f"  client traffic: {traffic.total} requests, {len(fails)} failed "
+            f"({len(proxy)} without a model answer, i.e. proxy/network; "
+            f"{len(traffic.model_failures(record['canary']['version']))} from the canary, "
+            f"{len(traffic.model_failures(record['stable']['version']))} from stable)",
+            "  answers by version: "
+            + ", ".join(f"{v or '?'}={n}" for v, n in sorted(traffic.by_version().items())),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_timeline(record: dict[str, Any], path: str | os.PathLike, title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = record["state"]
+    hist = st.get("history", [])
+    t0 = hist[0]["t"] if hist else record.get("created_at", 0)
+    tl = record.get("timeline", [])
+    cfg = _gate_cfg(record)
+
+    fig, axes = plt.subplots(4, 1, figsize=(9, 9), sharex=True, constrained_layout=True)
+    # weights: a step line from the decision history (what the router was told)
+    ts, ws = [], []
+    for h in hist:
+        if ts:
+            ts.append(h["t"] - t0)
+            ws.append(ws[-1])
+        ts.append(h["t"] - t0)
+        ws.append(h["weight"])
+    end = max([ts[-1] if ts else 0] + [p["t"] - t0 for p in tl]) + record["spec"]["interval_s"] * 0.3
+    if ts:
+        ts.append(end)
+        ws.append(ws[-1])
+    ax = axes[0]
+    ax.plot(ts, ws, drawstyle="default", color="tab:blue", label="canary weight (set)")
+    obs_t, obs = [], []
+    for p in tl:
+        req = p.get("requests") or {}
+        tot = req.get("stable", 0) + req.get("canary", 0)
+        if tot:
+            obs_t.append(p["t"] - t0)
+            obs.append(100 * req["canary"] / tot)
+    ax.plot(obs_t, obs, "o", color="tab:orange", label="canary share observed (server counters)")
+    ax.set_ylabel("canary %")
+    ax.set_ylim(-5, 105)
+    ax.legend(loc="upper left", fontsize=8)
+
+    def series(gate_prefix: str, scale: float = 1.0):
+        xs, ys, name = [], [], None
+        for p in tl:
+            for k, v in p["gates"].items():
+                if k.startswith(gate_prefix):
+                    name = k
+                    if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                        xs.append(p["t"] - t0)
+                        ys.append(v * scale)
+        return xs, ys, name
+
+    for ax, prefix, label in (
+        (axes[1], "success_rate", "success rate"),
+        (axes[2], "latency_p99", "p99 latency (ms)"),
+        (axes[3], "drift", "drift"),
+    ):
+        xs, ys, name = series(prefix)
+        ax.plot(xs, ys, "o-", color="tab:green")
+        thr = _threshold(cfg.get(name or "", {}))
+        if thr is not None:
+            ax.axhline(thr, color="tab:red", ls="--", lw=1, label=f"threshold {thr:g}")
+            ax.legend(loc="upper left", fontsize=8)
+        ax.set_ylabel(label if name is None else name.replace("_", " "))
+        if not xs:
+            ax.text(0.5, 0.5, "no conclusive sample", transform=ax.transAxes, ha="center", color="gray")
+    for h in hist:
+        if h["action"] in ("promote", "rollback"):
+            for ax in axes:
+                ax.axvline(h["t"] - t0, color="black" if h["action"] == "promote" else "tab:red", lw=1)
+            axes[0].annotate(h["action"], (h["t"] - t0, 50), rotation=90, fontsize=8, va="center")
+    axes[-1].set_xlabel("seconds since rollout start")
+    fig.suptitle(
+        title
+        or f"{record['canary']['model']} {record['stable']['version']} -> {record['canary']['version']}: "
+        f"{st['phase']}"
+    )
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def write_report(
+    record: dict[str, Any],
+    out_dir: str | os.PathLike,
+    stem: str = "rollout",
+    traffic: Any = None,
+    title: str | None = None,
+) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    txt = out / f"{stem}-report.txt"
+    txt.write_text(text_report(record, traffic))
+    png = plot_timeline(record, out / f"{stem}-timeline.png", title)
+    return txt, png
