@@ -75,14 +75,42 @@ def requirements(*dists: str) -> list[str]:
     return sorted(f"{n}=={locked[n]}" for n in _closure(dists) if n in locked)
 
 
-def stage_core() -> tempfile.TemporaryDirectory:
-    """A scratch tree ``pipelines/__init__.py`` + ``pipelines/core/*.py`` for embedding (no caches)."""
+def core_closure(*modules: str) -> list[str]:
+    """``modules`` of ``pipelines.core`` plus every core module they import (transitively, by AST)."""
+    import ast
+
+    seen: set[str] = set()
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = CORE_DIR / f"{name}.py"
+        if not path.is_file():
+            raise ValueError(f"pipelines.core has no module {name!r}")
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "pipelines.core":
+                todo.extend(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipelines.core."):
+                todo.append(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                todo.extend(a.name.split(".")[2] for a in node.names if a.name.startswith("pipelines.core."))
+    return sorted(seen)
+
+
+def stage_core(*modules: str) -> tempfile.TemporaryDirectory:
+    """A scratch tree ``pipelines/__init__.py`` + ``pipelines/core/`` for ``embedded_artifact_path``:
+    the core modules named (and what they import), or all of them when none are named. Only ``.py``
+    files, with a fixed mtime, so the archive depends on the code alone."""
+    names = core_closure(*modules) if modules else sorted(p.stem for p in CORE_DIR.glob("*.py"))
+    names = sorted(set(names) | {"__init__"})
     tmp = tempfile.TemporaryDirectory(prefix="mlrollout-core-")
     pkg = Path(tmp.name) / EMBEDDED_PACKAGE
     (pkg / "core").mkdir(parents=True)
     (pkg / "__init__.py").write_text('"""Embedded copy of mlrollout\'s pipeline core."""\n')
-    for src in sorted(CORE_DIR.glob("*.py")):
-        shutil.copyfile(src, pkg / "core" / src.name)
+    for name in names:
+        shutil.copyfile(CORE_DIR / f"{name}.py", pkg / "core" / f"{name}.py")
     for p in sorted(Path(tmp.name).rglob("*")):
         os.utime(p, (_FIXED_MTIME, _FIXED_MTIME))
     return tmp

@@ -11,12 +11,22 @@ from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markd
 
 from pipelines.components.runtime import BASE_IMAGE, requirements, stage_core
 
-_core = stage_core()
-_common = {"base_image": BASE_IMAGE, "embedded_artifact_path": _core.name}
 _DATA = ("pandas", "pyarrow", "scikit-learn")
+_staged: list = []
 
 
-@dsl.component(packages_to_install=requirements(*_DATA), **_common)
+def _opts(*core_modules: str, packages: tuple[str, ...] = _DATA) -> dict:
+    """Decorator options: base image, pinned packages, and the core modules this step imports."""
+    staged = stage_core(*core_modules)
+    _staged.append(staged)
+    return {
+        "base_image": BASE_IMAGE,
+        "packages_to_install": requirements(*packages),
+        "embedded_artifact_path": staged.name,
+    }
+
+
+@dsl.component(**_opts("data", "modelcard"))
 def load_data(
     source: str,
     label_column: str,
@@ -45,7 +55,7 @@ def load_data(
     print(f"loaded {len(df)} rows x {len(df.columns)} columns from {df.attrs['source']}")
 
 
-@dsl.component(packages_to_install=requirements(*_DATA), **_common)
+@dsl.component(**_opts("data", "validate"))
 def validate_data(
     dataset: Input[Dataset],
     label_column: str,
@@ -87,7 +97,7 @@ def validate_data(
     print(f"data validation passed: {len(result['rules'])} rules")
 
 
-@dsl.component(packages_to_install=requirements(*_DATA), **_common)
+@dsl.component(**_opts("data"))
 def split(
     dataset: Input[Dataset],
     label_column: str,
@@ -108,7 +118,7 @@ def split(
     print(f"split: {len(train)} train rows, {len(test)} test rows")
 
 
-@dsl.component(packages_to_install=requirements(*_DATA), **_common)
+@dsl.component(**_opts("data", "train"))
 def train(
     train_data: Input[Dataset],
     label_column: str,
@@ -145,7 +155,7 @@ def train(
     print(f"trained {estimator}: {' -> '.join(name for name, _ in pipe.steps)}")
 
 
-@dsl.component(packages_to_install=requirements(*_DATA, "matplotlib"), **_common)
+@dsl.component(**_opts("data", "evaluate", packages=(*_DATA, "matplotlib")))
 def evaluate(
     model: Input[Model],
     test_data: Input[Dataset],
@@ -199,7 +209,7 @@ def evaluate(
     print("evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
 
 
-@dsl.component(packages_to_install=requirements(*_DATA, "skl2onnx", "onnxruntime"), **_common)
+@dsl.component(**_opts("data", "export", packages=(*_DATA, "skl2onnx", "onnxruntime")))
 def export_onnx(
     model: Input[Model],
     train_data: Input[Dataset],
@@ -220,7 +230,7 @@ def export_onnx(
     print(f"exported ONNX: {len(onnx_bytes)} bytes, opset {export.opset(onnx_bytes)}")
 
 
-@dsl.component(packages_to_install=requirements(*_DATA, "skl2onnx", "onnxruntime"), **_common)
+@dsl.component(**_opts("data", "export", packages=(*_DATA, "skl2onnx", "onnxruntime")))
 def verify_onnx(
     model: Input[Model],
     onnx_model: Input[Model],
@@ -252,7 +262,7 @@ def verify_onnx(
     )
 
 
-@dsl.component(packages_to_install=requirements(*_DATA, "skl2onnx", "onnxruntime"), **_common)
+@dsl.component(**_opts("data", "package", packages=(*_DATA, "skl2onnx", "onnxruntime")))
 def package_model(
     onnx_model: Input[Model],
     model: Input[Model],
@@ -322,4 +332,5 @@ def package_model(
     print(core_package.summary(written))
 
 
-_core.cleanup()
+for _t in _staged:
+    _t.cleanup()

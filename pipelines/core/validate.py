@@ -176,7 +176,7 @@ def validate(df: pd.DataFrame, label_column: str, thresholds: Thresholds | None 
             n_classes >= 2,
             n_classes,
             2,
-            f"a single class ({counts.index[0]!r}) in label column {label_column!r}: "
+            f"a single class ({counts.index[0]}) in label column {label_column!r}: "
             "a classifier needs 2 or more"
             if n_classes == 1
             else f"no labels in column {label_column!r}"
