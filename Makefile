@@ -12,7 +12,7 @@ export PATH := $(abspath $(TOOLS))/bin:$(BIN):$(PATH)
 # Debian packages the local stack and the tests need (the demo and `make test` install them)
 APT_PACKAGES := haproxy prometheus shellcheck
 
-.PHONY: help venv sysdeps tools demo test test-fast chart-test lint fmt compile bench bench-batch lock cluster cluster-down e2e clean
+.PHONY: help venv sysdeps tools demo test test-fast chart-test lint fmt compile bench bench-serving bench-batch lock cluster cluster-down e2e clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -65,6 +65,12 @@ fmt: venv ## format with ruff
 
 bench: venv ## pipeline and predict-latency benchmarks (prints ratios)
 	$(BIN)/python -m pipelines.bench
+
+bench-serving: venv ## serving benchmark (wrk): runtime V1/V2 vs FastAPI floor, KServe, MLServer; ~10 min, ARGS=--quick
+	@command -v wrk >/dev/null 2>&1 || { echo ">> apt-get install wrk (the load generator)"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
+	$(BIN)/python -m serving.bench $(ARGS)
 
 lock: ## regenerate requirements.lock from requirements.in in a scratch venv
 	rm -rf /tmp/mlrollout-lock && $(PYTHON) -m venv /tmp/mlrollout-lock

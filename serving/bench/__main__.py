@@ -6,6 +6,7 @@ pinned to one core with one worker:
   runtime-v1        this project's runtime (``python -m serving``), V1 ``:predict``
   runtime-v2        the same process, V2 ``/infer``
   floor             bare FastAPI/uvicorn: parses the JSON body, returns a constant
+  floor-asgi        bare ASGI callable on uvicorn (no FastAPI), orjson parse, constant bytes: the lower floor
   kserve-default    a plain ``kserve.Model`` (sync predict → onnxruntime) in ``kserve.ModelServer``, defaults
   mlserver-sklearn  MLServer 1.7.1 + mlserver-sklearn, defaults, serving the same fitted sklearn pipeline
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from serving.bench import stats, wrk
 from serving.bench.servers import CpuSampler, Endpoint, Server, answer_has_probability, free_port, post_json
 
-ALL_ENDPOINTS = ("runtime-v1", "runtime-v2", "floor", "kserve-default", "mlserver-sklearn")
+ALL_ENDPOINTS = ("runtime-v1", "runtime-v2", "floor", "floor-asgi", "kserve-default", "mlserver-sklearn")
 TARGETS = (
     stats.Target("issue 3: runtime ≥ 60% of the floor", "runtime-v2", "floor", 8, 0.60),
     stats.Target("issue 3: runtime ≥ 6x MLServer-sklearn", "runtime-v2", "mlserver-sklearn", 8, 6.0),
@@ -162,6 +163,14 @@ def make_servers(args, package_dir: Path, joblib_path: Path, card: dict, work: P
         servers["floor"] = Server(
             "floor", [py, "-m", "serving.bench.floor", "--port", str(port)], "/v2/health/ready", port
         )
+    if "floor-asgi" in wanted:
+        port = free_port()
+        servers["floor-asgi"] = Server(
+            "floor-asgi",
+            [py, "-m", "serving.bench.floor", "--port", str(port), "--asgi"],
+            "/v2/health/ready",
+            port,
+        )
     if "kserve-default" in wanted:
         http, grpc = free_port(), free_port()
         servers["kserve-default"] = Server(
@@ -216,6 +225,7 @@ def make_endpoints(args, card: dict, row: list[float]) -> list[Endpoint]:
         "runtime-v1": Endpoint("runtime-v1", "runtime", f"/v1/models/{name}:predict", v1),
         "runtime-v2": Endpoint("runtime-v2", "runtime", infer, v2),
         "floor": Endpoint("floor", "floor", infer, v2, check=None),
+        "floor-asgi": Endpoint("floor-asgi", "floor-asgi", infer, v2, check=None),
         "kserve-default": Endpoint("kserve-default", "kserve-default", infer, v2),
         "mlserver-sklearn": Endpoint("mlserver-sklearn", "mlserver-sklearn", infer, v2_mlserver),
     }
