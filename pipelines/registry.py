@@ -4,8 +4,10 @@
 over this dict, so a new pipeline needs only a new entry here.
 """
 
+from pipelines.batch_pipeline import batch_scoring_pipeline
 from pipelines.training_pipeline import training_pipeline
 
 PIPELINES = {
     "training_pipeline": training_pipeline,
+    "batch_scoring_pipeline": batch_scoring_pipeline,
 }

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from . import modelcard
+from pipelines.core import modelcard
 
 DEFAULT_CHUNK_ROWS = 65_536
 ROW_NUMBER_COLUMN = "row_number"
@@ -468,6 +468,23 @@ class ScoreSummary:
             f"scored {self.rows:,} rows in {self.seconds:.2f} s ({self.rows_per_s:,.0f} rows/s) "
             f"with {self.model} -> {self.output}"
         )
+
+
+def summary_markdown(s: ScoreSummary) -> str:
+    """A short report for the KFP UI (Markdown artifact): volume, speed, predicted-class shares."""
+    lines = [
+        f"## Batch scoring: {s.model}",
+        "",
+        f"- rows scored: **{s.rows:,}** ({s.input_format} -> {s.output_format}, id column `{s.id_column}`)",
+        f"- time: {s.seconds:.2f} s ({s.rows_per_s:,.0f} rows/s)",
+        "",
+        "| predicted class | rows | share |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, n in s.class_counts.items():
+        share = n / s.rows if s.rows else 0.0
+        lines.append(f"| {name} | {n:,} | {share:.1%} |")
+    return "\n".join(lines) + "\n"
 
 
 class _Stage(threading.Thread):
