@@ -72,6 +72,9 @@ bench-serving: venv ## serving benchmark (wrk): runtime V1/V2 vs FastAPI floor, 
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
 	$(BIN)/python -m serving.bench $(ARGS)
 
+bench-batch: venv ## batch scoring: command vs raw onnxruntime vs sklearn on 1M rows (Parquet, CSV); ARGS=--rows N
+	$(BIN)/python -m serving.batch.bench $(ARGS)
+
 lock: ## regenerate requirements.lock from requirements.in in a scratch venv
 	rm -rf /tmp/mlrollout-lock && $(PYTHON) -m venv /tmp/mlrollout-lock
 	/tmp/mlrollout-lock/bin/pip install --quiet -r requirements.in
