@@ -484,7 +484,7 @@ def test_storage_wiring_uses_an_existing_secret_only(render, values_file):
     if "triton" in values_file:  # pvc:// needs no credentials
         assert "secrets" not in sa
     else:
-        assert sa["secrets"] == [{"name": "mlrollout-s3"}]
+        assert sa["secrets"] == [{"name": "kfp-s3-credentials"}]
 
 
 def test_no_credentials_in_values():
