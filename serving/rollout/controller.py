@@ -11,7 +11,6 @@ resumes at the same step with the same analysis window.
 from __future__ import annotations
 
 import datetime as dt
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -154,12 +153,12 @@ class Controller:
         elif action == Action.ROLLBACK:
             self.router.rollback()
 
-    def _clear_pending(self) -> None:
+    def _clear_pending(self) -> dict[str, Any]:
         def fn(rec):
             rec["pending"] = None
             return rec
 
-        self.store.update(fn)
+        return self.store.update(fn)
 
     def _reconcile(self, rec: dict[str, Any]) -> None:
         """Finish a pending action and make the data plane match the persisted state."""
@@ -191,7 +190,7 @@ class Controller:
             rec["pending"] = {"action": d.action.value, "weight": d.weight}
             return rec
 
-        rec = self.store.update(fn)
+        self.store.update(fn)
         self.log(
             f"[{_fmt_time(now)}] start rollout {self.canary.model}: "
             f"{self.stable.version} -> {self.canary.version}"
@@ -199,8 +198,7 @@ class Controller:
             f" + {self.provider.name}; canary weight {d.weight}%"
         )
         self._execute(d.action, d.weight)
-        self._clear_pending()
-        return rec
+        return self._clear_pending()
 
     def _analysis(self, rec: dict[str, Any]) -> dict[str, Any]:
         now = self.clock()
@@ -211,7 +209,7 @@ class Controller:
         except MetricsError as e:
             snaps = None
             results: list[GateResult] = [
-                GateResult("metrics", Verdict.INCONCLUSIVE, None, math.nan, ">=", 0, detail=str(e)[:300])
+                GateResult("metrics", Verdict.INCONCLUSIVE, None, 0.0, ">=", 0, detail=str(e)[:300])
             ]
         if snaps is not None:
             base = {k: Snapshot.from_dict(v) for k, v in rec["baselines"]["step"].items()}
@@ -256,7 +254,7 @@ class Controller:
         self.log(describe_decision(st, self.spec, d, now))
         if rec.get("pending"):
             self._execute(d.action, d.weight)
-            self._clear_pending()
+            rec = self._clear_pending()
         return rec
 
     def run(self, max_seconds: float | None = None, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
@@ -275,6 +273,7 @@ class Controller:
                     f"{st.failed_checks} failed checks)"
                 )
             self._reconcile(rec)
+            rec = self.store.load()
         paused_logged = False
         while True:
             st = RolloutState.from_dict(rec["state"])

@@ -199,6 +199,10 @@ def psi(canary_cum: dict[float, float], stable_cum: dict[float, float], alpha: f
     total = 0.0
     for a, b in zip(p, q, strict=True):
         pa, qb = (a + alpha) / np_, (b + alpha) / nq
+        if pa == 0 and qb == 0:
+            continue
+        if pa == 0 or qb == 0:
+            return math.inf  # only without smoothing (alpha=0)
         total += (pa - qb) * math.log(pa / qb)
     return total
 
