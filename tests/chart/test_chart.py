@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -495,6 +496,21 @@ def test_no_credentials_in_values():
 # ------------------------------------------------------------------------------ helm test and NOTES
 
 
+def run_hook_script(
+    pod: dict, base_url: str, tmp_path: Path, attempts: int = 2
+) -> subprocess.CompletedProcess:
+    """Run the helm-test Pod's own shell script (real sh + curl) here, with its URL's scheme and host
+    replaced by `base_url` (the path stays as rendered) and the Pod's /tmp replaced by `tmp_path`."""
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    path = "/" + env["URL"].split("://", 1)[1].split("/", 1)[1]
+    script = container["args"][0].replace("/tmp/body", str(tmp_path / "body"))
+    local_env = {**env, "URL": base_url + path, "ATTEMPTS": str(attempts), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        ["/bin/sh", "-c", script], env=local_env, capture_output=True, text=True, timeout=120
+    )
+
+
 class _FakeModel(BaseHTTPRequestHandler):
     """Answers like the runtime's V1 endpoint; `mode` picks a healthy or a broken answer."""
 
@@ -542,17 +558,8 @@ def test_helm_test_hook_script_sends_the_configured_row(render, mode, rc, tmp_pa
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        # same script, pointed at the local server; /tmp of the Pod becomes a temp dir here
-        script = container["args"][0].replace("/tmp/body", str(tmp_path / "body"))
-        local_env = {
-            **env,
-            "URL": f"http://127.0.0.1:{server.server_port}/v1/models/breast-cancer:predict",
-            "ATTEMPTS": "2",
-            "PATH": "/usr/bin:/bin",
-        }
-        proc = subprocess.run(
-            ["/bin/sh", "-c", script], env=local_env, capture_output=True, text=True, timeout=60
-        )
+        base = f"http://127.0.0.1:{server.server_port}"
+        proc = run_hook_script(pod, base, tmp_path, attempts=2)
     finally:
         server.shutdown()
         server.server_close()
