@@ -1,0 +1,414 @@
+"""From the compiled pipeline to rolled-out endpoints, on the live platform (kind via `make cluster`).
+
+1. upload + run pipelines/compiled/training_pipeline.yaml through kfp.Client; its packaged model (in KFP's
+   SeaweedFS) is served as v1; v2 (same weights, new version) and a class-swapped bad canary are derived
+   from it with serving/rollout/badmodel.py and uploaded next to it;
+2. the Helm chart (strategy canary) serves v1 Ready through the Envoy Gateway; the HTTPRoute split at 10%
+   and 50% is checked per version from the `x-model-version` header within a binomial tolerance; promote;
+   roll back a bad canary; `helm test`;
+3. `python -m serving.rollout start --router gateway_api` with Prometheus gates drives 10 -> 50 -> 100 and
+   promotes a good canary, and rolls a class-swapped canary back on the drift gate;
+4. blue-green switch; a rolling update under steady load with no failed request;
+5. every model pod runs in the namespace labelled Pod Security `restricted`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.core import modelcard
+from serving.rollout import badmodel
+from tests.e2e import helpers
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "mlrollout-model"
+COMPILED = ROOT / "pipelines" / "compiled" / "training_pipeline.yaml"
+
+
+def _model_versions() -> tuple[str, str, str]:
+    """v1 = the compiled pipeline's default `model_version`; v2 and the bad canary are the next major."""
+    import yaml
+
+    spec = next(iter(yaml.safe_load_all(COMPILED.read_text())))
+    v1 = spec["root"]["inputDefinitions"]["parameters"]["model_version"]["defaultValue"]
+    major = int(v1.split(".")[0]) + 1
+    return v1, f"{major}.0.0", f"{major}.0.1"
+
+
+V1, V2, BAD = _model_versions()
+
+
+# --------------------------------------------------------------------------- pipeline -> packages
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(kfp_url):
+    import kfp
+
+    client = kfp.Client(host=kfp_url)
+    name = f"mlrollout-e2e-{int(time.time())}"
+    pipeline = client.upload_pipeline(str(COMPILED), pipeline_name=name)
+    version_id = client.list_pipeline_versions(pipeline.pipeline_id).pipeline_versions[0].pipeline_version_id
+    experiment = client.create_experiment("mlrollout-e2e")
+    run = client.run_pipeline(
+        experiment_id=experiment.experiment_id,
+        job_name=name,
+        pipeline_id=pipeline.pipeline_id,
+        version_id=version_id,
+        params={"model_version": V1},
+        enable_caching=False,
+    )
+    done = client.wait_for_run_completion(run.run_id, timeout=2400, sleep_duration=10)
+    return done
+
+
+def test_pipeline_run_succeeds(pipeline_run):
+    assert pipeline_run.state == "SUCCEEDED", (
+        f"run {pipeline_run.run_id}: {pipeline_run.state} {pipeline_run.error}"
+    )
+
+
+@pytest.fixture(scope="module")
+def packages(pipeline_run, filer_url, tmp_path_factory) -> dict[str, str]:
+    """storageUris of v1 (what the pipeline produced), v2 and the bad canary."""
+    assert pipeline_run.state == "SUCCEEDED"
+    cards = []
+    for entry in helpers.filer_list(filer_url, f"{helpers.BUCKET_ROOT}/v2/artifacts"):
+        if helpers.is_dir(entry):
+            try:
+                cards += helpers.filer_find(
+                    filer_url, f"{entry['FullPath']}/{pipeline_run.run_id}", "model-card.json"
+                )
+            except Exception:  # this pipeline has no folder for the run
+                continue
+    assert len(cards) == 1, f"expected one packaged model for run {pipeline_run.run_id}, found {cards}"
+    pkg_path = cards[0].rsplit("/", 1)[0]
+    work = tmp_path_factory.mktemp("packages")
+    local_v1 = work / "v1" / pkg_path.rsplit("/", 1)[-1]
+    helpers.filer_download_tree(filer_url, pkg_path, local_v1)
+    card = modelcard.verify_package(local_v1)
+    assert card["version"] == V1
+    assert card["pipeline_run_id"] == pipeline_run.run_id, "the served model must be this run's output"
+    stamp = f"e2e/{pipeline_run.run_id}"
+    v2 = badmodel.with_version(local_v1, work / "v2", V2, note="e2e canary")
+    bad = badmodel.build_swapped_package(local_v1, work / "bad", BAD)
+    uris = {"v1": helpers.s3_uri(pkg_path)}
+    for key, pkg in (("v2", v2), ("bad", bad)):
+        dest = f"{helpers.BUCKET_ROOT}/{stamp}/{key}/{pkg.name}"
+        helpers.filer_upload_tree(filer_url, pkg, dest)
+        uris[key] = helpers.s3_uri(dest)
+    return uris
+
+
+def test_pipeline_output_is_a_verified_package(packages):
+    assert packages["v1"].startswith("s3://mlpipeline/v2/artifacts/")
+
+
+# --------------------------------------------------------------------------- chart releases
+
+
+def install(k, release: str, *sets: str) -> None:
+    args = [
+        "upgrade",
+        "--install",
+        release,
+        str(CHART),
+        "--set",
+        f"fullnameOverride={release}",
+        "--set",
+        f"model.name={release}",  # also the `model` metric label: one per release
+        "--set",
+        "storage.existingSecret=kfp-s3-credentials",
+    ]
+    for s in sets:
+        args += ["--set", s]
+    k.helm_run(*args, "--wait", "--timeout", "10m")
+    k.wait_isvcs_ready(f"app.kubernetes.io/instance={release}")
+
+
+def route_host(k, release: str) -> str:
+    return k.wait_route_programmed(release)["spec"]["hostnames"][0]
+
+
+def measure(k, gateway_url, release: str, n: int = 400):
+    host = route_host(k, release)
+    time.sleep(3)  # Envoy picks up the new route configuration asynchronously
+    return helpers.predict_many(gateway_url, host, release, n)
+
+
+@pytest.fixture(scope="module")
+def canary(k, packages):
+    release = "bc-canary"
+    install(
+        k,
+        release,
+        "strategy.type=canary",
+        f"model.storageUri={packages['v1']}",
+        f"model.version={V1}",
+        f"strategy.canary.storageUri={packages['v2']}",
+        f"strategy.canary.version={V2}",
+        "strategy.canary.weight=0",
+    )
+    yield release
+    k.helm_run("uninstall", release, "--wait", check=False)
+
+
+def test_v1_from_the_pipeline_is_served_through_the_gateway(k, gateway_url, canary):
+    results = measure(k, gateway_url, canary, n=100)
+    assert helpers.versions_seen(results) == {V1: 100}
+
+
+@pytest.mark.parametrize("weight", [10, 50])
+def test_canary_split_matches_the_route_weight(k, gateway_url, canary, weight):
+    k.helm_run(
+        "upgrade", canary, str(CHART), "--reuse-values", "--set", f"strategy.canary.weight={weight}", "--wait"
+    )
+    helpers.assert_share(measure(k, gateway_url, canary, n=600), V2, weight / 100)
+
+
+def test_helm_test_sends_a_real_prediction(k, canary):
+    proc = k.helm_run("test", canary, "--timeout", "5m")
+    assert "Succeeded" in proc.stdout, proc.stdout
+
+
+def test_promote_sends_everything_to_v2(k, gateway_url, canary, packages):
+    # the chart's documented promotion: the stable takes the canary's model, weight back to 0
+    k.helm_run(
+        "upgrade",
+        canary,
+        str(CHART),
+        "--reuse-values",
+        "--set",
+        f"model.storageUri={packages['v2']}",
+        "--set",
+        f"model.version={V2}",
+        "--set",
+        "strategy.canary.weight=0",
+        "--wait",
+        "--timeout",
+        "10m",
+    )
+    k.wait_isvcs_ready(f"app.kubernetes.io/instance={canary}")
+    assert helpers.versions_seen(measure(k, gateway_url, canary, n=200)) == {V2: 200}
+
+
+def test_rollback_of_a_bad_canary(k, gateway_url, canary, packages):
+    k.helm_run(
+        "upgrade",
+        canary,
+        str(CHART),
+        "--reuse-values",
+        "--set",
+        f"strategy.canary.storageUri={packages['bad']}",
+        "--set",
+        f"strategy.canary.version={BAD}",
+        "--set",
+        "strategy.canary.weight=50",
+        "--wait",
+        "--timeout",
+        "10m",
+    )
+    k.wait_isvcs_ready(f"app.kubernetes.io/instance={canary}")
+    helpers.assert_share(measure(k, gateway_url, canary, n=400), BAD, 0.5)
+    k.helm_run("upgrade", canary, str(CHART), "--reuse-values", "--set", "strategy.canary.weight=0", "--wait")
+    assert helpers.versions_seen(measure(k, gateway_url, canary, n=200)) == {V2: 200}
+
+
+# --------------------------------------------------------------------------- the rollout controller
+
+
+def rollout(
+    k, prometheus_url, release: str, canary_version: str, report_dir: Path
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "serving.rollout",
+        "start",
+        "--router",
+        "gateway_api",
+        "--model",
+        release,
+        "--stable-version",
+        V1,
+        "--canary-version",
+        canary_version,
+        "--steps",
+        "10,50,100",
+        "--interval",
+        "30s",
+        "--threshold",
+        "2",
+        "--route",
+        release,
+        "--stable-backend",
+        f"{release}-stable-predictor",
+        "--canary-backend",
+        f"{release}-canary-predictor",
+        "--stable-isvc",
+        f"{release}-stable",
+        "--canary-isvc",
+        f"{release}-canary",
+        "--metrics",
+        "prometheus",
+        "--prometheus-url",
+        prometheus_url,
+        "--min-requests",
+        "20",
+        "--min-predictions",
+        "40",
+        "--state-isvc",
+        f"{release}-stable",
+        "--namespace",
+        k.namespace,
+        "--report-dir",
+        str(report_dir),
+        "--max-seconds",
+        "900",
+    ]
+    if os.environ.get("KUBECONFIG"):
+        cmd += ["--kubeconfig", os.environ["KUBECONFIG"].split(os.pathsep)[0]]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1000)
+
+
+def shares_over_time(log, version: str, window: float = 20.0) -> list[float]:
+    t0 = log[0][0]
+    buckets: dict[int, list[str]] = {}
+    for t, status, v in log:
+        assert status == 200, f"request failed during the rollout: {status} {v}"
+        buckets.setdefault(int((t - t0) // window), []).append(v)
+    return [sum(v == version for v in vs) / len(vs) for _, vs in sorted(buckets.items()) if len(vs) >= 20]
+
+
+@pytest.mark.parametrize(
+    ("release", "canary_key", "canary_version", "want_rc", "final"),
+    [("bc-progressive", "v2", V2, 0, V2), ("bc-drift", "bad", BAD, 3, V1)],
+    ids=["good-canary-promoted", "bad-canary-rolled-back"],
+)
+def test_controller_drives_the_gateway_route(
+    k, gateway_url, prometheus_url, packages, tmp_path, release, canary_key, canary_version, want_rc, final
+):
+    install(
+        k,
+        release,
+        "strategy.type=canary",
+        f"model.storageUri={packages['v1']}",
+        f"model.version={V1}",
+        f"strategy.canary.storageUri={packages[canary_key]}",
+        f"strategy.canary.version={canary_version}",
+        "strategy.canary.weight=0",
+    )
+    try:
+        host = route_host(k, release)
+        with helpers.Load(gateway_url, host, release, rps=20) as load:
+            proc = rollout(k, prometheus_url, release, canary_version, tmp_path)
+            time.sleep(5)
+        assert proc.returncode == want_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
+        shares = shares_over_time(load.log, canary_version)
+        assert shares, "no traffic was recorded"
+        if want_rc == 0:
+            # the canary's share grows step by step (10 -> 50 -> 100) and ends at 100%
+            assert shares[0] < 0.35, shares
+            assert max(shares) == 1.0 and shares[-1] == 1.0, shares
+        else:
+            # the drift gate caught the class swap while the canary took at most a partial share
+            assert max(shares) < 0.8, shares
+            assert "drift" in (proc.stdout + proc.stderr).lower()
+        after = helpers.predict_many(gateway_url, host, release, 200)
+        assert helpers.versions_seen(after) == {final: 200}
+        assert list(tmp_path.glob("*.png")), "the rollout report must include its timeline plot"
+    finally:
+        k.helm_run("uninstall", release, "--wait", check=False)
+
+
+# --------------------------------------------------------------------------- blue-green, rolling
+
+
+def test_blue_green_switch(k, gateway_url, packages):
+    release = "bc-bluegreen"
+    install(
+        k,
+        release,
+        "strategy.type=blueGreen",
+        f"model.storageUri={packages['v1']}",
+        f"strategy.blueGreen.blue.storageUri={packages['v1']}",
+        f"strategy.blueGreen.blue.version={V1}",
+        f"strategy.blueGreen.green.storageUri={packages['v2']}",
+        f"strategy.blueGreen.green.version={V2}",
+        "strategy.blueGreen.blue.active=true",
+        "strategy.blueGreen.green.active=false",
+    )
+    try:
+        assert helpers.versions_seen(measure(k, gateway_url, release, n=100)) == {V1: 100}
+        k.helm_run(
+            "upgrade",
+            release,
+            str(CHART),
+            "--reuse-values",
+            "--set",
+            "strategy.blueGreen.blue.active=false",
+            "--set",
+            "strategy.blueGreen.green.active=true",
+            "--wait",
+        )
+        assert helpers.versions_seen(measure(k, gateway_url, release, n=100)) == {V2: 100}
+    finally:
+        k.helm_run("uninstall", release, "--wait", check=False)
+
+
+def test_rolling_update_fails_no_request(k, gateway_url, packages):
+    release = "bc-rolling"
+    install(k, release, "strategy.type=rolling", f"model.storageUri={packages['v1']}", f"model.version={V1}")
+    try:
+        host = route_host(k, release)
+        with helpers.Load(gateway_url, host, release, rps=25) as load:
+            time.sleep(5)
+            k.helm_run(
+                "upgrade",
+                release,
+                str(CHART),
+                "--reuse-values",
+                "--set",
+                f"model.storageUri={packages['v2']}",
+                "--set",
+                f"model.version={V2}",
+                "--wait",
+                "--timeout",
+                "10m",
+            )
+            k.wait_isvcs_ready(f"app.kubernetes.io/instance={release}")
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                recent = [v for t, _, v in load.log if t > time.monotonic() - 10]
+                if len(recent) > 50 and set(recent) == {V2}:
+                    break
+                time.sleep(2)
+        failed = [(s, v) for _, s, v in load.log if s != 200]
+        assert failed == [], (
+            f"{len(failed)} of {len(load.log)} requests failed during the rolling update: {failed[:5]}"
+        )
+        seen = {v for _, _, v in load.log}
+        assert seen == {V1, V2}, seen
+        assert {v for _, _, v in load.log[-50:]} == {V2}
+    finally:
+        k.helm_run("uninstall", release, "--wait", check=False)
+
+
+def test_model_pods_ran_under_the_restricted_profile(k, canary):
+    pods = k.json("-n", k.namespace, "get", "pods", "-l", f"app.kubernetes.io/instance={canary}")["items"]
+    assert pods, "the canary release has no pods"
+    for pod in pods:
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False, (pod["metadata"]["name"], c["name"])
+            assert "ALL" in sc.get("capabilities", {}).get("drop", []), (pod["metadata"]["name"], c["name"])
