@@ -164,6 +164,8 @@ kserve() {
   # The webhook answers "connection refused" / x509 for a while after its endpoint turns ready
   # (kserve#4182, #5037, #3748): prove admission works with a server-side dry-run, retried.
   retry 12 5 "${KUBECTL}" apply --dry-run=server -f "${INFRA_DIR}/manifests/kserve-webhook-probe.yaml"
+  # the project's ClusterServingRuntime `mlrollout-onnx` (shared by every chart release; manifests/base/runtime)
+  retry 6 5 "${KUBECTL}" apply -k "${REPO_ROOT}/manifests/base/runtime"
 }
 
 kfp() {
@@ -181,7 +183,8 @@ prometheus() {
 }
 
 # The S3 Secret KServe's storage-initializer uses, copied from KFP's own (so no credential is in git),
-# with the annotations KServe turns into S3_ENDPOINT & co. Path-style addressing: SeaweedFS needs it.
+# with the annotations KServe turns into S3_ENDPOINT & co (the same settings as the chart's `storage.s3`
+# defaults). Path-style addressing: SeaweedFS needs it; region `minio` is what KFP's launcher uses.
 create_storage_secret() {
   printf '+ copy kubeflow/mlpipeline-minio-artifact -> %s/kfp-s3-credentials (KServe S3 annotations)\n' "${MODEL_NAMESPACE}"
   [ "${DRY_RUN}" = 1 ] && return 0
@@ -197,7 +200,7 @@ create_storage_secret() {
   "${KUBECTL}" -n "${MODEL_NAMESPACE}" annotate --overwrite secret kfp-s3-credentials \
     serving.kserve.io/s3-endpoint=seaweedfs.kubeflow.svc.cluster.local:9000 \
     serving.kserve.io/s3-usehttps=0 serving.kserve.io/s3-verifyssl=0 \
-    serving.kserve.io/s3-region=us-east-1 serving.kserve.io/s3-usevirtualbucket=0 >&2
+    serving.kserve.io/s3-region=minio serving.kserve.io/s3-usevirtualbucket=0 >&2
 }
 
 model_namespace() {

@@ -251,6 +251,8 @@ def test_gateway_objects_are_consistent_with_kserve_values():
     assert ingress["enableGatewayApi"] is True and ingress["createGateway"] is False
     assert ingress["kserveGateway"] == f"{gw['metadata']['namespace']}/{gw['metadata']['name']}"
     assert values["kserve"]["controller"]["deploymentMode"] == "Standard"
+    # the Helm chart's HTTPRoute is the route; KServe's own would collide with it (same name for rolling)
+    assert values["kserve"]["controller"]["gateway"]["disableIngressCreation"] is True
 
 
 CORE_MANIFESTS = ["prometheus.yaml", "model-namespace.yaml", "gateway.yaml"]
