@@ -24,7 +24,7 @@ def batch_scoring_pipeline(
     model_uri: str,
     dataset_uri: str,
     id_column: str = "",
-    chunk_rows: int = 65536,
+    chunk_rows: int = 0,
     input_format: str = "auto",
     output_format: str = "parquet",
 ) -> Dataset:

@@ -35,6 +35,7 @@ def batch_score(
 
     ``model``: a package folder (``<name>/1/model.onnx`` + ``<name>/model-card.json``, e.g. the
     training pipeline's ``package`` output). ``id_column``: "" = ``id`` if present, else row numbers.
+    ``chunk_rows``: 0 = automatic (about 2 MB of features per chunk).
     """
     import os
 
@@ -53,7 +54,7 @@ def batch_score(
         model.path,
         src,
         predictions.path,
-        chunk_rows=chunk_rows,
+        chunk_rows=chunk_rows or None,
         id_column=id_column or None,
         input_fmt=input_format or "auto",
         output_fmt=fmt,

@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk_rows",
         dest="chunk_rows",
         type=int,
-        default=scoring.DEFAULT_CHUNK_ROWS,
-        help="rows per chunk read, scored and written (default %(default)s; approximate for CSV)",
+        default=None,
+        help="rows per chunk read, scored and written (default: about 2 MB of float32 features, "
+        "e.g. 17,476 rows at 30 features; approximate for CSV)",
     )
     p.add_argument(
         "--id-column",
