@@ -96,7 +96,7 @@ def rollout_once(
             x,
             y,
             rps=rps,
-            concurrency=4,
+            concurrency=16,
             batch=16,
             max_seconds=interval_s * (len(steps) * 6 + 4) + 30,
         )

@@ -1,0 +1,263 @@
+"""Rollouts against the real local stack: two KServe runtimes, HAProxy (runtime API), Prometheus.
+
+One stack per module (stable v1 = logistic regression, canary v2 = random forest); each bad
+canary replaces only the canary runtime. Traffic is real HTTP through HAProxy; the split is
+checked from the ``x-model-version`` header of every answer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.rollout import controller as ctl
+from serving.rollout.badmodel import build_swapped_package, with_version
+from serving.rollout.gates import DriftGate, LatencyGate, SuccessRateGate
+from serving.rollout.localstack import LocalStack, TrafficGenerator
+from serving.rollout.machine import RolloutSpec
+from serving.rollout.store import FileStateStore
+from tests.modelfactory import breast_cancer, build_package
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not (os.path.exists("/usr/sbin/haproxy") and os.path.exists("/usr/bin/prometheus")),
+        reason="needs the Debian haproxy and prometheus packages (make sysdeps)",
+    ),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+INTERVAL = 2.0
+X, Y, _, _ = breast_cancer()
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rollout-models")
+    v1, _ = build_package(root / "v1", "breast-cancer", "1.0.0", "logistic_regression", 0)
+    v2, _ = build_package(root / "v2", "breast-cancer", "2.0.0", "random_forest", 0)
+    return {
+        "v1": v1,
+        "v2": v2,
+        "errors": with_version(v2, root / "errors", "2.1.0", "injected errors"),
+        "latency": with_version(v2, root / "latency", "2.2.0", "injected latency"),
+        "drift": build_swapped_package(v2, root / "drift", "2.3.0"),
+        "restart": with_version(v2, root / "restart", "2.4.0"),
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(packages, tmp_path_factory):
+    s = LocalStack(packages["v1"], packages["v2"], tmp_path_factory.mktemp("stack"), log=lambda m: None)
+    s.start()
+    pids = s.pids()
+    try:
+        yield s
+    finally:
+        s.stop()
+        time.sleep(0.2)
+        alive = [p for p in pids if _alive(p)]
+        assert not alive, f"processes left running after stop(): {alive}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def gates(max_p99_ms: float = 250.0):
+    return [SuccessRateGate(0.99, 20), LatencyGate(max_p99_ms, min_requests=20), DriftGate(0.15, "js", 400)]
+
+
+def run_rollout(stack, tmp_path, steps, max_p99_ms=500.0):
+    tg = TrafficGenerator(
+        stack.proxy_url, stack.model, X, Y, rps=120, concurrency=24, batch=16, max_seconds=120
+    )
+    logs: list[str] = []
+    with tg:
+        time.sleep(INTERVAL)  # stable-only traffic: the drift gate's stable reference
+        store = FileStateStore(tmp_path / "state.json")
+        rec = ctl.new_record(
+            RolloutSpec(steps, INTERVAL, threshold=2, max_inconclusive=6),
+            gates(max_p99_ms),
+            stack.stable_target,
+            stack.canary_target,
+            stack.router().config(),
+            stack.metrics_config(),
+        )
+        ctl.begin(store, rec)
+        c = ctl.Controller(store, router=stack.router(), provider=stack.provider(), log=logs.append)
+        rec = c.run(max_seconds=90)
+        t_end = time.time()
+        time.sleep(1.0)  # traffic after the final decision
+    return rec, tg.result(), t_end, logs
+
+
+def step_windows(rec, guard=0.5):
+    """(weight, t_from, t_to) for every weight the router was told, from the decision history."""
+    hist = [h for h in rec["state"]["history"] if h["action"] in ("set_weight", "promote", "rollback")]
+    out = []
+    for h, nxt in zip(hist, [*hist[1:], None], strict=True):
+        t_to = nxt["t"] if nxt else h["t"] + INTERVAL
+        out.append((h["weight"], h["t"] + guard, t_to))
+    return out
+
+
+def test_good_canary_promoted_with_the_split_matching_each_weight(stack, tmp_path):
+    rec, traffic, _, logs = run_rollout(stack, tmp_path, (10, 25, 50, 100))
+    st = rec["state"]
+    assert st["phase"] == "Promoted", "\n".join(logs)
+    advanced = [h["weight"] for h in st["history"] if h["action"] == "set_weight"]
+    assert advanced == [10, 25, 50, 100]
+    # the observed share of answers per version is within a binomial 4.5-sigma bound of each weight
+    checked = 0
+    for weight, t0, t1 in step_windows(rec):
+        w = traffic.window(t0, t1)
+        n = w.total
+        if weight in (0, 100) and t1 - t0 < 0.5:
+            continue
+        assert n >= 40, f"too little traffic at {weight}% to check the split ({n} answers)"
+        k = w.by_version().get("2.0.0", 0)
+        p = weight / 100
+        tol = 4.5 * math.sqrt(p * (1 - p) / n) + 1.5 / n
+        assert abs(k / n - p) <= tol, (
+            f"weight {weight}%: canary answered {k}/{n} = {k / n:.3f} (tol {tol:.3f})"
+        )
+        checked += 1
+    assert checked >= 4
+    # weight changes and the promotion cost no client request
+    assert traffic.failures() == [], traffic.failures()[:5]
+    assert stack.router().get_weights() == (0, 100)
+
+
+@pytest.mark.parametrize(
+    "kind, env, failing_gate",
+    [
+        ("errors", {"MLROLLOUT_FAULT_ERROR_RATE": "0.3"}, "success_rate"),
+        ("latency", {"MLROLLOUT_FAULT_LATENCY_MS": "600"}, "latency_p99"),
+        ("drift", {}, "drift_js"),
+    ],
+)
+def test_bad_canary_rolled_back_within_two_intervals_while_stable_serves(
+    stack, packages, tmp_path, kind, env, failing_gate
+):
+    canary = stack.replace_canary(packages[kind], env)
+    rec, traffic, t_end, logs = run_rollout(stack, tmp_path, (20, 50, 100), max_p99_ms=250.0)
+    st = rec["state"]
+    assert st["phase"] == "RolledBack", "\n".join(logs)
+    assert st["analyses"] <= 2, "\n".join(logs)
+    last = st["history"][-1]
+    failed = {e["gate"] for e in last["evidence"] if e["verdict"] == "fail"}
+    assert failing_gate in failed, "\n".join(logs)
+    if kind == "drift":  # only the drift gate can see a model that answers fast and without errors
+        assert failed == {"drift_js"}
+    assert stack.router().get_weights() == (100, 0)
+    # stable kept serving: no stable failure, no failure without a model answer, and after the
+    # rollback every answer comes from stable
+    assert traffic.model_failures("1.0.0") == []
+    assert traffic.proxy_failures() == []
+    after = traffic.window(t_end + 0.3, t_end + 10)
+    assert after.total > 0 and set(after.by_version()) == {"1.0.0"}
+    only_canary_errors = {a.version for a in traffic.failures()}
+    assert only_canary_errors <= {canary.version}
+    if kind == "errors":
+        assert traffic.model_failures(canary.version), (
+            "the faulty canary's own errors were not seen by clients"
+        )
+
+
+def _cli(stack, state_file: Path, version: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "serving.rollout",
+        "start",
+        "--router",
+        "local_proxy",
+        "--haproxy-socket",
+        str(stack.haproxy_socket),
+        "--metrics",
+        "scrape",
+        "--stable-metrics-url",
+        stack.stable_target.metrics_url,
+        "--canary-metrics-url",
+        stack.canary_target.metrics_url,
+        "--model",
+        stack.model,
+        "--stable-version",
+        "1.0.0",
+        "--canary-version",
+        version,
+        "--steps",
+        "10,25,50,100",
+        "--interval",
+        f"{INTERVAL:g}s",
+        "--max-p99-ms",
+        "500",
+        "--state-file",
+        str(state_file),
+    ]
+
+
+def _state(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def test_controller_killed_mid_rollout_resumes_at_the_same_step(stack, packages, tmp_path):
+    stack.replace_canary(packages["restart"], {})
+    state_file = tmp_path / "state.json"
+    cmd = _cli(stack, state_file, "2.4.0")
+    tg = TrafficGenerator(
+        stack.proxy_url, stack.model, X, Y, rps=120, concurrency=24, batch=16, max_seconds=120
+    )
+    with tg:
+        time.sleep(INTERVAL)
+        first = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                s = _state(state_file)
+                if s and s.get("state") and s["state"]["step_index"] >= 1 and not s.get("pending"):
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the rollout never reached its second step")
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)  # the controller dies mid-rollout
+            first.wait(10)
+        killed = _state(state_file)["state"]
+        step, weight = killed["step_index"], killed["weight"]
+        assert killed["phase"] == "Progressing"
+        assert stack.router().get_weights() == (100 - weight, weight)  # the data plane keeps the weight
+        time.sleep(INTERVAL / 2)
+        second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90)
+        time.sleep(0.5)
+    out = second.stdout
+    assert second.returncode == 0, out + second.stderr
+    assert f"resume rollout breast-cancer:2.4.0 at step {step + 1}/4 (canary {weight}%" in out, out
+    final = _state(state_file)["state"]
+    assert final["phase"] == "Promoted"
+    events = [h["event"] for h in final["history"]]
+    assert events.count("start") == 1
+    weights = [h["weight"] for h in final["history"] if h["action"] == "set_weight"]
+    assert weights == [10, 25, 50, 100][: len(weights)] and weights[-1] == 100
+    assert tg.result().failures() == []
