@@ -430,7 +430,7 @@ def test_rbac_is_least_privilege(render, values_file):
 
 def test_network_policy_allows_only_gateway_prometheus_dns_and_storage(render):
     objs = render(CANARY)
-    np = one(objs, "NetworkPolicy")["spec"]
+    np = by_name(objs, "NetworkPolicy", FULL)["spec"]
     assert np["policyTypes"] == ["Ingress", "Egress"]
     assert np["podSelector"]["matchLabels"] == {
         "app.kubernetes.io/name": "mlrollout-model",
@@ -458,6 +458,21 @@ def test_network_policy_allows_only_gateway_prometheus_dns_and_storage(render):
     test_pod_labels = one(objs, "Pod")["metadata"]["labels"]
     test_peer = next(p for p in sources if "podSelector" in p and "namespaceSelector" not in p)
     assert test_peer["podSelector"]["matchLabels"].items() <= test_pod_labels.items()
+
+
+def test_test_pod_network_policy_allows_only_dns_and_the_predictors(render):
+    objs = render(CANARY)
+    np = by_name(objs, "NetworkPolicy", f"{FULL}-test")["spec"]
+    assert np["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in np
+    assert np["podSelector"]["matchLabels"].items() <= one(objs, "Pod")["metadata"]["labels"].items()
+    (dns, predictors) = np["egress"]
+    assert sorted(p["port"] for p in dns["ports"]) == [53, 53]
+    assert predictors["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    for isvc in kinds(objs, "InferenceService"):
+        assert (
+            predictors["to"][0]["podSelector"]["matchLabels"].items()
+            <= isvc["spec"]["predictor"]["labels"].items()
+        )
 
 
 def test_pdb_per_inference_service(render):
