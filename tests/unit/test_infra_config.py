@@ -327,3 +327,116 @@ def test_prometheus_config_passes_promtool(tmp_path):
     cfg.write_text(yaml.safe_dump(config))
     proc = subprocess.run([promtool, "check", "config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pod(ip: str, phase: str = "Running", **labels: str) -> dict:
+    meta = {"__meta_kubernetes_pod_ip": ip, "__meta_kubernetes_pod_phase": phase}
+    meta.update({f"__meta_kubernetes_{k}": v for k, v in labels.items()})
+    meta.setdefault("__meta_kubernetes_namespace", "models")
+    meta.setdefault("__meta_kubernetes_pod_name", f"pod-{ip.rsplit('.', 1)[-1]}")
+    return {"targets": [f"{ip}:1"], "labels": meta}
+
+
+@pytest.mark.integration
+def test_prometheus_relabelling_on_a_real_prometheus(tmp_path):
+    """Run the real (Debian) Prometheus with the manifest's scrape config, Kubernetes discovery swapped for
+    file discovery carrying the same __meta_kubernetes_* labels, and read back which targets it keeps and
+    where it would scrape them (address, path, labels)."""
+    import json
+    import time
+
+    import httpx
+
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "prometheus is not installed: run `make sysdeps` (Debian package prometheus)"
+    docs = [d for d in yaml.safe_load_all(render(INFRA / "manifests" / "prometheus.yaml")) if d]
+    config = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["prometheus.yml"])
+    groups = {
+        "model-servers": [
+            _pod(
+                "10.0.0.5",
+                pod_annotation_prometheus_kserve_io_port="8080",
+                pod_annotation_prometheus_kserve_io_path="/metrics",
+                pod_label_serving_kserve_io_inferenceservice="bc-stable",
+            ),
+            _pod(
+                "10.0.0.6",
+                pod_annotation_prometheus_io_scrape="true",
+                pod_annotation_prometheus_io_port="9100",
+                pod_annotation_prometheus_io_path="/custom",
+            ),
+            _pod("10.0.0.8"),  # not annotated: dropped
+            _pod("10.0.0.9", phase="Pending", pod_annotation_prometheus_kserve_io_port="8080"),  # not running
+        ],
+        "envoy-gateway-proxy": [
+            _pod(
+                "10.0.1.1",
+                namespace="envoy-gateway-system",
+                pod_label_app_kubernetes_io_component="proxy",
+                pod_label_gateway_envoyproxy_io_owning_gateway_name="kserve-ingress-gateway",
+            ),
+            _pod("10.0.1.2", namespace="envoy-gateway-system", pod_label_app_kubernetes_io_component="other"),
+        ],
+        "envoy-gateway-controller": [
+            _pod("10.0.2.1", namespace="envoy-gateway-system", pod_label_control_plane="envoy-gateway"),
+        ],
+    }
+    for job in config["scrape_configs"]:
+        if job.pop("kubernetes_sd_configs", None) is not None:
+            sd = tmp_path / f"{job['job_name']}.json"
+            sd.write_text(json.dumps(groups[job["job_name"]]))
+            job["file_sd_configs"] = [{"files": [str(sd)]}]
+        job["scrape_interval"] = "1h"  # discovery only; the fake pod IPs are never reached in the window
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(yaml.safe_dump(config))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        active = []
+        while time.monotonic() < deadline:
+            try:
+                data = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2).json()["data"]
+                active = [t for t in data["activeTargets"] if t["labels"]["job"] != "prometheus"]
+                if len(active) >= 4:
+                    break
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(0.3)
+        got = {(t["labels"]["job"], t["scrapeUrl"]) for t in active}
+        assert got == {
+            ("model-servers", "http://10.0.0.5:8080/metrics"),
+            ("model-servers", "http://10.0.0.6:9100/custom"),
+            ("envoy-gateway-proxy", "http://10.0.1.1:19001/stats/prometheus"),
+            ("envoy-gateway-controller", "http://10.0.2.1:19001/metrics"),
+        }, active
+        kserve_pod = next(t for t in active if t["scrapeUrl"].startswith("http://10.0.0.5"))
+        assert kserve_pod["labels"]["inferenceservice"] == "bc-stable"
+        assert kserve_pod["labels"]["namespace"] == "models"
+        proxy = next(t for t in active if t["labels"]["job"] == "envoy-gateway-proxy")
+        assert proxy["labels"]["gateway"] == "kserve-ingress-gateway"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
