@@ -277,6 +277,27 @@ def test_manifests_validate_against_kubernetes_schemas(name):
         kubernetes_validate.validate({**first, "metadataa": {}}, k8s_version, strict=True)
 
 
+def test_storage_initializer_patch_passes_the_restricted_profile():
+    """The merge patch gives KServe's injected storage-initializer every field Pod Security `restricted`
+    checks on a container; validated as a real Pod container against the Kubernetes schema."""
+    patch = yaml.safe_load((INFRA / "manifests" / "storage-initializer-restricted.yaml").read_text())
+    sc = patch["spec"]["container"]["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] > 0
+    assert sc["seccompProfile"]["type"] in ("RuntimeDefault", "Localhost")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {
+            "initContainers": [{"name": "storage-initializer", "image": "x", "securityContext": sc}],
+            "containers": [{"name": "c", "image": "x"}],
+        },
+    }
+    kubernetes_validate.validate(pod, "1.34", strict=True)
+
+
 def test_workloads_are_hardened_and_rbac_is_least_privilege():
     docs = [d for d in yaml.safe_load_all(render(INFRA / "manifests" / "prometheus.yaml")) if d]
     deploy = next(d for d in docs if d["kind"] == "Deployment")

@@ -107,6 +107,7 @@ def test_dry_run_plan_is_ordered_and_waits_have_timeouts():
         r"deployment/kserve-controller-manager",
         r"^wait_for .*KServe webhook",
         r"apply --dry-run=server -f .*kserve-webhook-probe\.yaml",
+        r"patch clusterstoragecontainer default --type merge --patch-file .*storage-initializer-restricted",
         r"apply -k .*/manifests/base/runtime$",
         rf"kustomize/cluster-scoped-resources\\?\?ref={re.escape(versions['KFP_VERSION'])}",
         r"wait --for=condition=Established .*crd/applications\.app\.k8s\.io",
