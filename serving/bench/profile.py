@@ -49,8 +49,12 @@ PROBES: dict[str, str] = {
     "prometheus_client (any frame)": r"\(prometheus_client/",
     "onnxruntime run": r"\(onnxruntime/",
     "scikit-learn (any frame)": r"\(sklearn/",
-    "this project's serving/ code (any frame)": r"\(serving/(?!bench/)",
+    "runtime request code (serving/runtime/*)": r"\(serving/runtime/(asgi|core|model|metrics)\.py",
 }
+
+# A sample whose innermost frame is the selector's poll is the event loop waiting for I/O (or, on a
+# busy machine, runnable but not yet scheduled after epoll returned): not CPU work, kept apart.
+WAIT_LEAF = re.compile(r"^\S*select \(selectors\.py")
 
 _FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
@@ -108,8 +112,10 @@ def split_threads(stacks: list[tuple[list[str], int]]) -> tuple[list, list]:
     return main, other
 
 
-def summarize(stacks: list[tuple[list[str], int]], top: int = 25) -> dict:
+def summarize(stacks: list[tuple[list[str], int]], top: int = 40) -> dict:
     """Self time per layer, inclusive probes, and top functions (self, inclusive) as sample shares."""
+    waiting = sum(n for frames, n in stacks if frames and WAIT_LEAF.match(frames[-1]))
+    stacks = [(frames, n) for frames, n in stacks if not (frames and WAIT_LEAF.match(frames[-1]))]
     total = sum(n for _, n in stacks)
     inclusive: Counter[str] = Counter()
     self_: Counter[str] = Counter()
@@ -138,6 +144,7 @@ def summarize(stacks: list[tuple[list[str], int]], top: int = 25) -> dict:
 
     return {
         "samples": total,
+        "selector_wait_samples": waiting,
         "layers": {row["function"]: row["share"] for row in share(layers, None)},
         "probes": {name: probes[name] / total if total else 0.0 for name in PROBES},
         "inclusive": share(inclusive, top),
@@ -146,15 +153,19 @@ def summarize(stacks: list[tuple[list[str], int]], top: int = 25) -> dict:
 
 
 def format_summary(summary: dict, title: str) -> str:
-    lines = [f"py-spy profile of {title}: {summary['samples']} samples (active stacks only; idle excluded)"]
+    lines = [
+        f"py-spy profile of {title}: {summary['samples']} samples of work "
+        f"(idle and {summary.get('selector_wait_samples', 0)} samples waiting in selectors.select excluded)"
+    ]
     lines.append("  self time by layer (each sample counted once, innermost known package):")
     lines.extend(f"    {sh:6.1%}  {name}" for name, sh in summary["layers"].items() if sh >= 0.005)
     lines.append("  inclusive probes (share of samples whose stack contains it; they overlap):")
     lines.extend(f"    {sh:6.1%}  {name}" for name, sh in summary["probes"].items() if sh > 0)
     lines.append("  top functions by self time:")
     lines.extend(f"    {row['share']:6.1%}  {row['function']}" for row in summary["self"][:15])
-    lines.append("  top functions by inclusive time:")
-    lines.extend(f"    {row['share']:6.1%}  {row['function']}" for row in summary["inclusive"][:25])
+    lines.append("  top functions by inclusive time (below the entry point's ~100%):")
+    rows = [row for row in summary["inclusive"] if row["share"] < 0.98]
+    lines.extend(f"    {row['share']:6.1%}  {row['function']}" for row in rows[:20])
     return "\n".join(lines)
 
 

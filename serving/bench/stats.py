@@ -157,10 +157,14 @@ def evaluate(cells: Sequence[Cell], targets: Sequence[Target]) -> list[TargetRes
 
 
 def format_table(summaries: dict[tuple[str, int], Summary], servers: Sequence[str], baseline: str) -> str:
-    """Fixed-width table: one row per (server, concurrency), medians with [min–max] over rounds."""
+    """Fixed-width table: one row per (server, concurrency), medians with [min–max] over rounds.
+
+    ``÷ baseline`` is the req/s ratio of medians; ``CPU ÷`` is baseline CPU µs/request ÷ this
+    server's: the throughput ratio both would have with a whole core each (robust to core sharing).
+    """
     concs = sorted({c for (_, c) in summaries})
     header = (
-        f"{'server':<18} {'conc':>4}  {'req/s median [min–max]':<26} {'÷ ' + baseline:>10}  "
+        f"{'server':<18} {'conc':>4}  {'req/s median [min–max]':<26} {'÷ ' + baseline:>8} {'CPU ÷':>6}  "
         f"{'p50 ms':>7} {'p99 ms':>7}  {'CPU µs/req':>10} {'srv CPU':>7} {'errors':>6}"
     )
     lines = [header, "-" * len(header)]
@@ -171,8 +175,13 @@ def format_table(summaries: dict[tuple[str, int], Summary], servers: Sequence[st
                 continue
             base = summaries.get((baseline, c))
             rel = row.rps.median / base.rps.median if base and base.rps.median else float("nan")
+            cpu_rel = (
+                base.cpu_us_per_request.median / row.cpu_us_per_request.median
+                if base and row.cpu_us_per_request.median
+                else float("nan")
+            )
             lines.append(
-                f"{s:<18} {c:>4}  {row.rps.fmt(0):<26} {rel:>10.2f}  "
+                f"{s:<18} {c:>4}  {row.rps.fmt(0):<26} {rel:>8.2f} {cpu_rel:>6.2f}  "
                 f"{row.p50_ms.median:>7.2f} {row.p99_ms.median:>7.2f}  "
                 f"{row.cpu_us_per_request.median:>10.0f} {row.server_cpu_share.median:>7.0%} {row.errors:>6}"
             )
@@ -189,6 +198,16 @@ def format_ratios(cells: Sequence[Cell], servers: Sequence[str], baselines: Sequ
             if s == base:
                 continue
             parts = [f"c={c}: {same_round_ratio(cells, s, base, c).fmt(2)}" for c in concs]
+            lines.append(f"  {s:<18} " + "   ".join(parts))
+        lines.append(
+            f"  same, from CPU µs/request ({base}'s ÷ this one's; robust to other load on the core):"
+        )
+        for s in servers:
+            if s == base:
+                continue
+            parts = [
+                f"c={c}: {same_round_ratio(cells, base, s, c, 'cpu_us_per_request').fmt(2)}" for c in concs
+            ]
             lines.append(f"  {s:<18} " + "   ".join(parts))
     return "\n".join(lines)
 

@@ -100,14 +100,18 @@ def test_evaluate_gives_verdicts_and_an_inverted_cpu_ratio():
 
 
 def test_summary_table_has_medians_spread_and_the_baseline_ratio():
-    cells = [_cell("floor", 8, r, v) for r, v in ((1, 1000), (2, 1200), (3, 1100))]
-    cells += [_cell("rt", 8, r, v) for r, v in ((1, 600), (2, 660), (3, 550))]
+    cells = [_cell("floor", 8, r, v, cpu_s=0.2) for r, v in ((1, 1000), (2, 1200), (3, 1100))]
+    cells += [_cell("rt", 8, r, v, cpu_s=0.25) for r, v in ((1, 600), (2, 660), (3, 550))]
     summaries = stats.summarize(cells)
     assert summaries[("rt", 8)].rps.median == 600
     assert summaries[("rt", 8)].rps.rel_spread == pytest.approx(110 / 600)
     table = stats.format_table(summaries, ["rt", "floor"], "floor")
     rt_line = next(line for line in table.splitlines() if line.startswith("rt"))
     assert "600 [550–660]" in rt_line and "0.55" in rt_line  # 600 / 1100
+    assert " 0.80 " in rt_line and " 250 " in rt_line  # CPU: 200 µs (floor) / 250 µs per request
+    ratios = stats.format_ratios(cells, ["rt", "floor"], ["floor"])
+    assert "c=8: 0.55 [0.50–0.60]" in ratios  # req/s per round: 0.60, 0.55, 0.50
+    assert "c=8: 0.80 [0.80–0.80]" in ratios  # from CPU µs/request
 
 
 COLLAPSED = [
