@@ -73,7 +73,14 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from pipelines.core import modelcard, package
     from pipelines.local import run_local
 
-    pipeline = _pipeline(ns.pipeline)
+    if ns.compiled:
+        from kfp.components import load_component_from_file
+
+        if not Path(ns.compiled).is_file():
+            raise UsageError(f"--compiled {ns.compiled!r} does not exist: give a compiled pipeline YAML")
+        pipeline = load_component_from_file(ns.compiled)
+    else:
+        pipeline = _pipeline(ns.pipeline)
     args = pipeline_arguments(
         pipeline,
         ns.param,
@@ -196,6 +203,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--hyperparameters", help="estimator hyperparameters as JSON, e.g. '{\"C\": 0.5}'")
     r.add_argument("--seed", type=int)
     r.add_argument("--baseline-card", help="model-card.json (or package folder) of the model now serving")
+    r.add_argument(
+        "--compiled",
+        metavar="YAML",
+        help="run this compiled pipeline YAML (e.g. pipelines/compiled/training_pipeline.yaml) instead",
+    )
     r.add_argument(
         "--pipeline-root",
         default=str(DEFAULT_PIPELINE_ROOT),

@@ -118,7 +118,7 @@ def split(
     print(f"split: {len(train)} train rows, {len(test)} test rows")
 
 
-@dsl.component(**_opts("data", "train"))
+@dsl.component(**_opts("data", "train", "export", packages=(*_DATA, "skl2onnx", "onnxruntime")))
 def train(
     train_data: Input[Dataset],
     label_column: str,
@@ -133,7 +133,7 @@ def train(
 
     import joblib
 
-    from pipelines.core import data
+    from pipelines.core import data, export
     from pipelines.core import train as core_train
 
     try:
@@ -144,6 +144,7 @@ def train(
         raise ValueError(f"hyperparameters must be a JSON object, got {hyperparameters!r}")
     X, y, _ = data.xy(data.read_dataset(train_data.path), label_column)
     pipe = core_train.train(X, y, estimator, params, seed)
+    export.check_convertible(pipe, X.shape[1])  # an unconvertible estimator fails here, not after evaluation
     joblib.dump(pipe, model.path)
     model.metadata.update(
         {

@@ -62,6 +62,12 @@ def evaluate(
 
     n_classes = len(class_names)
     proba = model.predict_proba(X)
+    bad = ~np.isfinite(proba).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"the model returned non-finite probabilities for {int(bad.sum())} of {len(X)} held-out rows: "
+            "choose another estimator or hyperparameters"
+        )
     pred = np.asarray(model.classes_)[np.argmax(proba, axis=1)]
     result: dict[str, Any] = {"metrics": _scores(y, proba, pred, n_classes), "rows": len(y)}
 

@@ -49,6 +49,12 @@ def to_onnx(model: Any, n_features: int, target_opset: dict[str, int] | None = N
     return onx.SerializeToString()
 
 
+def check_convertible(model: Any, n_features: int) -> None:
+    """Fail fast (right after training) when skl2onnx cannot convert the model; the same
+    :class:`ExportError` the export step would raise later, before evaluation time is spent."""
+    to_onnx(model, n_features)
+
+
 def session(onnx_bytes: bytes, threads: int = 1) -> Any:
     import onnxruntime as ort
 

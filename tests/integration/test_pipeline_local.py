@@ -1,0 +1,279 @@
+"""The training pipeline run for real with kfp.local: the CLI end to end, the compiled YAML round trip,
+each bad-data case failing with its own message, and the embedded code running without the repo."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import joblib
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import yaml
+
+from pipelines import compile as pcompile
+from pipelines.cli import main
+from pipelines.core import data, modelcard
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+COMPILED = REPO / "pipelines" / "compiled" / "training_pipeline.yaml"
+
+
+def _run_dir(root: Path) -> Path:
+    (run,) = glob.glob(str(root / "training-pipeline-*"))
+    return Path(run)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One real `python -m pipelines run --output DIR` (a subprocess), shared by the tests below.
+
+    It runs the checked-in compiled YAML (``--compiled``): the round trip of the very file users
+    upload. ``test_pipeline_compiled`` proves that file is what the pipeline function compiles to,
+    and the bad-input tests below run the pipeline function itself."""
+    tmp = tmp_path_factory.mktemp("cli-run")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines",
+            "run",
+            "--output",
+            str(tmp / "models"),
+            "--pipeline-root",
+            str(tmp / "root"),
+            "--model-name",
+            "bc-test",
+            "--compiled",
+            str(COMPILED),
+            "--version",
+            "1.2.3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
+        "model_dir": tmp / "models" / "bc-test",
+        "run_dir": _run_dir(tmp / "root"),
+    }
+
+
+def test_cli_shows_each_step_and_the_card(cli_run):
+    out = cli_run["stdout"]
+    for step in (
+        "load-data",
+        "validate-data",
+        "split",
+        "train",
+        "evaluate",
+        "export-onnx",
+        "verify-onnx",
+        "package-model",
+    ):
+        assert f"  ok   {step}" in out, out
+    assert f"model package: {cli_run['model_dir']}" in out
+    assert "model      bc-test 1.2.3 (logistic_regression, binary_classification)" in out
+    assert "KFP Executor" not in out  # kfp.local's noise went to the log file, not the terminal
+
+
+def test_packaged_model_matches_its_card(cli_run):
+    model_dir = cli_run["model_dir"]
+    card = modelcard.verify_package(model_dir)  # raises on a sha256 mismatch
+    assert card["sha256"] == modelcard.sha256_file(model_dir / "1" / "model.onnx")
+    assert (card["name"], card["version"]) == ("bc-test", "1.2.3")
+    assert card["training_data"]["fingerprint"] == data.fingerprint(data.load_dataset())
+    assert card["training_data"]["rows"] == 569 and card["training_data"]["train_rows"] == 426
+    assert card["pipeline_run_id"] not in ("", "local")
+    assert card["inputs"][0]["features"] == list(data.load_dataset().columns[:-1])
+    assert card["metrics"]["accuracy"] > 0.9 and set(card["metrics"]) >= {"precision", "recall", "log_loss"}
+    assert card["estimator"] == "logistic_regression" and card["hyperparameters"]["max_iter"] == 5000
+
+
+def test_onnx_outputs_are_plain_tensors(cli_run):
+    path = cli_run["model_dir"] / "1" / "model.onnx"
+    graph = onnx.load(path).graph
+    assert "ZipMap" not in {n.op_type for n in graph.node}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type, i.shape[1]) for i in sess.get_inputs()] == [("input", "tensor(float)", 30)]
+    label, proba = sess.run(None, {"input": np.zeros((3, 30), np.float32)})
+    assert label.dtype == np.int64 and label.shape == (3,)
+    assert proba.dtype == np.float32 and proba.shape == (3, 2)
+
+
+def test_held_out_parity_recomputed_independently(cli_run):
+    """sklearn model and test split from the run's own artifacts vs the packaged ONNX."""
+    run_dir = cli_run["run_dir"]
+    pipe = joblib.load(run_dir / "train" / "model")
+    test = pd.read_parquet(run_dir / "split" / "test_data")
+    X = test.drop(columns=["target"]).to_numpy(np.float64)
+    sess = ort.InferenceSession(
+        str(cli_run["model_dir"] / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    label, proba = sess.run(["label", "probabilities"], {"input": X.astype(np.float32)})
+    assert len(X) == 143
+    assert np.abs(proba - pipe.predict_proba(X)).max() < 1e-4
+    assert (label == pipe.predict(X)).all()
+    card = modelcard.load_card(cli_run["model_dir"])
+    assert card["parity"]["label_agreement"] == 1.0 and card["parity"]["max_abs_prob_diff"] < 1e-4
+
+
+def test_ui_artifacts(cli_run):
+    run_dir = cli_run["run_dir"]
+    ev = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
+    cm = ev["artifacts"]["classification_metrics"]["artifacts"][0]["metadata"]
+    assert [a["displayName"] for a in cm["confusionMatrix"]["annotationSpecs"]] == ["malignant", "benign"]
+    assert sum(sum(r["row"]) for r in cm["confusionMatrix"]["rows"]) == 143
+    assert len(cm["confidenceMetrics"]) > 2
+    html = (run_dir / "evaluate" / "report").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "gate PASSED" in html
+    report = json.loads((run_dir / "validate-data" / "report").read_text())
+    assert report["passed"] and {r["rule"] for r in report["rules"]} >= {
+        "min_rows",
+        "duplicate_rows",
+        "outliers",
+    }
+    assert (run_dir / "validate-data" / "report_md").read_text().startswith("# Data validation: PASSED")
+
+
+# ---------------------------------------------------------------- each bad case fails with its own message
+
+
+def _bad(tmp_path: Path, kind: str) -> tuple[list[str], str]:
+    df = data.load_dataset()
+    args: list[str] = []
+    if kind == "missing_column":
+        args = ["-p", "expected_columns=mean radius,mean texture"]
+        df = df.drop(columns=["mean texture"])
+        match = "required_columns: missing column(s): mean texture"
+    elif kind == "nans":
+        df.loc[df.index[:100], "mean area"] = np.nan
+        match = "missing_values: missing values over 0.050 in 1 column(s): mean area=0.176"
+    elif kind == "single_class":
+        df = df[df["target"] == 1]
+        match = "class_count: a single class (1) in label column 'target'"
+    elif kind == "too_few_rows":
+        df = df.head(60)
+        match = "min_rows: 60 rows, fewer than the minimum 100"
+    elif kind == "duplicates":
+        df = pd.concat([df, df.head(120)], ignore_index=True)
+        match = "duplicate_rows: 120 duplicate rows (0.174 of 689), over 0.050"
+    elif kind == "unconvertible":
+        args = ["--estimator", "sklearn.semi_supervised.LabelSpreading"]
+        match = "skl2onnx cannot convert estimator sklearn.semi_supervised._label_propagation.LabelSpreading"
+    path = tmp_path / f"{kind}.csv"
+    df.to_csv(path, index=False)
+    return ["--data", str(path), *args], match
+
+
+@pytest.mark.parametrize(
+    "kind", ["missing_column", "nans", "single_class", "too_few_rows", "duplicates", "unconvertible"]
+)
+def test_bad_input_fails_the_run_with_its_own_message(tmp_path, capsys, kind):
+    args, match = _bad(tmp_path, kind)
+    rc = main(["run", "--output", str(tmp_path / "models"), "--pipeline-root", str(tmp_path / "root"), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: step ") and match in err, err
+    step = (
+        "train" if kind == "unconvertible" else "validate-data"
+    )  # convertibility is checked right after fitting
+    assert f"step {step} failed" in err
+    assert not (tmp_path / "models").exists()  # nothing packaged
+
+
+# ---------------------------------------------------------------- hermetic: embedded code without the repo
+
+_GUARD = r"""
+import runpy, sys
+repo = sys.argv.pop(1)
+# forget the repo checkout and its editable install: only the embedded archive can provide `pipelines`
+sys.path[:] = [p for p in sys.path if p not in ("", ".", repo) and "__editable__" not in p]
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
+sys.path_importer_cache.clear()
+sys.argv[0] = "executor_main"
+runpy.run_module("kfp.dsl.executor_main", run_name="__main__")
+import pipelines.core.data as d
+print("EMBEDDED_FROM", d.__file__)
+"""
+
+
+def test_compiled_step_runs_from_its_embedded_code_alone(tmp_path):
+    doc = yaml.safe_load(COMPILED.read_text())
+    container = doc["deploymentSpec"]["executors"]["exec-load-data"]["container"]
+    (tmp_path / "ephemeral_component.py").write_text(container["command"][-1])
+    out = tmp_path / "dataset"
+    executor_input = {
+        "inputs": {
+            "parameterValues": {
+                "source": "",
+                "label_column": "target",
+                "model_name": "m",
+                "model_version": "1.0.0",
+            }
+        },
+        "outputs": {
+            "artifacts": {
+                "dataset": {
+                    "artifacts": [
+                        {
+                            "name": "dataset",
+                            "type": {"schemaTitle": "system.Dataset"},
+                            "uri": str(out),
+                            "metadata": {},
+                        }
+                    ]
+                }
+            },
+            "outputFile": str(tmp_path / "executor_output.json"),
+        },
+    }
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"_KFP_RUNTIME": "true"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _GUARD,
+            str(REPO),
+            "--component_module_path",
+            str(tmp_path / "ephemeral_component.py"),
+            "--executor_input",
+            json.dumps(executor_input),
+            "--function_to_execute",
+            "load_data",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    origin = proc.stdout.split("EMBEDDED_FROM", 1)[1].strip()
+    assert not origin.startswith(str(REPO)) and origin.endswith("pipelines/core/data.py")
+    assert len(pd.read_parquet(out)) == 569
+    meta = json.loads((tmp_path / "executor_output.json").read_text())
+    assert meta["artifacts"]["dataset"]["artifacts"][0]["metadata"]["fingerprint"].startswith("sha256:")
+
+
+def test_archive_in_yaml_matches_the_core_sources():
+    doc = yaml.safe_load(COMPILED.read_text())
+    source = doc["deploymentSpec"]["executors"]["exec-package-model"]["container"]["command"][-1]
+    (b64,) = pcompile._ARCHIVE_RE.findall(source)
+    for name, content in pcompile.archive_members(b64).items():
+        if name.startswith("./pipelines/core/"):
+            assert content == (REPO / name[2:]).read_bytes(), f"{name} differs from the repo: recompile"
