@@ -122,6 +122,8 @@ COLLAPSED = [
     'process 1:"python -m serving";<module> (x.py:1);run (asyncio/runners.py:1);'
     "matches (starlette/routing.py:3);is_dataclass (dataclasses.py:9) 60",
     'process 1:"python -m serving";Thread._bootstrap (threading.py:1);Thread.run (threading.py:2) 50',
+    'process 1:"python -m serving";<module> (x.py:1);run (asyncio/runners.py:1);'
+    "BaseEventLoop._run_once (asyncio/base_events.py:1);EpollSelector.select (selectors.py:468) 25",
 ]
 
 
@@ -130,13 +132,14 @@ def test_profile_split_and_summary():
     main, other = profile.split_threads(stacks)
     assert sum(n for _, n in other) == 50
     s = profile.summarize(main)
-    assert s["samples"] == 100
+    assert s["samples"] == 100  # the 25 samples waiting in epoll are not work
+    assert s["selector_wait_samples"] == 25
     assert s["layers"]["starlette"] == pytest.approx(0.60)  # is_dataclass counts toward its caller
     assert s["layers"]["onnxruntime"] == pytest.approx(0.30)
     assert sum(s["layers"].values()) == pytest.approx(1.0)
     assert s["probes"]["per-request logging (any logging/ frame)"] == pytest.approx(0.10)
     assert s["probes"]["route matching (fastapi/starlette routing matches)"] == pytest.approx(0.60)
-    assert s["probes"]["this project's serving/ code (any frame)"] == pytest.approx(0.40)
+    assert s["probes"]["runtime request code (serving/runtime/*)"] == pytest.approx(0.40)
     assert s["self"][0] == {"function": "is_dataclass (dataclasses.py)", "share": 0.6}
     assert "self time by layer" in profile.format_summary(s, "x")
 
