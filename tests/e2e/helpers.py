@@ -149,3 +149,50 @@ def filer_upload_tree(filer_url: str, src: Path, path: str) -> None:
 def s3_uri(filer_path: str) -> str:
     assert filer_path.startswith(BUCKET_ROOT + "/"), filer_path
     return "s3://mlpipeline/" + filer_path[len(BUCKET_ROOT) + 1 :]
+
+
+# ------------------------------------------------------------------------- chart releases the suite installs
+
+
+def chart_sets(
+    release: str, strategy: str, uris: dict[str, str], versions: dict[str, str], canary: str = "v2"
+) -> list[str]:
+    """`helm --set` values of one e2e release (tests/unit/test_infra_e2e_contract.py renders them offline).
+
+    uris/versions: {"v1": ..., "v2": ..., "bad": ...}; `canary` picks the canary/green model."""
+    sets = [
+        f"fullnameOverride={release}",
+        f"model.name={release}",  # also the runtime's `model` metric label: one per release, no mixing
+        "storage.existingSecret=kfp-s3-credentials",
+        f"strategy.type={strategy}",
+        f"model.storageUri={uris['v1']}",
+        f"model.version={versions['v1']}",
+    ]
+    if strategy == "canary":
+        sets += [
+            f"strategy.canary.storageUri={uris[canary]}",
+            f"strategy.canary.version={versions[canary]}",
+            "strategy.canary.weight=0",
+        ]
+    elif strategy == "blueGreen":
+        sets += [
+            f"strategy.blueGreen.blue.storageUri={uris['v1']}",
+            f"strategy.blueGreen.blue.version={versions['v1']}",
+            f"strategy.blueGreen.green.storageUri={uris[canary]}",
+            f"strategy.blueGreen.green.version={versions[canary]}",
+            "strategy.blueGreen.blue.active=true",
+            "strategy.blueGreen.green.active=false",
+        ]
+    return sets
+
+
+def release_names(release: str, namespace: str) -> dict[str, str]:
+    """Names the chart gives a canary release (its README "For the rollout controller" contract)."""
+    return {
+        "route": release,
+        "host": f"{release}-{namespace}.example.com",
+        "stable_backend": f"{release}-stable-predictor",
+        "canary_backend": f"{release}-canary-predictor",
+        "stable_isvc": f"{release}-stable",
+        "canary_isvc": f"{release}-canary",
+    }

@@ -115,20 +115,12 @@ def test_pipeline_output_is_a_verified_package(packages):
 # --------------------------------------------------------------------------- chart releases
 
 
-def install(k, release: str, *sets: str) -> None:
-    args = [
-        "upgrade",
-        "--install",
-        release,
-        str(CHART),
-        "--set",
-        f"fullnameOverride={release}",
-        "--set",
-        f"model.name={release}",  # also the `model` metric label: one per release
-        "--set",
-        "storage.existingSecret=kfp-s3-credentials",
-    ]
-    for s in sets:
+MODEL_VERSIONS = {"v1": V1, "v2": V2, "bad": BAD}
+
+
+def install(k, release: str, strategy: str, packages: dict[str, str], canary: str = "v2") -> None:
+    args = ["upgrade", "--install", release, str(CHART)]
+    for s in helpers.chart_sets(release, strategy, packages, MODEL_VERSIONS, canary=canary):
         args += ["--set", s]
     k.helm_run(*args, "--wait", "--timeout", "10m")
     k.wait_isvcs_ready(f"app.kubernetes.io/instance={release}")
@@ -147,16 +139,7 @@ def measure(k, gateway_url, release: str, n: int = 400):
 @pytest.fixture(scope="module")
 def canary(k, packages):
     release = "bc-canary"
-    install(
-        k,
-        release,
-        "strategy.type=canary",
-        f"model.storageUri={packages['v1']}",
-        f"model.version={V1}",
-        f"strategy.canary.storageUri={packages['v2']}",
-        f"strategy.canary.version={V2}",
-        "strategy.canary.weight=0",
-    )
+    install(k, release, "canary", packages)
     yield release
     k.helm_run("uninstall", release, "--wait", check=False)
 
@@ -228,52 +211,20 @@ def test_rollback_of_a_bad_canary(k, gateway_url, canary, packages):
 def rollout(
     k, prometheus_url, release: str, canary_version: str, report_dir: Path
 ) -> subprocess.CompletedProcess:
+    names = helpers.release_names(release, k.namespace)
     cmd = [
-        sys.executable,
-        "-m",
-        "serving.rollout",
-        "start",
-        "--router",
-        "gateway_api",
-        "--model",
-        release,
-        "--stable-version",
-        V1,
-        "--canary-version",
-        canary_version,
-        "--steps",
-        "10,50,100",
-        "--interval",
-        "30s",
-        "--threshold",
-        "2",
-        "--route",
-        release,
-        "--stable-backend",
-        f"{release}-stable-predictor",
-        "--canary-backend",
-        f"{release}-canary-predictor",
-        "--stable-isvc",
-        f"{release}-stable",
-        "--canary-isvc",
-        f"{release}-canary",
-        "--metrics",
-        "prometheus",
-        "--prometheus-url",
-        prometheus_url,
-        "--min-requests",
-        "20",
-        "--min-predictions",
-        "40",
-        "--state-isvc",
-        f"{release}-stable",
-        "--namespace",
-        k.namespace,
-        "--report-dir",
-        str(report_dir),
-        "--max-seconds",
-        "900",
-    ]
+        sys.executable, "-m", "serving.rollout", "start",
+        "--router", "gateway_api", "--model", release,
+        "--stable-version", V1, "--canary-version", canary_version,
+        "--steps", "10,50,100", "--interval", "30s", "--threshold", "2",
+        "--route", names["route"],
+        "--stable-backend", names["stable_backend"], "--canary-backend", names["canary_backend"],
+        "--stable-isvc", names["stable_isvc"], "--canary-isvc", names["canary_isvc"],
+        "--metrics", "prometheus", "--prometheus-url", prometheus_url,
+        "--min-requests", "20", "--min-predictions", "40",
+        "--state-isvc", names["stable_isvc"], "--namespace", k.namespace,
+        "--report-dir", str(report_dir), "--max-seconds", "900",
+    ]  # fmt: skip
     if os.environ.get("KUBECONFIG"):
         cmd += ["--kubeconfig", os.environ["KUBECONFIG"].split(os.pathsep)[0]]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1000)
@@ -296,16 +247,7 @@ def shares_over_time(log, version: str, window: float = 20.0) -> list[float]:
 def test_controller_drives_the_gateway_route(
     k, gateway_url, prometheus_url, packages, tmp_path, release, canary_key, canary_version, want_rc, final
 ):
-    install(
-        k,
-        release,
-        "strategy.type=canary",
-        f"model.storageUri={packages['v1']}",
-        f"model.version={V1}",
-        f"strategy.canary.storageUri={packages[canary_key]}",
-        f"strategy.canary.version={canary_version}",
-        "strategy.canary.weight=0",
-    )
+    install(k, release, "canary", packages, canary=canary_key)
     try:
         host = route_host(k, release)
         with helpers.Load(gateway_url, host, release, rps=20) as load:
@@ -334,18 +276,7 @@ def test_controller_drives_the_gateway_route(
 
 def test_blue_green_switch(k, gateway_url, packages):
     release = "bc-bluegreen"
-    install(
-        k,
-        release,
-        "strategy.type=blueGreen",
-        f"model.storageUri={packages['v1']}",
-        f"strategy.blueGreen.blue.storageUri={packages['v1']}",
-        f"strategy.blueGreen.blue.version={V1}",
-        f"strategy.blueGreen.green.storageUri={packages['v2']}",
-        f"strategy.blueGreen.green.version={V2}",
-        "strategy.blueGreen.blue.active=true",
-        "strategy.blueGreen.green.active=false",
-    )
+    install(k, release, "blueGreen", packages)
     try:
         assert helpers.versions_seen(measure(k, gateway_url, release, n=100)) == {V1: 100}
         k.helm_run(
@@ -366,7 +297,7 @@ def test_blue_green_switch(k, gateway_url, packages):
 
 def test_rolling_update_fails_no_request(k, gateway_url, packages):
     release = "bc-rolling"
-    install(k, release, "strategy.type=rolling", f"model.storageUri={packages['v1']}", f"model.version={V1}")
+    install(k, release, "rolling", packages)
     try:
         host = route_host(k, release)
         with helpers.Load(gateway_url, host, release, rps=25) as load:
