@@ -153,6 +153,10 @@ def _is_conflict(e: Exception) -> bool:
 
 
 ISVC = ("serving.kserve.io", "v1beta1", "inferenceservices")
+# Our writes are recorded under this field manager, so a later `helm upgrade` (Helm 4: server-side
+# apply) that would reset a weight the controller set stops with a conflict instead of silently
+# undoing the rollout (helm/mlrollout-model/README.md "For the rollout controller").
+FIELD_MANAGER = "mlrollout-rollout"
 HTTPROUTE = ("gateway.networking.k8s.io", "v1", "httproutes")
 
 
@@ -208,7 +212,9 @@ class GatewayApiRouter:
                 "spec": {"rules": route["spec"]["rules"]},
             }
             try:
-                self.api.patch_namespaced_custom_object(g, v, self.namespace, p, self.route, body)
+                self.api.patch_namespaced_custom_object(
+                    g, v, self.namespace, p, self.route, body, field_manager=FIELD_MANAGER
+                )
                 return
             except Exception as e:  # ApiException 409: someone else changed the route; re-read
                 if not _is_conflict(e):
@@ -232,7 +238,13 @@ class GatewayApiRouter:
         g, v, p = ISVC
         predictor = copy.deepcopy(self._isvc(self.canary_isvc)["spec"]["predictor"])
         patched = self.api.patch_namespaced_custom_object(
-            g, v, self.namespace, p, self.stable_isvc, {"spec": {"predictor": predictor}}
+            g,
+            v,
+            self.namespace,
+            p,
+            self.stable_isvc,
+            {"spec": {"predictor": predictor}},
+            field_manager=FIELD_MANAGER,
         )
         generation = patched["metadata"].get("generation", 0)
         deadline = time.monotonic() + self.ready_timeout_s
@@ -280,7 +292,13 @@ class KServeKnativeRouter:
     def _patch(self, percent: int | None) -> None:
         g, v, p = ISVC
         self.api.patch_namespaced_custom_object(
-            g, v, self.namespace, p, self.isvc, {"spec": {"predictor": {"canaryTrafficPercent": percent}}}
+            g,
+            v,
+            self.namespace,
+            p,
+            self.isvc,
+            {"spec": {"predictor": {"canaryTrafficPercent": percent}}},
+            field_manager=FIELD_MANAGER,
         )
 
     def set_weights(self, stable: int, canary: int) -> None:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from serving.rollout.routers import FIELD_MANAGER
+
 STATE_ANNOTATION = "rollout.mlrollout.io/state"
 ANNOTATION_BUDGET = 200_000  # Kubernetes caps all annotations of an object at 256 KiB together
 
@@ -85,9 +87,10 @@ class FileStateStore:
 def _trim_for_annotation(record: Record) -> str:
     rec = json.loads(json.dumps(record))
     text = json.dumps(rec, separators=(",", ":"), sort_keys=True, allow_nan=False)
-    hist = rec.get("state", {}).get("history", [])
+    hist = (rec.get("state") or {}).get("history", [])
     while len(text) > ANNOTATION_BUDGET and len(hist) > 1:
         del hist[: max(1, len(hist) // 4)]  # keep the most recent decisions
+        rec["timeline"] = rec.get("timeline", [])[-len(hist) :]
         text = json.dumps(rec, separators=(",", ":"), sort_keys=True, allow_nan=False)
     return text
 
@@ -134,7 +137,13 @@ class IsvcAnnotationStore:
             }
             try:
                 self.api.patch_namespaced_custom_object(
-                    "serving.kserve.io", "v1beta1", self.namespace, "inferenceservices", self.isvc, body
+                    "serving.kserve.io",
+                    "v1beta1",
+                    self.namespace,
+                    "inferenceservices",
+                    self.isvc,
+                    body,
+                    field_manager=FIELD_MANAGER,
                 )
                 return new
             except Exception as e:
