@@ -188,3 +188,22 @@ def test_core_closure_follows_imports():
     assert "modelcard" in runtime.core_closure("evaluate")  # imported inside load_baseline()
     with pytest.raises(ValueError, match="no module 'nope'"):
         runtime.core_closure("nope")
+
+
+def test_readme_documents_every_parameter_with_its_default():
+    readme = (Path(pcompile.__file__).parent / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[1].startswith("`"):
+            rows[cells[0].strip("`")] = cells[1].strip("`")
+    doc = pcompile.load(pcompile.COMPILED_DIR / "training_pipeline.yaml")[0]
+    params = doc["root"]["inputDefinitions"]["parameters"]
+    assert set(params) <= set(rows), f"undocumented: {set(params) - set(rows)}"
+    for name, p in params.items():
+        default = p["defaultValue"]
+        shown = rows[name].strip('"')
+        if isinstance(default, float):
+            assert float(shown) == default, name
+        else:
+            assert shown == str(default), name
