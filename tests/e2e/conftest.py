@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,68 @@ def filer_url(k):
     """SeaweedFS filer HTTP API (KFP's object store): list and upload under /buckets/mlpipeline/."""
     with k.port_forward("kubeflow", "svc/seaweedfs", 8888) as port:
         yield f"http://127.0.0.1:{port}"
+
+
+# --------------------------------------------------------------------------- the pipeline and its model
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(kfp_url):
+    import kfp
+
+    from tests.e2e.helpers import COMPILED, model_versions
+
+    client = kfp.Client(host=kfp_url)
+    name = f"mlrollout-e2e-{int(time.time())}"
+    pipeline = client.upload_pipeline(str(COMPILED), pipeline_name=name)
+    version_id = client.list_pipeline_versions(pipeline.pipeline_id).pipeline_versions[0].pipeline_version_id
+    experiment = client.create_experiment("mlrollout-e2e")
+    run = client.run_pipeline(
+        experiment_id=experiment.experiment_id,
+        job_name=name,
+        pipeline_id=pipeline.pipeline_id,
+        version_id=version_id,
+        params={"model_version": model_versions()["v1"]},
+        enable_caching=False,
+    )
+    done = client.wait_for_run_completion(run.run_id, timeout=2400, sleep_duration=10)
+    return done
+
+
+@pytest.fixture(scope="session")
+def packages(pipeline_run, filer_url, tmp_path_factory) -> dict[str, str]:
+    """storageUris of v1 (what the pipeline produced), v2 and the bad canary."""
+    import httpx
+
+    from pipelines.core import modelcard
+    from serving.rollout import badmodel
+    from tests.e2e import helpers
+
+    versions = helpers.model_versions()
+    assert pipeline_run.state == "SUCCEEDED"
+    cards = []
+    for entry in helpers.filer_list(filer_url, f"{helpers.BUCKET_ROOT}/v2/artifacts"):
+        if helpers.is_dir(entry):
+            try:
+                cards += helpers.filer_find(
+                    filer_url, f"{entry['FullPath']}/{pipeline_run.run_id}", "model-card.json"
+                )
+            except httpx.HTTPStatusError:  # this pipeline has no folder for the run
+                continue
+    assert len(cards) == 1, f"expected one packaged model for run {pipeline_run.run_id}, found {cards}"
+    pkg_path = cards[0].rsplit("/", 1)[0]
+    work = tmp_path_factory.mktemp("packages")
+    local_v1 = work / "v1" / pkg_path.rsplit("/", 1)[-1]
+    helpers.filer_download_tree(filer_url, pkg_path, local_v1)
+    card = modelcard.verify_package(local_v1)
+    assert card["version"] == versions["v1"]
+    assert card["pipeline_run_id"] == pipeline_run.run_id, "the served model must be this run's output"
+    stamp = f"e2e/{pipeline_run.run_id}"
+    v2 = badmodel.with_version(local_v1, work / "v2", versions["v2"], note="e2e canary")
+    bad = badmodel.build_swapped_package(local_v1, work / "bad", versions["bad"])
+    uris = {"v1": helpers.s3_uri(pkg_path)}
+    for key, pkg in (("v2", v2), ("bad", bad)):
+        dest = f"{helpers.BUCKET_ROOT}/{stamp}/{key}/{pkg.name}"
+        helpers.filer_upload_tree(filer_url, pkg, dest)
+        uris[key] = helpers.s3_uri(dest)
+    return uris

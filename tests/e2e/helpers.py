@@ -14,6 +14,8 @@ import httpx
 import numpy as np
 from sklearn.datasets import load_breast_cancer
 
+ROOT = Path(__file__).resolve().parents[2]
+COMPILED = ROOT / "pipelines" / "compiled" / "training_pipeline.yaml"
 ROWS = load_breast_cancer().data.astype(float)  # the pipeline's default training data (bundled, offline)
 
 
@@ -196,3 +198,13 @@ def release_names(release: str, namespace: str) -> dict[str, str]:
         "stable_isvc": f"{release}-stable",
         "canary_isvc": f"{release}-canary",
     }
+
+
+def model_versions() -> dict[str, str]:
+    """v1 = the compiled pipeline's default `model_version`; v2 and the bad canary are the next major."""
+    import yaml
+
+    spec = next(iter(yaml.safe_load_all(COMPILED.read_text())))
+    v1 = spec["root"]["inputDefinitions"]["parameters"]["model_version"]["defaultValue"]
+    major = int(v1.split(".")[0]) + 1
+    return {"v1": v1, "v2": f"{major}.0.0", "bad": f"{major}.0.1"}

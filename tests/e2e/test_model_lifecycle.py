@@ -22,52 +22,19 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.core import modelcard
-from serving.rollout import badmodel
 from tests.e2e import helpers
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "mlrollout-model"
-COMPILED = ROOT / "pipelines" / "compiled" / "training_pipeline.yaml"
 
 
-def _model_versions() -> tuple[str, str, str]:
-    """v1 = the compiled pipeline's default `model_version`; v2 and the bad canary are the next major."""
-    import yaml
-
-    spec = next(iter(yaml.safe_load_all(COMPILED.read_text())))
-    v1 = spec["root"]["inputDefinitions"]["parameters"]["model_version"]["defaultValue"]
-    major = int(v1.split(".")[0]) + 1
-    return v1, f"{major}.0.0", f"{major}.0.1"
-
-
-V1, V2, BAD = _model_versions()
+MODEL_VERSIONS = helpers.model_versions()
+V1, V2, BAD = MODEL_VERSIONS["v1"], MODEL_VERSIONS["v2"], MODEL_VERSIONS["bad"]
 
 
 # --------------------------------------------------------------------------- pipeline -> packages
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(kfp_url):
-    import kfp
-
-    client = kfp.Client(host=kfp_url)
-    name = f"mlrollout-e2e-{int(time.time())}"
-    pipeline = client.upload_pipeline(str(COMPILED), pipeline_name=name)
-    version_id = client.list_pipeline_versions(pipeline.pipeline_id).pipeline_versions[0].pipeline_version_id
-    experiment = client.create_experiment("mlrollout-e2e")
-    run = client.run_pipeline(
-        experiment_id=experiment.experiment_id,
-        job_name=name,
-        pipeline_id=pipeline.pipeline_id,
-        version_id=version_id,
-        params={"model_version": V1},
-        enable_caching=False,
-    )
-    done = client.wait_for_run_completion(run.run_id, timeout=2400, sleep_duration=10)
-    return done
 
 
 def test_pipeline_run_succeeds(pipeline_run):
@@ -76,46 +43,11 @@ def test_pipeline_run_succeeds(pipeline_run):
     )
 
 
-@pytest.fixture(scope="module")
-def packages(pipeline_run, filer_url, tmp_path_factory) -> dict[str, str]:
-    """storageUris of v1 (what the pipeline produced), v2 and the bad canary."""
-    assert pipeline_run.state == "SUCCEEDED"
-    cards = []
-    for entry in helpers.filer_list(filer_url, f"{helpers.BUCKET_ROOT}/v2/artifacts"):
-        if helpers.is_dir(entry):
-            try:
-                cards += helpers.filer_find(
-                    filer_url, f"{entry['FullPath']}/{pipeline_run.run_id}", "model-card.json"
-                )
-            except Exception:  # this pipeline has no folder for the run
-                continue
-    assert len(cards) == 1, f"expected one packaged model for run {pipeline_run.run_id}, found {cards}"
-    pkg_path = cards[0].rsplit("/", 1)[0]
-    work = tmp_path_factory.mktemp("packages")
-    local_v1 = work / "v1" / pkg_path.rsplit("/", 1)[-1]
-    helpers.filer_download_tree(filer_url, pkg_path, local_v1)
-    card = modelcard.verify_package(local_v1)
-    assert card["version"] == V1
-    assert card["pipeline_run_id"] == pipeline_run.run_id, "the served model must be this run's output"
-    stamp = f"e2e/{pipeline_run.run_id}"
-    v2 = badmodel.with_version(local_v1, work / "v2", V2, note="e2e canary")
-    bad = badmodel.build_swapped_package(local_v1, work / "bad", BAD)
-    uris = {"v1": helpers.s3_uri(pkg_path)}
-    for key, pkg in (("v2", v2), ("bad", bad)):
-        dest = f"{helpers.BUCKET_ROOT}/{stamp}/{key}/{pkg.name}"
-        helpers.filer_upload_tree(filer_url, pkg, dest)
-        uris[key] = helpers.s3_uri(dest)
-    return uris
-
-
 def test_pipeline_output_is_a_verified_package(packages):
     assert packages["v1"].startswith("s3://mlpipeline/v2/artifacts/")
 
 
 # --------------------------------------------------------------------------- chart releases
-
-
-MODEL_VERSIONS = {"v1": V1, "v2": V2, "bad": BAD}
 
 
 def install(k, release: str, strategy: str, packages: dict[str, str], canary: str = "v2") -> None:
