@@ -9,6 +9,7 @@ submit   upload to a Kubeflow Pipelines API (a new version when the pipeline exi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -69,6 +70,24 @@ def pipeline_arguments(pipeline: Any, params: list[str], named: dict[str, Any]) 
     return args
 
 
+def _precheck_training(args: dict[str, Any]) -> None:
+    """Refuse an unknown estimator or hyperparameter before minutes of pipeline work."""
+    if "estimator" not in args and "hyperparameters" not in args:
+        return
+    from pipelines.core import train
+
+    try:
+        params = json.loads(args.get("hyperparameters") or "{}")
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--hyperparameters is not JSON ({e}): e.g. '{{\"C\": 0.5}}'") from None
+    if not isinstance(params, dict):
+        raise UsageError("--hyperparameters must be a JSON object, e.g. '{\"n_estimators\": 200}'")
+    try:
+        train.build_pipeline(args.get("estimator", "logistic_regression"), params)
+    except train.TrainError as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
     from pipelines.core import modelcard, package
     from pipelines.local import run_local
@@ -103,6 +122,14 @@ def cmd_run(ns: argparse.Namespace) -> int:
         raise UsageError(f"--data {args['data_source']!r} does not exist: give a CSV or Parquet file")
     if args.get("data_source"):
         args["data_source"] = str(Path(args["data_source"]).resolve())
+    baseline = (args.get("baseline_card") or "").strip()
+    if baseline and not baseline.startswith("{"):
+        if not Path(baseline).exists():
+            raise UsageError(
+                f"--baseline-card {baseline!r} does not exist: give a model-card.json or package folder"
+            )
+        args["baseline_card"] = str(Path(baseline).resolve())
+    _precheck_training(args)
 
     print(f"running {ns.pipeline} locally (kfp.local, SubprocessRunner); artifacts under {ns.pipeline_root}")
     result = run_local(pipeline, args, ns.pipeline_root, verbose=ns.verbose)

@@ -1,0 +1,63 @@
+"""`python -m pipelines run` refuses bad input in one line before any pipeline work starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.cli import main, pipeline_arguments
+from pipelines.registry import PIPELINES
+
+
+@pytest.mark.parametrize(
+    ("argv", "rc", "message"),
+    [
+        (["--estimator", "svm"], 2, "error: unknown estimator 'svm': use one of logistic_regression"),
+        (
+            ["--estimator", "random_forest", "--hyperparameters", '{"n_trees": 3}'],
+            2,
+            "error: unknown hyperparameter(s) for random_forest: n_trees (valid: bootstrap",
+        ),
+        (["--hyperparameters", "[1, 2]"], 2, "error: --hyperparameters must be a JSON object"),
+        (["--hyperparameters", "{C: 1}"], 2, "error: --hyperparameters is not JSON"),
+        (
+            ["--baseline-card", "/no/such/card.json"],
+            2,
+            "error: --baseline-card '/no/such/card.json' does not exist",
+        ),
+        (["--data", "/no/such.csv"], 2, "error: --data '/no/such.csv' does not exist"),
+        (["--version", "v1"], 1, "error: model version 'v1' is not semantic"),
+        (["--model-name", "Bad_Name"], 1, "error: model name 'Bad_Name' is not a DNS-1123 label"),
+        (["-p", "min_rows"], 2, "error: -p 'min_rows': expected NAME=VALUE"),
+        (["-p", "nope=1"], 2, "error: -p nope: the pipeline has no such parameter"),
+        (["-p", "test_size=a quarter"], 2, "error: parameter test_size='a quarter' must be of type Float"),
+        (["--compiled", "/no/such.yaml"], 2, "error: --compiled '/no/such.yaml' does not exist"),
+    ],
+)
+def test_run_refuses_bad_input_in_one_line(tmp_path, capsys, argv, rc, message):
+    assert main(["run", "--output", str(tmp_path / "m"), "--pipeline-root", str(tmp_path / "r"), *argv]) == rc
+    out = capsys.readouterr()
+    assert out.err.startswith(message), out.err
+    assert len(out.err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # refused before kfp.local started
+
+
+def test_pipeline_arguments_are_typed_from_the_pipeline_interface():
+    args = pipeline_arguments(
+        PIPELINES["training_pipeline"],
+        ["min_rows=200", "test_size=0.3", "max-regression=0.02", "expected_columns=a,b"],
+        {"model_name": "m", "seed": 7, "estimator": None},
+    )
+    assert args == {
+        "min_rows": 200,
+        "test_size": 0.3,
+        "max_regression": 0.02,
+        "expected_columns": "a,b",
+        "model_name": "m",
+        "seed": 7,
+    }
+
+
+def test_submit_needs_a_host(capsys, monkeypatch):
+    monkeypatch.delenv("KF_PIPELINES_ENDPOINT", raising=False)
+    assert main(["submit"]) == 2
+    assert "no KFP API host: pass --host" in capsys.readouterr().err
