@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -124,7 +125,16 @@ def test_every_placeholder_and_variable_is_defined():
 def test_readme_versions_table_matches_versions_env():
     readme = (INFRA / "README.md").read_text()
     rows = dict(re.findall(r"^\|\s*`([A-Z][A-Z0-9_]*)`\s*\|\s*`([^`]*)`\s*\|", readme, re.M))
-    assert rows == read_versions(), "infra/README.md versions table is out of date with infra/versions.env"
+    assert rows == read_versions(), (
+        "infra/README.md versions table is out of date: run python infra/versions_table.py"
+    )
+    check = subprocess.run(
+        [sys.executable, str(INFRA / "versions_table.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stderr
     outside_table = "\n".join(line for line in readme.splitlines() if not line.startswith("|"))
     stray = [p for p in find_pins(outside_table) if p not in read_versions().values()]
     assert stray == [], f"infra/README.md names versions outside the table: {stray}"
