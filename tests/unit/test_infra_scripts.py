@@ -341,3 +341,15 @@ def test_failed_wait_stops_the_run_with_diagnostics(stand_ins):
     calls = log.read_text().splitlines()
     assert any("get pods -A" in c for c in calls), "diagnostics must run on failure"
     assert not any("prometheus" in c for c in calls), "later steps must not run after a failure"
+
+
+def test_cluster_down_is_idempotent(stand_ins):
+    _, env, log = stand_ins
+    plan = _bash("bash infra/cluster-down.sh --dry-run", env=env)
+    assert plan.returncode == 0 and "+ " in plan.stdout and "delete cluster --name mlrollout" in plan.stdout
+    gone = _bash("bash infra/cluster-down.sh", env={**env, "CLUSTER_NAME": "not-there"})
+    assert gone.returncode == 0 and "nothing to do" in gone.stderr
+    assert not any("delete" in c for c in log.read_text().splitlines())
+    deleted = _bash("bash infra/cluster-down.sh", env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "kind delete cluster --name mlrollout" in log.read_text().splitlines()
