@@ -52,7 +52,8 @@ test: venv sysdeps tools ## the whole test suite (e2e tests skip when no cluster
 test-fast: venv ## unit tests only
 	$(BIN)/python -m pytest tests/unit
 
-chart-test: venv tools ## Helm chart + kustomize tests with the real helm/kubectl (pytest -m chart)
+chart-test: venv tools ## Helm chart + kustomize tests with the real helm/kubectl, plus checkov (own venv)
+	@bash infra/bootstrap-tools.sh $(TOOLS) --checkov
 	$(BIN)/python -m pytest -m chart tests/chart
 
 lint: venv ## ruff
