@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from kubernetes import client
 
+from serving.rollout import cluster
 from serving.rollout import controller as ctl
 from serving.rollout.gates import SuccessRateGate
 from serving.rollout.machine import RolloutSpec
@@ -177,6 +178,29 @@ class FakeKube:
                 if obj is None:
                     return self._status(404, "NotFound", f"{self.path} not found")
                 self._send(200, obj)
+
+            def do_POST(self):
+                u = urlparse(self.path)
+                p = u.path.strip("/").split("/")  # apis/{group}/{version}/namespaces/{ns}/{plural}
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                key = (p[1], p[2], p[5], p[4], body["metadata"]["name"])
+                with kube.lock:
+                    if key in kube.objects:
+                        return self._status(409, "AlreadyExists", f"{key[4]} already exists")
+                    kube.rv += 1
+                    body["metadata"].update(resourceVersion=str(kube.rv), generation=1)
+                    kube.patches.append(
+                        {
+                            "key": key,
+                            "type": "create",
+                            "body": body,
+                            "fieldManager": parse_qs(u.query).get("fieldManager", [None])[0],
+                        }
+                    )
+                    kube._pending_ready[key] = kube.ready_delay
+                    kube.reconcile_isvc(key, body)
+                    kube.objects[key] = body
+                self._send(201, body)
 
             def do_PATCH(self):
                 key, query = self._key()
@@ -508,3 +532,76 @@ def test_state_annotation_store_and_a_full_rollout_on_the_fake_cluster(kube):
     # the stored router config rebuilds an equivalent router
     again = build_router(json.loads(stable["metadata"]["annotations"][STATE_ANNOTATION])["router"], api=api)
     assert again.get_weights() == (100, 0)
+
+
+ISVC_KEY = ("serving.kserve.io", "v1beta1", "inferenceservices", NS)
+
+
+def test_deploy_canary_points_the_canary_at_the_new_model_and_waits_until_ready(kube):
+    out = cluster.deploy_canary(
+        api_for(kube),
+        namespace=NS,
+        fullname=FULL,
+        version="2.1.0",
+        poll_s=0.01,
+        storage_uri=cluster.to_storage_uri("minio://mlpipeline/v2/runs/x/package"),
+    )
+    canary = kube.objects[(*ISVC_KEY, f"{FULL}-canary")]
+    assert canary["spec"]["predictor"]["model"]["storageUri"] == "s3://mlpipeline/v2/runs/x/package"
+    assert canary["metadata"]["labels"]["app.kubernetes.io/version"] == "2.1.0"
+    assert canary["status"]["observedGeneration"] == canary["metadata"]["generation"] == 2
+    assert out["isvc"] == f"{FULL}-canary" and route_weights(kube) == [100, 0]  # no traffic yet
+
+
+def test_deploy_canary_creates_the_canary_from_the_stable_one_when_missing(kube):
+    del kube.objects[(*ISVC_KEY, f"{FULL}-canary")]
+    kube.objects[(*ISVC_KEY, f"{FULL}-stable")]["metadata"]["annotations"][STATE_ANNOTATION] = "{}"
+    cluster.deploy_canary(
+        api_for(kube), namespace=NS, fullname=FULL, version="2.1.0", storage_uri="s3://m/v3", poll_s=0.01
+    )
+    canary = kube.objects[(*ISVC_KEY, f"{FULL}-canary")]
+    assert canary["metadata"]["labels"]["mlrollout.io/track"] == "canary"
+    assert STATE_ANNOTATION not in canary["metadata"]["annotations"]
+    assert canary["spec"]["predictor"]["model"]["runtime"] == "mlrollout-onnx"
+    assert kube.patches[-1]["type"] == "create" and kube.patches[-1]["fieldManager"] == FIELD_MANAGER
+
+
+def test_deploy_canary_knative_starts_a_dark_revision(kube):
+    cluster.deploy_canary(
+        api_for(kube),
+        namespace=NS,
+        fullname="kn",
+        version="2.1.0",
+        storage_uri="s3://m/v3",
+        router="kserve_knative",
+        poll_s=0.01,
+    )
+    pred = kube.objects[(*ISVC_KEY, "kn")]["spec"]["predictor"]
+    assert pred["canaryTrafficPercent"] == 0 and pred["model"]["storageUri"] == "s3://m/v3"
+
+
+def test_deploy_canary_reports_a_canary_that_never_gets_ready(kube):
+    kube.ready_delay = 10_000
+    with pytest.raises(RouterError, match="not Ready after"):
+        cluster.deploy_canary(
+            api_for(kube),
+            namespace=NS,
+            fullname=FULL,
+            version="2.1.0",
+            storage_uri="s3://x",
+            ready_timeout_s=0.2,
+            poll_s=0.01,
+        )
+
+
+def test_progressive_rollout_step_refuses_knative_without_prometheus(kube):
+    with pytest.raises(ValueError, match="prometheus_url"):
+        cluster.progressive_rollout(
+            api_for(kube),
+            namespace=NS,
+            fullname="kn",
+            model="m",
+            stable_version="1.0.0",
+            canary_version="2.0.0",
+            router="kserve_knative",
+        )
