@@ -12,7 +12,7 @@ export PATH := $(abspath $(TOOLS))/bin:$(BIN):$(PATH)
 # Debian packages the local stack and the tests need (the demo and `make test` install them)
 APT_PACKAGES := haproxy prometheus shellcheck
 
-.PHONY: help venv sysdeps tools demo test test-fast chart-test lint fmt compile bench bench-serving bench-batch lock cluster cluster-down e2e clean
+.PHONY: help venv sysdeps tools demo test test-fast chart-test lint fmt compile bench bench-serving bench-runtime bench-batch lock cluster cluster-down e2e clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -72,6 +72,9 @@ bench-serving: venv ## serving benchmark (wrk): runtime V1/V2 vs FastAPI floor, 
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
 	$(BIN)/python -m serving.bench $(ARGS)
+
+bench-runtime: venv ## runtime request path in-process vs the bare onnxruntime call (batch 1, ratios)
+	$(BIN)/python -m serving.bench_runtime $(ARGS)
 
 bench-batch: venv ## batch scoring: command vs raw onnxruntime vs sklearn on 1M rows (Parquet, CSV); ARGS=--rows N
 	$(BIN)/python -m serving.batch.bench $(ARGS)

@@ -119,8 +119,18 @@ class RuntimeMiddleware:
                         status=413,
                     )
                 break
-        chunks, total = [], 0
-        try:
+        first = await receive()
+        if not first.get("more_body", False):  # the usual case: the whole body in one message
+            body = first.get("body", b"")
+            if len(body) > limit:
+                raise core.InputError(
+                    f"request body is over the limit of {limit} bytes (--max_body_bytes)", 413
+                )
+            return body
+        chunks, total = [first.get("body", b"")], len(first.get("body", b""))
+        if total > limit:
+            raise core.InputError(f"request body is over the limit of {limit} bytes (--max_body_bytes)", 413)
+        try:  # a streamed body that stalls midway must not hold the coroutine forever
             async with asyncio.timeout(self.body_timeout_s):
                 while True:
                     message = await receive()
