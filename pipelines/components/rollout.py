@@ -8,7 +8,6 @@ needs. Both steps talk to the Kubernetes API with the pod's in-cluster config, a
 chart's ``<fullname>-deployer`` Role allows (InferenceServices and HTTPRoutes in one namespace).
 """
 
-
 import os
 import shutil
 import tempfile
