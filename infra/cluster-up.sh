@@ -39,7 +39,7 @@ case "${PROFILE}" in default|knative) ;; *) die "unknown profile '${PROFILE}': u
 RUNTIME_IMAGE="${MLROLLOUT_RUNTIME_IMAGE}:${MLROLLOUT_VERSION}"
 KSERVE_CHART_VERSION="v${KSERVE_VERSION}"
 KFP_KUSTOMIZE="github.com/kubeflow/pipelines/manifests/kustomize"
-WAIT_SHORT=180   # a controller Deployment
+WAIT_SHORT=300   # a controller Deployment (first image pull included)
 WAIT_LONG=900    # KFP: mysql + metadata + api server pull ~2 GB of images on a cold node
 
 # ---------------------------------------------------------------- preflight
