@@ -254,7 +254,8 @@ def _open_csv(path: Path, features: list[str], id_column: str | None, chunk_rows
     columns = list(probe.schema.names)
     try:
         first = probe.read_next_batch()
-        per_row = probe_bytes / max(1, first.num_rows) if first.num_rows else 256.0
+        probed = min(probe_bytes, path.stat().st_size)
+        per_row = probed / first.num_rows if first.num_rows else 256.0
     except StopIteration:
         per_row = 256.0
     except pa.ArrowInvalid:
@@ -287,7 +288,6 @@ def _open_csv(path: Path, features: list[str], id_column: str | None, chunk_rows
             except pa.ArrowInvalid as e:
                 raise _csv_error(e, columns, path) from e
 
-    # ids are read as text and copied through verbatim
     id_type = None if not id_col else pa.float32() if id_col in types and id_col in features else pa.string()
     return Source("csv", columns, id_col, None, batches(), reader.close, id_type)
 
@@ -420,6 +420,12 @@ def output_schema(model: BatchModel, id_type: pa.DataType | None, id_name: str) 
     return pa.schema(fields)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class _AtomicTableWriter:
     """Writes batches to ``.<name>.<random>.partial`` beside the target; ``commit`` renames it into place."""
 
@@ -429,6 +435,7 @@ class _AtomicTableWriter:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
         os.close(fd)
         self.tmp = Path(tmp)
+        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode of a new file
         try:
             if fmt == "parquet":
                 # probabilities are high-entropy floats: dictionary encoding and compression cost

@@ -10,9 +10,9 @@ and measures, interleaved round by round so machine noise hits every contender a
 * **command**: ``python -m serving.batch`` run *in-process* through its ``main(argv)`` entry point
   (the same code path as the shell command, minus the interpreter start-up): sha256 check, model
   load, chunked read, schema checks, scoring, writing and the atomic rename, timed wall-clock;
-* **raw ORT**: ``InferenceSession.run`` (default session options) on the same rows already in
-  memory as one C-contiguous float32 matrix: the faster of one call over all rows and one call
-  per chunk of the command's chunk size;
+* **raw ORT**: ``InferenceSession.run`` on the same rows already in memory as one C-contiguous
+  float32 matrix: the best of {onnxruntime's default session options, the command's options} x
+  {one call over all rows, one call per chunk of the command's chunk size};
 * **sklearn**: the fitted sklearn pipeline's ``predict_proba`` on the same rows in memory (float64);
 * **read floor**: pyarrow reading the feature columns of the same file, nothing else, to show how
   much of the command's time the file format itself costs.
@@ -142,15 +142,19 @@ def run_command(model_dir: Path, inp: Path, out: Path, chunk_rows: int | None) -
     return dt_s
 
 
-def run_raw_ort(session: ort.InferenceSession, Xf: np.ndarray, chunk_rows: int) -> float:
-    """The better of one ``run`` over all rows and ``run`` per chunk (the command's chunk size)."""
-    t0 = time.perf_counter()
-    session.run(["label", "probabilities"], {"input": Xf})
-    whole = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for s in range(0, len(Xf), chunk_rows):
-        session.run(["label", "probabilities"], {"input": Xf[s : s + chunk_rows]})
-    return min(whole, time.perf_counter() - t0)
+def run_raw_ort(sessions: list[ort.InferenceSession], Xf: np.ndarray, chunk_rows: int) -> float:
+    """The best time over the sessions (onnxruntime defaults, and the command's options) of one
+    ``run`` over all rows and of one ``run`` per chunk: the strongest raw-ORT peer we can build."""
+    best = float("inf")
+    for session in sessions:
+        t0 = time.perf_counter()
+        session.run(["label", "probabilities"], {"input": Xf})
+        best = min(best, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for s in range(0, len(Xf), chunk_rows):
+            session.run(["label", "probabilities"], {"input": Xf[s : s + chunk_rows]})
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def run_sklearn(pipe, X64: np.ndarray) -> float:
@@ -197,9 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         chunk = args.chunk_rows or scoring.auto_chunk_rows(len(features))
         X64 = np.column_stack([table.column(f).to_numpy() for f in features])
         Xf = np.ascontiguousarray(X64, dtype=np.float32)
-        session = ort.InferenceSession(
-            str(modelcard.onnx_path(model_dir)), providers=["CPUExecutionProvider"]
-        )
+        onnx_file = str(modelcard.onnx_path(model_dir))
+        sessions = [
+            ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"]),
+            ort.InferenceSession(onnx_file, scoring.session_options(), providers=["CPUExecutionProvider"]),
+        ]
+        session = sessions[0]
         for fmt in args.formats.split(","):
             inp = args.out / f"input-{args.rows}.{fmt}"
             write_input(table, fmt, inp)
@@ -207,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             rates: dict[str, list[float]] = {"command": [], "raw_ort": [], "sklearn": [], "read_floor": []}
             for r in range(args.rounds):
                 rates["command"].append(args.rows / run_command(model_dir, inp, out, args.chunk_rows))
-                rates["raw_ort"].append(args.rows / run_raw_ort(session, Xf, chunk))
+                rates["raw_ort"].append(args.rows / run_raw_ort(sessions, Xf, chunk))
                 rates["sklearn"].append(args.rows / run_sklearn(pipe, X64))
                 rates["read_floor"].append(args.rows / run_read_floor(inp, fmt, features, chunk))
                 print(

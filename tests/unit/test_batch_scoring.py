@@ -85,6 +85,8 @@ def test_scores_match_in_process_onnxruntime(tmp_path, model_package, data, refe
         model_package, inp, out, chunk_rows=100, id_column="customer", progress=chunks.append
     )
     assert len(chunks) > 1 and sum(chunks) == len(X) == summary.rows
+    # Parquet chunks are exact; CSV chunks are sized in bytes from the first rows: close to 100
+    assert max(chunks) == 100 if in_fmt == "parquet" else 50 <= max(chunks) <= 200
     got = read(out)
     assert got.column_names == ["customer", "prediction", *[f"prob_{c}" for c in class_names]]
     assert got.column("customer").to_pylist() == [f"c{i:05d}" for i in range(len(X))]
@@ -112,6 +114,16 @@ def test_scores_agree_with_sklearn(tmp_path, data):
     np.testing.assert_array_equal(got.column("prediction").to_numpy(), pipe.predict(X))
     probs = np.column_stack([got.column(f"prob_{c}").to_numpy() for c in class_names])
     np.testing.assert_allclose(probs, pipe.predict_proba(X), atol=1e-5)
+
+
+def test_output_gets_the_usual_file_mode(tmp_path, model_package, data):
+    """The temporary file is private while written; the result has the mode of any new file."""
+    X, features, _ = data
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")
+    out = tmp_path / "out.parquet"
+    scoring.score_file(model_package, write(table(X[:10], features), tmp_path / "in.parquet"), out)
+    assert out.stat().st_mode == plain.stat().st_mode
 
 
 def test_row_numbers_when_no_id_column(tmp_path, model_package, data):
