@@ -637,3 +637,12 @@ def test_readme_documents_every_value():
     assert not missing, f"undocumented values: {missing}"
     for name in ("<fullname>-stable-predictor", "<fullname>-canary-predictor", "rollout.mlrollout.io/state"):
         assert name in readme
+
+
+def test_knative_notes_use_the_knative_ingress(tools):
+    proc = tools.run(tools.helm, "install", "bc", CHART, "--dry-run=client", "--namespace", NAMESPACE,
+                     "-f", CHART / "ci" / "knative-canary-values.yaml", check=True)  # fmt: skip
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "Traffic: 20% -> latest revision" in notes
+    assert f"get inferenceservice {FULL} -o jsonpath='{{.status.url}}'" in notes
+    assert "port-forward" not in notes  # Knative's <isvc>-predictor Service is an ExternalName
