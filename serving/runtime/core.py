@@ -9,7 +9,6 @@ same functions here, so a request is validated exactly once and the same way on 
 from __future__ import annotations
 
 import math
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,7 +262,7 @@ def v1_response(labels: np.ndarray, proba: np.ndarray, want_proba: bool) -> dict
 @dataclass
 class V2Request:
     x: np.ndarray
-    id: str  # the request's id, or a fresh UUID (KServe's InferenceResponse requires one)
+    id: str | None  # the request's id (optional in V2 answers: omitted when the request has none)
     outputs: list[tuple[str, bool]]  # (name, binary) in the order requested; all outputs when none asked
 
 
@@ -366,7 +365,7 @@ def parse_v2(
     rid = body.get("id")
     return V2Request(
         x=x,
-        id=str(uuid.uuid4()) if rid is None else str(rid),
+        id=None if rid is None else str(rid),
         outputs=_requested_outputs(body.get("outputs"), spec, binary_default),
     )
 
@@ -392,7 +391,11 @@ def v2_response(spec: ModelSpec, req: V2Request, arrays: dict[str, np.ndarray]) 
         else:
             entry["data"] = a.ravel().tolist()
         outs.append(entry)
-    return {"model_name": spec.name, "model_version": spec.version, "id": req.id, "outputs": outs}, raws
+    response: dict[str, Any] = {"model_name": spec.name, "model_version": spec.version}
+    if req.id is not None:
+        response["id"] = req.id
+    response["outputs"] = outs
+    return response, raws
 
 
 def scores(proba: np.ndarray, labels: np.ndarray, classes: tuple) -> np.ndarray:

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +238,7 @@ class OnnxModel(Model):
             out.set_data_from_numpy(arrays[name], binary_data=False)
             outputs.append(out)
         return InferResponse(
-            response_id=req.id,
+            response_id=req.id or str(uuid.uuid4()),  # KServe's InferenceResponse requires an id
             model_name=self.name,
             model_version=self.spec.version,
             infer_outputs=outputs,

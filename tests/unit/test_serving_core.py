@@ -86,7 +86,8 @@ def test_v2_flat_nested_and_binary_data_agree():
         np.testing.assert_array_equal(req.x, flat.x)
     assert flat.outputs == [("label", False), ("probabilities", False)]
     assert binary.outputs == [("label", True)] and binary.id == "a"
-    assert flat.id and flat.id != nested.id  # generated when the request has none
+    assert flat.id is None  # and the answer then has no id (optional in V2)
+    assert "id" not in core.v2_response(SPEC, flat, core.output_arrays(np.zeros(2), np.zeros((2, 2))))[0]
 
 
 @pytest.mark.parametrize(
