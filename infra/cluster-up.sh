@@ -164,9 +164,8 @@ kserve() {
   # The webhook answers "connection refused" / x509 for a while after its endpoint turns ready
   # (kserve#4182, #5037, #3748): prove admission works with a server-side dry-run, retried.
   retry 12 5 "${KUBECTL}" apply --dry-run=server -f "${INFRA_DIR}/manifests/kserve-webhook-probe.yaml"
-  # storage-initializer admitted under Pod Security `restricted` (kserve#5373): see the patch file
-  retry 6 5 "${KUBECTL}" patch clusterstoragecontainer default --type merge \
-    --patch-file "${INFRA_DIR}/manifests/storage-initializer-restricted.yaml"
+  # storage-initializer admitted under Pod Security `restricted` (kserve#5373): see the manifest
+  apply_rendered "${INFRA_DIR}/manifests/storage-container.yaml"
   # the project's ClusterServingRuntime `mlrollout-onnx` (shared by every chart release; manifests/base/runtime)
   retry 6 5 "${KUBECTL}" apply -k "${REPO_ROOT}/manifests/base/runtime"
 }

@@ -55,7 +55,8 @@ def render(path: Path, **env: str) -> str:
 
 SEMVER = re.compile(r"(?<![\w.])v?\d+\.\d+\.\d+(?:-[\w.]+)?(?![\w.])")
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-IMAGE_LITERAL = re.compile(r"^\s*-?\s*image:\s*['\"]?(?!\$\{)[\w./-]+:[\w.-]+", re.M)
+# an image reference with a literal tag (a tag built from a ${KEY} placeholder is fine)
+IMAGE_LITERAL = re.compile(r"^\s*-?\s*image:\s*['\"]?(?!\$\{)[\w./-]+:(?![^\s'\"]*\$\{)[\w.-]+", re.M)
 
 
 def strip_comment(line: str) -> str:
@@ -90,6 +91,7 @@ def test_scanner_catches_planted_pins():
     clean = (
         "listenAddress: 127.0.0.1   # v1.2.3 in a comment is fine\n"
         "image: ${PROMETHEUS_IMAGE}\n"
+        "    image: kserve/storage-initializer:v${KSERVE_VERSION}\n"
         "apiVersion: kind.x-k8s.io/v1alpha4\n"
         'python-version: "3.11"\n'
     )
@@ -287,11 +289,16 @@ def test_manifests_validate_against_kubernetes_schemas(name):
         kubernetes_validate.validate({**first, "metadataa": {}}, k8s_version, strict=True)
 
 
-def test_storage_initializer_patch_passes_the_restricted_profile():
-    """The merge patch gives KServe's injected storage-initializer every field Pod Security `restricted`
-    checks on a container; validated as a real Pod container against the Kubernetes schema."""
-    patch = yaml.safe_load((INFRA / "manifests" / "storage-initializer-restricted.yaml").read_text())
-    sc = patch["spec"]["container"]["securityContext"]
+def test_storage_container_passes_the_restricted_profile():
+    """KServe's injected storage-initializer gets every field Pod Security `restricted` checks on a
+    container; its container is validated as a real Pod container against the Kubernetes schema, and the
+    object keeps KServe's own spec (s3:// handled, image of the pinned KServe release)."""
+    csc = yaml.safe_load(render(INFRA / "manifests" / "storage-container.yaml"))
+    assert (csc["kind"], csc["metadata"]["name"]) == ("ClusterStorageContainer", "default")
+    container = csc["spec"]["container"]
+    assert container["image"] == f"kserve/storage-initializer:v{read_versions()['KSERVE_VERSION']}"
+    assert {"prefix": "s3://"} in csc["spec"]["supportedUriFormats"]
+    sc = container["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
     assert sc["runAsNonRoot"] is True and sc["runAsUser"] > 0
@@ -300,10 +307,7 @@ def test_storage_initializer_patch_passes_the_restricted_profile():
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "p"},
-        "spec": {
-            "initContainers": [{"name": "storage-initializer", "image": "x", "securityContext": sc}],
-            "containers": [{"name": "c", "image": "x"}],
-        },
+        "spec": {"initContainers": [container], "containers": [{"name": "c", "image": "x"}]},
     }
     kubernetes_validate.validate(pod, "1.34", strict=True)
 

@@ -107,7 +107,7 @@ def test_dry_run_plan_is_ordered_and_waits_have_timeouts():
         r"deployment/kserve-controller-manager",
         r"^wait_for .*KServe webhook",
         r"apply --dry-run=server -f .*kserve-webhook-probe\.yaml",
-        r"patch clusterstoragecontainer default --type merge --patch-file .*storage-initializer-restricted",
+        r"render infra/manifests/storage-container\.yaml",
         r"apply -k .*/manifests/base/runtime$",
         rf"kustomize/cluster-scoped-resources\\?\?ref={re.escape(versions['KFP_VERSION'])}",
         r"wait --for=condition=Established .*crd/applications\.app\.k8s\.io",
@@ -326,7 +326,7 @@ def test_full_run_reuses_cluster_and_retries_the_webhook_race(stand_ins):
         assert want in annotate
     assert "--from-literal=AWS_ACCESS_KEY_ID=minio" in next(c for c in calls if "create secret generic" in c)
     applied = [p.read_text() for p in sorted(tmp_path.glob("applied-*.yaml"))]
-    assert len(applied) == 3  # gateway, prometheus, model namespace
+    assert len(applied) == 4  # gateway, storage container, prometheus, model namespace
     assert all("${" not in text for text in applied)
     assert re.search(r"^timings", proc.stderr, re.M) is None  # step banner, not a bare line
     assert re.search(r"==> timings", proc.stderr) and "total " in proc.stderr
