@@ -443,6 +443,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "results.json").write_text(json.dumps(data, indent=2))
     (out / "report.txt").write_text(report + "\n")
+    if "floor" in names:
+        peer = "mlserver-sklearn" if "mlserver-sklearn" in names else None
+        md = stats.format_markdown(cells, names, "floor", peer)
+        (out / "report.md").write_text(
+            md
+            + "\n\n"
+            + "\n".join(f"- {line.strip()}" for line in stats.format_targets(results).splitlines())
+            + "\n"
+        )
     try:
         from serving.bench import plot
 

@@ -36,7 +36,7 @@ LAYERS: dict[str, str] = {
     "fastapi": r"\(fastapi/",
     "starlette": r"\(starlette/",
     "uvicorn / httptools": r"\((uvicorn|httptools)/",
-    "asyncio": r"\(asyncio/",
+    "event loop (asyncio; uvloop native work shows as Runner.run)": r"\(asyncio/",
     "kserve": r"\(kserve/",
     "mlserver": r"\(mlserver/",
     "this project (serving/)": r"\(serving/(?!bench/)",

@@ -221,3 +221,40 @@ def format_targets(results: Sequence[TargetResult]) -> str:
             f"{r.ratio.fmt(2)} (need >= {t.minimum:g}; from CPU µs/request: {r.cpu_ratio.fmt(2)})"
         )
     return "\n".join(lines)
+
+
+def format_markdown(
+    cells: Sequence[Cell], servers: Sequence[str], baseline: str, peer: str | None = None
+) -> str:
+    """The table as Markdown: req/s median [min–max], same-round ratios to ``baseline`` (req/s and
+    CPU), to ``peer`` (req/s), p50/p99 and CPU µs/request per endpoint and concurrency."""
+    summaries = summarize(cells)
+    concs = sorted({c.concurrency for c in cells})
+    head = ["endpoint", "c", "req/s median [min–max]", f"÷ {baseline} (req/s)", f"÷ {baseline} (CPU)"]
+    if peer:
+        head.append(f"÷ {peer} (req/s)")
+    head += ["p50 ms", "p99 ms", "CPU µs/req"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in servers:
+        for c in concs:
+            row = summaries.get((s, c))
+            if row is None:
+                continue
+            cols = [
+                s,
+                str(c),
+                row.rps.fmt(0),
+                same_round_ratio(cells, s, baseline, c).fmt(2) if s != baseline else "1",
+                same_round_ratio(cells, baseline, s, c, "cpu_us_per_request").fmt(2)
+                if s != baseline
+                else "1",
+            ]
+            if peer:
+                cols.append(same_round_ratio(cells, s, peer, c).fmt(2) if s != peer else "1")
+            cols += [
+                f"{row.p50_ms.median:.2f}",
+                f"{row.p99_ms.median:.2f}",
+                f"{row.cpu_us_per_request.median:.0f}",
+            ]
+            lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines)

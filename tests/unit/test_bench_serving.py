@@ -162,3 +162,20 @@ def test_cli_quick_mode_and_bad_arguments():
         parse_args(["--concurrency", "8,x"])
     with pytest.raises(SystemExit):
         parse_args(["--endpoints", "floor", "--profile", "runtime-v2"])
+
+
+def test_markdown_table_pairs_rounds_for_every_ratio():
+    cells = []
+    for rnd, (floor, rt, ml) in enumerate(((1000, 600, 100), (1200, 840, 120)), start=1):
+        cells += [
+            _cell("floor", 8, rnd, floor, cpu_s=0.2),
+            _cell("rt", 8, rnd, rt, cpu_s=0.25),
+            _cell("ml", 8, rnd, ml, cpu_s=2.0),
+        ]
+    md = stats.format_markdown(cells, ["rt", "floor", "ml"], "floor", "ml")
+    rt_row = next(line for line in md.splitlines() if line.startswith("| rt |"))
+    # req/s ÷ floor per round: 0.60, 0.70; CPU: 200/250 = 0.80; ÷ ml per round: 6.0, 7.0
+    assert rt_row == (
+        "| rt | 8 | 720 [600–840] | 0.65 [0.60–0.70] | 0.80 [0.80–0.80] | 6.50 [6.00–7.00] "
+        "| 1.00 | 2.00 | 250 |"
+    )
