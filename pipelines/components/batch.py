@@ -7,7 +7,7 @@ that embedded tree: kfp injects it at run time and it is not part of the compone
 """
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 from pipelines.components.runtime import BASE_IMAGE, requirements, stage_core
 
@@ -29,6 +29,7 @@ def batch_score(
     predictions: Output[Dataset],
     summary: Output[Metrics],
     report: Output[Markdown],
+    score_plot: Output[HTML],
     core: dsl.EmbeddedInput[dsl.Dataset],
 ):
     """Score a CSV/Parquet table with a packaged ONNX model (sha256-checked) into ``predictions``.
@@ -74,6 +75,8 @@ def batch_score(
         summary.log_metric(f"predicted_{name}", n)
     with open(report.path, "w") as f:
         f.write(scoring.summary_markdown(result))
+    with open(score_plot.path, "w") as f:
+        f.write(scoring.summary_html(result))
     print(result.line())
 
 

@@ -51,6 +51,7 @@ ROW_NUMBER_COLUMN = "row_number"
 DEFAULT_ID_COLUMN = "id"
 PREDICTION_COLUMN = "prediction"
 PROB_PREFIX = "prob_"
+SCORE_BINS = 20
 FORMATS = ("csv", "parquet")
 _SUFFIX_FORMAT = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _QUEUE_DEPTH = 2  # chunks in flight between two stages: enough to overlap, little memory
@@ -475,6 +476,9 @@ class ScoreSummary:
     id_column: str
     class_counts: dict[str, int]
     model: str
+    # rows per score bin [i/20, (i+1)/20); score = P(positive class) for binary models, else
+    # P(predicted class): the same score the serving runtime exports as mlrollout_prediction_score
+    score_histogram: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
 
     @property
     def rows_per_s(self) -> float:
@@ -501,7 +505,42 @@ def summary_markdown(s: ScoreSummary) -> str:
     for name, n in s.class_counts.items():
         share = n / s.rows if s.rows else 0.0
         lines.append(f"| {name} | {n:,} | {share:.1%} |")
+    lines += ["", "| score | rows |", "| --- | ---: |"]
+    for i, n in enumerate(s.score_histogram):
+        lines.append(f"| {i / SCORE_BINS:.2f}-{(i + 1) / SCORE_BINS:.2f} | {n:,} |")
     return "\n".join(lines) + "\n"
+
+
+def summary_html(s: ScoreSummary) -> str:
+    """The score distribution as a self-contained HTML page (inline SVG, no plotting library):
+    the KFP UI renders it on the run page; compare it across runs to spot a shift in the data."""
+    width, height, pad = 600, 220, 30
+    top = max(s.score_histogram) or 1
+    bar_w = (width - 2 * pad) / SCORE_BINS
+    bars = []
+    for i, n in enumerate(s.score_histogram):
+        h = (height - 2 * pad) * n / top
+        x, y = pad + i * bar_w, height - pad - h
+        lo, hi = i / SCORE_BINS, (i + 1) / SCORE_BINS
+        bars.append(
+            f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w - 2:.1f}" height="{h:.1f}" fill="#3b78c2">'
+            f"<title>score {lo:.2f}-{hi:.2f}: {n:,} rows</title></rect>"
+        )
+    ticks = "".join(
+        f'<text x="{pad + t * (width - 2 * pad):.1f}" y="{height - pad + 16}" font-size="11" '
+        f'text-anchor="middle">{t:.2f}</text>'
+        for t in (0, 0.25, 0.5, 0.75, 1.0)
+    )
+    shares = ", ".join(f"{k}: {v:,}" for k, v in s.class_counts.items())
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{s.model} batch scores</title></head>"
+        f"<body style='font-family:sans-serif'><h3>Score distribution: {s.model}, {s.rows:,} rows</h3>"
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#555"/>'
+        f"{''.join(bars)}{ticks}</svg>"
+        f"<p>score = P(positive class) (binary) or P(predicted class); tallest bar {top:,} rows. "
+        f"Predicted classes: {shares}.</p></body></html>\n"
+    )
 
 
 class _Stage(threading.Thread):
@@ -602,6 +641,7 @@ def score_file(
     features = model.features
     n_classes = len(model.prob_columns)
     counts = np.zeros(max(1, len(model.classes)), dtype=np.int64)
+    hist = np.zeros(SCORE_BINS, dtype=np.int64)
     class_index = {c: i for i, c in enumerate(model.classes)}
     offset = [0]
 
@@ -638,6 +678,10 @@ def score_file(
             for v, k in zip(values.tolist(), n.tolist(), strict=True):
                 if v in class_index:
                     counts[class_index[v]] += k
+        if len(label):
+            score = proba[:, 1] if n_classes == 2 else proba.max(axis=1)
+            bins = np.clip((score * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
+            hist[:] += np.bincount(bins, minlength=SCORE_BINS)
         if progress is not None:
             progress(len(label))
         return len(label)
@@ -686,4 +730,5 @@ def score_file(
         id_column=id_name,
         class_counts={str(n): int(c) for n, c in zip(names, counts.tolist(), strict=False)},
         model=f"{model.name}:{model.version}",
+        score_histogram=hist.tolist(),
     )

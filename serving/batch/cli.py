@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail if the output file exists (default: replace it, atomically)",
     )
     p.add_argument(
+        "--report",
+        default=None,
+        help="also write an HTML page with the score distribution and predicted-class counts",
+    )
+    p.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
@@ -121,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             on_open=lambda src: _set_total(bar, src.total_rows),
         )
         bar.close()
+        if args.report:
+            with open(args.report, "w") as f:
+                f.write(scoring.summary_html(summary))
         shares = ", ".join(f"{k}={v}" for k, v in summary.class_counts.items())
         print(f"{summary.line()} [{shares}]", file=sys.stderr)
         return 0

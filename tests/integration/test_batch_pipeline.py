@@ -54,6 +54,7 @@ def _check_outputs(run_dir: Path, predictions_path: str, model_package, X):
     task_dir = next(p for p in run_dir.rglob("executor_output.json") if "batch-score" in str(p)).parent
     report = (task_dir / "report").read_text()
     assert f"rows scored: **{len(X):,}**" in report
+    assert (task_dir / "score_plot").read_text().count("<rect ") == 20
     out = json.loads((task_dir / "executor_output.json").read_text())
     metrics = out["artifacts"]["summary"]["artifacts"][0]["metadata"]
     assert metrics["rows"] == len(X)

@@ -309,6 +309,31 @@ def test_cli_progress_bar_and_summary(tmp_path, model_package, data, monkeypatch
     assert len(lines) == 1 and "rows/s" in lines[0] and "\r" not in quiet.getvalue()
 
 
+def test_score_histogram_and_reports(tmp_path, model_package, data, reference):
+    """The histogram is the runtime's score (P(positive class)) binned by 0.05, over every row."""
+    import xml.etree.ElementTree as ET
+
+    X, features, _ = data
+    inp = write(table(X, features), tmp_path / "in.parquet")
+    rc = cli.main(
+        ["--model_dir", str(model_package), "--input", str(inp), "--output", str(tmp_path / "o.parquet"),
+         "--chunk-rows", "100", "--report", str(tmp_path / "r.html")]
+    )  # fmt: skip
+    assert rc == 0
+    summary = scoring.score_file(model_package, inp, tmp_path / "o2.parquet", chunk_rows=100)
+    _, proba = reference(X)
+    expected = np.bincount(np.minimum((proba[:, 1] * 20).astype(int), 19), minlength=20)
+    assert summary.score_histogram == expected.tolist() and sum(summary.score_histogram) == len(X)
+    html = (tmp_path / "r.html").read_text()
+    svg = ET.fromstring(html[html.index("<svg") : html.index("</svg>") + 6])
+    rects = [e for e in svg.iter() if e.tag.endswith("rect")]
+    assert len(rects) == 20
+    heights = [float(r.get("height")) for r in rects]
+    assert heights.index(max(heights)) == int(np.argmax(expected))  # tallest bar = fullest bin
+    md = scoring.summary_markdown(summary)
+    assert f"| 0.95-1.00 | {expected[19]:,} |" in md
+
+
 def test_prob_column_names_are_safe_and_unique():
     assert scoring.prob_column_names(["no churn", "churn!"]) == ["prob_no_churn", "prob_churn"]
     assert scoring.prob_column_names(["a b", "a-b", "a/b"]) == ["prob_0", "prob_1", "prob_2"]
