@@ -15,7 +15,9 @@ and measures, interleaved round by round so machine noise hits every contender a
   {one call over all rows, one call per chunk of the command's chunk size};
 * **sklearn**: the fitted sklearn pipeline's ``predict_proba`` on the same rows in memory (float64);
 * **read floor**: pyarrow reading the feature columns of the same file, nothing else, to show how
-  much of the command's time the file format itself costs.
+  much of the command's time the file format itself costs;
+* **subprocess**: the same command as a new ``python -m serving.batch`` process (interpreter
+  start-up and imports included), as a user runs it.
 
 It prints rows/s per round, the medians and the ratios command ÷ raw ORT (target ≥ 0.80),
 command ÷ sklearn and command ÷ read floor, and checks the command's output against raw ORT.
@@ -30,6 +32,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -142,6 +145,20 @@ def run_command(model_dir: Path, inp: Path, out: Path, chunk_rows: int | None) -
     return dt_s
 
 
+def run_subprocess(model_dir: Path, inp: Path, out: Path, chunk_rows: int | None) -> float:
+    """The real shell command, interpreter start-up and imports included."""
+    argv = [sys.executable, "-m", "serving.batch", "--model_dir", str(model_dir), "--input", str(inp),
+            "--output", str(out), "--no-progress"]  # fmt: skip
+    if chunk_rows:
+        argv += ["--chunk-rows", str(chunk_rows)]
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    dt_s = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"batch command failed ({p.returncode}): {p.stderr.strip()}")
+    return dt_s
+
+
 def run_raw_ort(sessions: list[ort.InferenceSession], Xf: np.ndarray, chunk_rows: int) -> float:
     """The best time over the sessions (onnxruntime defaults, and the command's options) of one
     ``run`` over all rows and of one ``run`` per chunk: the strongest raw-ORT peer we can build."""
@@ -211,12 +228,15 @@ def main(argv: list[str] | None = None) -> int:
             inp = args.out / f"input-{args.rows}.{fmt}"
             write_input(table, fmt, inp)
             out = args.out / f"scored-{est}.{fmt}"
-            rates: dict[str, list[float]] = {"command": [], "raw_ort": [], "sklearn": [], "read_floor": []}
+            rates: dict[str, list[float]] = {
+                "command": [], "raw_ort": [], "sklearn": [], "read_floor": [], "subprocess": []
+            }  # fmt: skip
             for r in range(args.rounds):
                 rates["command"].append(args.rows / run_command(model_dir, inp, out, args.chunk_rows))
                 rates["raw_ort"].append(args.rows / run_raw_ort(sessions, Xf, chunk))
                 rates["sklearn"].append(args.rows / run_sklearn(pipe, X64))
                 rates["read_floor"].append(args.rows / run_read_floor(inp, fmt, features, chunk))
+                rates["subprocess"].append(args.rows / run_subprocess(model_dir, inp, out, args.chunk_rows))
                 print(
                     f"  {est:7s} {fmt:7s} round {r + 1}: "
                     + "  ".join(f"{k} {v[-1]:>12,.0f} rows/s" for k, v in rates.items()),
@@ -234,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command_vs_raw_ort_per_round": per_round,
                 "command_vs_sklearn": med["command"] / med["sklearn"],
                 "command_vs_read_floor": med["command"] / med["read_floor"],
+                "subprocess_vs_raw_ort": med["subprocess"] / med["raw_ort"],
                 "parity_max_abs_dp": max_dp,
                 "parity_label_mismatches": flips,
                 "input_bytes": inp.stat().st_size,
@@ -242,20 +263,22 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"{'model':7s} {'format':7s} {'command':>11s} {'raw ORT':>11s} {'sklearn':>11s} {'read floor':>11s}"
-        f"  {'cmd/ORT':>7s} {'cmd/skl':>7s} {'cmd/read':>8s}  parity"
+        f" {'subprocess':>11s}  {'cmd/ORT':>7s} {'cmd/skl':>7s} {'cmd/read':>8s} {'sub/ORT':>7s}  parity"
     )
     for r in results:
         m = r["median_rows_per_s"]
         flag = "ok" if r["command_vs_raw_ort"] >= TARGET else f"below {TARGET:.2f} target"
         print(
             f"{r['model']:7s} {r['format']:7s} {m['command']:>11,.0f} {m['raw_ort']:>11,.0f} "
-            f"{m['sklearn']:>11,.0f} {m['read_floor']:>11,.0f}  {r['command_vs_raw_ort']:>7.2f} "
-            f"{r['command_vs_sklearn']:>7.2f} {r['command_vs_read_floor']:>8.2f}  "
+            f"{m['sklearn']:>11,.0f} {m['read_floor']:>11,.0f} {m['subprocess']:>11,.0f}  "
+            f"{r['command_vs_raw_ort']:>7.2f} {r['command_vs_sklearn']:>7.2f} "
+            f"{r['command_vs_read_floor']:>8.2f} {r['subprocess_vs_raw_ort']:>7.2f}  "
             f"max|dp| {r['parity_max_abs_dp']:.1e}, {r['parity_label_mismatches']} label flips  ({flag})"
         )
     print(
         "rows/s are medians over rounds; cmd/ORT: command ÷ raw onnxruntime on the same rows in memory "
-        f"(target ≥ {TARGET:.2f}); cmd/read: command ÷ pyarrow reading the same file and nothing else"
+        f"(target ≥ {TARGET:.2f}); cmd/read: command ÷ pyarrow reading the same file and nothing else; "
+        "subprocess: `python -m serving.batch` as a new process (start-up and imports included)"
     )
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {args.out / 'results.json'}")
