@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         scripts[ep.name].write_text(wrk.lua_script(json.dumps(ep.body, separators=(",", ":"))))
 
     cells: list[stats.Cell] = []
+    failed: list[str] = []
     profile: dict | None = None
     try:
         log(">> starting servers (each pinned, 127.0.0.1, free ports)")
@@ -351,18 +352,22 @@ def main(argv: list[str] | None = None) -> int:
             for conc in args.concurrency:
                 for ep in order:
                     i += 1
-                    cell = measure(
-                        ep,
-                        servers[ep.server],
-                        scripts[ep.name],
-                        conc,
-                        args.duration,
-                        rnd,
-                        server_cpu,
-                        client_cpu,
-                    )
+                    server = servers[ep.server]
+                    try:
+                        cell = measure(
+                            ep, server, scripts[ep.name], conc, args.duration, rnd, server_cpu, client_cpu
+                        )
+                    except wrk.WrkError as exc:  # one lost cell must not lose the run: say so, go on
+                        log(f"   [{i:>3}/{n_cells}] round {rnd} c={conc} {ep.name}: NOT MEASURED: {exc}")
+                        failed.append(f"round {rnd} c={conc} {ep.name}: {exc}")
+                        continue
                     cells.append(cell)
                     log(f"   [{i:>3}/{n_cells}] round {rnd} " + progress_line(cell))
+                    if server.proc is not None and server.proc.poll() is not None:
+                        raise RuntimeError(
+                            f"{server.name} exited with code {server.proc.returncode} during the run; "
+                            f"see {server.log_path}:\n{server.log_tail()}"
+                        )
         if args.profile:
             from serving.bench import profile as prof
 
@@ -394,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     log(report)
+    if failed:
+        log(f"\n{len(failed)} cell(s) not measured:\n  " + "\n  ".join(failed))
     noisy = [
         c
         for c in cells
@@ -413,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "model": {"name": card["name"], "version": card["version"], "estimator": card.get("estimator")},
         "cells": [c.to_dict() for c in cells],
+        "failed_cells": failed,
         "summary": [
             {
                 "endpoint": s.server,
@@ -464,5 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    try:
+        return main()
+    except (RuntimeError, wrk.WrkError) as exc:  # a server or wrk failed: one clear message, exit 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

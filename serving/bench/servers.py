@@ -79,7 +79,7 @@ class Server:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(
                     f"{self.name} exited with code {self.proc.returncode} before it was ready; "
-                    f"see {self.log_path}:\n{self.log_tail()}"
+                    f"its log ends with:\n{self.log_tail(3)}\n(whole log: {self.log_path})"
                 )
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
