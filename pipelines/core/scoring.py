@@ -625,6 +625,11 @@ def score_file(
         raise BatchScoringError(f"output {str(out)!r} is a directory: give a file name (*.csv / *.parquet)")
     if Path(input_path).exists() and out.exists() and out.resolve() == Path(input_path).resolve():
         raise BatchScoringError("output would overwrite the input file: choose another output path")
+    ancestor = next(a for a in out.absolute().parents if a.exists())  # the filesystem root exists
+    if not ancestor.is_dir():
+        raise BatchScoringError(
+            f"{str(ancestor)!r} is a file, so {str(out)!r} cannot be created: fix --output"
+        )
     model = model_dir if isinstance(model_dir, BatchModel) else load_model(model_dir, threads, spinning)
     chunk_rows = chunk_rows or auto_chunk_rows(len(model.features))
     src = open_source(input_path, model.features, id_column, chunk_rows, input_fmt)

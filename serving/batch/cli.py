@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from pipelines.core import modelcard, scoring
@@ -101,7 +102,8 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the interrupt
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     show = args.progress and sys.stderr.isatty()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    in_main = threading.current_thread() is threading.main_thread()  # signals only go to the main thread
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     bar = None
     try:
         from tqdm import tqdm
@@ -136,6 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _close(bar)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unreadable input, unwritable output folder, disk full...
+        _close(bar)
+        where = f" ({e.filename})" if e.filename else ""
+        print(
+            f"error: {e.strerror or e}{where}: check the path, its permissions and free space",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         _close(bar)
         print("interrupted (SIGINT): no output written", file=sys.stderr)
@@ -145,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("terminated (SIGTERM): no output written", file=sys.stderr)
         return 143
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _set_total(bar, total: int | None) -> None:

@@ -287,6 +287,18 @@ def test_cli_output_extension_and_overwrite_rules(tmp_path, model_package, data,
     assert "'nope'" in capsys.readouterr().err and (tmp_path / "o.csv").read_text() == "keep me"
 
 
+def test_cli_unwritable_output_is_one_line(tmp_path, model_package, data, capsys):
+    X, features, _ = data
+    inp = write(table(X[:10], features), tmp_path / "in.parquet")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    rc = cli.main(
+        ["--model_dir", str(model_package), "--input", str(inp), "--output", str(blocker / "o.csv")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "not-a-folder" in err[0]
+
+
 class _Tty(io.StringIO):
     def isatty(self):
         return True
