@@ -293,7 +293,8 @@ class Controller:
                 continue
             else:
                 paused_logged = False
-            self.sleep(min(self.poll_s, max(st.next_analysis_at - self.clock(), 0.01)))
+            wait = self.poll_s if st.phase is Phase.PAUSED else max(st.next_analysis_at - self.clock(), 0.01)
+            self.sleep(min(self.poll_s, wait))
             rec = self.store.load()
 
 
