@@ -40,6 +40,20 @@ def cli_run(tmp_path_factory):
     upload. ``test_pipeline_compiled`` proves that file is what the pipeline function compiles to,
     and the bad-input tests below run the pipeline function itself."""
     tmp = tmp_path_factory.mktemp("cli-run")
+    baseline = tmp / "serving" / "model-card.json"  # the model now serving: the challenger must not be worse
+    baseline.parent.mkdir()
+    baseline.write_text(
+        json.dumps(
+            {
+                "name": "breast-cancer",
+                "version": "0.9.0",
+                "sha256": "x",
+                "inputs": [],
+                "outputs": [],
+                "metrics": {"accuracy": 0.95, "f1": 0.95, "roc_auc": 0.99},
+            }
+        )
+    )
     proc = subprocess.run(
         [
             sys.executable,
@@ -56,6 +70,8 @@ def cli_run(tmp_path_factory):
             str(COMPILED),
             "--version",
             "1.2.3",
+            "--baseline-card",
+            str(baseline),
         ],
         cwd=REPO,
         capture_output=True,
@@ -100,6 +116,13 @@ def test_packaged_model_matches_its_card(cli_run):
     assert card["inputs"][0]["features"] == list(data.load_dataset().columns[:-1])
     assert card["metrics"]["accuracy"] > 0.9 and set(card["metrics"]) >= {"precision", "recall", "log_loss"}
     assert card["estimator"] == "logistic_regression" and card["hyperparameters"]["max_iter"] == 5000
+    gate = card["gate"]
+    assert gate["passed"] and gate["baseline"] == "breast-cancer@0.9.0"
+    assert [c["check"] for c in gate["checks"]][3:] == [
+        "accuracy >= baseline breast-cancer@0.9.0 0.9500 - 0.01",
+        "f1 >= baseline breast-cancer@0.9.0 0.9500 - 0.01",
+        "roc_auc >= baseline breast-cancer@0.9.0 0.9900 - 0.01",
+    ]
 
 
 def test_onnx_outputs_are_plain_tensors(cli_run):
