@@ -108,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-accuracy", type=float, help="enable the accuracy gate on labelled feedback")
     g.add_argument("--max-accuracy-drop", type=float, default=0.05)
     g.add_argument("--min-labelled", type=int, default=50)
-    s.add_argument("--report-dir", help="write the text report and PNG timeline here at the end")
+    s.add_argument(
+        "--report-dir",
+        default="rollout-report",
+        help="where the text report and PNG timeline go at the end (default: ./rollout-report)",
+    )
+    s.add_argument("--no-report", action="store_true", help="write no report at the end")
     s.add_argument("--max-seconds", type=parse_duration, help="stop driving after this long (state is kept)")
     s.add_argument("--force", action="store_true", help="replace a live rollout of other versions")
     _store_args(s)
@@ -240,7 +245,7 @@ def cmd_start(a: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    if a.report_dir:
+    if a.report_dir and not a.no_report and rec["state"]["phase"] in ("Promoted", "RolledBack", "Aborted"):
         from serving.rollout.report import write_report
 
         txt, png = write_report(rec, a.report_dir)

@@ -71,11 +71,35 @@ def text_report(record: dict[str, Any], traffic: Any = None) -> str:
             f"{len(traffic.model_failures(record['stable']['version']))} from stable)",
             "  answers by version: "
             + ", ".join(f"{v or '?'}={n}" for v, n in sorted(traffic.by_version().items())),
+            "  canary share of client answers per weight: "
+            + ", ".join(f"{w}% -> {share:.1f}% (n={n})" for _, w, share, n in client_shares(record, traffic)),
         ]
     return "\n".join(lines) + "\n"
 
 
-def plot_timeline(record: dict[str, Any], path: str | os.PathLike, title: str | None = None) -> Path:
+def client_shares(
+    record: dict[str, Any], traffic: Any, guard_s: float = 0.3
+) -> list[tuple[float, int, float, int]]:
+    """Per weight the router was told: (t_mid, weight, canary share of client answers, n), from the
+    ``x-model-version`` header of every answer the traffic generator received."""
+    hist = [
+        h for h in record["state"].get("history", []) if h["action"] in ("set_weight", "promote", "rollback")
+    ]
+    out = []
+    canary = record["canary"]["version"]
+    for h, nxt in zip(hist, [*hist[1:], None], strict=True):
+        t0 = h["t"] + guard_s
+        t1 = nxt["t"] if nxt else max((a.t for a in traffic.answers), default=t0)
+        ok = [a for a in traffic.answers if t0 <= a.t < t1 and a.status == 200]
+        if ok:
+            share = sum(a.version == canary for a in ok) / len(ok)
+            out.append(((t0 + t1) / 2, h["weight"], 100 * share, len(ok)))
+    return out
+
+
+def plot_timeline(
+    record: dict[str, Any], path: str | os.PathLike, title: str | None = None, traffic: Any = None
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +133,17 @@ def plot_timeline(record: dict[str, Any], path: str | os.PathLike, title: str | 
         if tot:
             obs_t.append(p["t"] - t0)
             obs.append(100 * req["canary"] / tot)
-    ax.plot(obs_t, obs, "o", color="tab:orange", label="canary share observed (server counters)")
+    ax.plot(obs_t, obs, "o", color="tab:orange", label="canary share, analysis window (server counters)")
+    if traffic is not None and traffic.total:
+        cs = client_shares(record, traffic)
+        ax.plot(
+            [c[0] - t0 for c in cs],
+            [c[2] for c in cs],
+            "x",
+            color="tab:purple",
+            ms=9,
+            label="canary share of client answers (x-model-version)",
+        )
     ax.set_ylabel("canary %")
     ax.set_ylim(-5, 105)
     ax.legend(loc="upper left", fontsize=8)
@@ -168,5 +202,5 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     txt = out / f"{stem}-report.txt"
     txt.write_text(text_report(record, traffic))
-    png = plot_timeline(record, out / f"{stem}-timeline.png", title)
+    png = plot_timeline(record, out / f"{stem}-timeline.png", title, traffic=traffic)
     return txt, png

@@ -214,6 +214,8 @@ def _cli(stack, state_file: Path, version: str) -> list[str]:
         "500",
         "--state-file",
         str(state_file),
+        "--report-dir",
+        str(state_file.parent / "report"),
     ]
 
 
@@ -267,3 +269,6 @@ def test_controller_killed_mid_rollout_resumes_at_the_same_step(stack, packages,
     weights = [h["weight"] for h in final["history"] if h["action"] == "set_weight"]
     assert weights == [10, 25, 50, 100][: len(weights)] and weights[-1] == 100
     assert tg.result().failures() == []
+    report = (tmp_path / "report" / "rollout-report.txt").read_text()
+    assert "outcome: Promoted" in report and f"report: {tmp_path / 'report'}" in out
+    assert (tmp_path / "report" / "rollout-timeline.png").read_bytes()[:4] == b"\x89PNG"
