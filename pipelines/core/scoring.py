@@ -377,6 +377,32 @@ def _first_bad_value(col: pa.Array) -> Any:
     return None
 
 
+_NUMPY_TYPES = {
+    pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
+    pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32, pa.uint64(): np.uint64,
+    pa.float16(): np.float16, pa.float32(): np.float32, pa.float64(): np.float64,
+}  # fmt: skip
+
+
+# ``Array.to_numpy`` and ``pa.array`` make pyarrow import pandas on first use: about a second of
+# start-up (measured) that the batch command has no use for. These two go through the buffers.
+def _as_numpy(col: pa.Array) -> np.ndarray:
+    """Zero-copy numpy view of a null-free numeric array (booleans/decimals are cast first)."""
+    dtype = _NUMPY_TYPES.get(col.type)
+    if dtype is None:
+        col, dtype = pc.cast(col, pa.float32()), np.float32
+    if len(col) == 0:
+        return np.empty(0, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    return np.frombuffer(col.buffers()[1], dtype=dtype, count=len(col), offset=col.offset * itemsize)
+
+
+def _from_numpy(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """Zero-copy arrow array over a 1-d numpy array (no nulls)."""
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(values)])
+
+
 def auto_chunk_rows(n_features: int) -> int:
     """Rows per chunk so one chunk's float32 matrix is about ``CHUNK_BYTES``."""
     return int(min(max(CHUNK_BYTES // (4 * max(1, n_features)), 1024), 1 << 20))
@@ -401,7 +427,7 @@ def to_matrix(batch: pa.RecordBatch, features: list[str], first_row: int = 0) ->
                 "the model cannot score missing values: impute or drop those rows"
             )
         # numpy casts (float64/int -> float32) while it scatters into the row-major matrix: one pass
-        out[:, j] = col.to_numpy(zero_copy_only=False)
+        out[:, j] = _as_numpy(col)
     finite = np.isfinite(out)
     if not finite.all():
         r, c = np.argwhere(~finite)[0]
@@ -620,7 +646,10 @@ def score_file(
     out = Path(output_path)
     out_fmt = output_format(out, output_fmt)
     if out.exists() and not overwrite:
-        raise BatchScoringError(f"output {str(out)!r} already exists: remove it or pass --overwrite")
+        raise BatchScoringError(
+            f"output {str(out)!r} already exists and overwriting is off (--no-overwrite): remove it or "
+            "choose another output path"
+        )
     if out.exists() and out.is_dir():
         raise BatchScoringError(f"output {str(out)!r} is a directory: give a file name (*.csv / *.parquet)")
     if Path(input_path).exists() and out.exists() and out.resolve() == Path(input_path).resolve():
@@ -633,16 +662,20 @@ def score_file(
     model = model_dir if isinstance(model_dir, BatchModel) else load_model(model_dir, threads, spinning)
     chunk_rows = chunk_rows or auto_chunk_rows(len(model.features))
     src = open_source(input_path, model.features, id_column, chunk_rows, input_fmt)
-    if on_open is not None:
-        on_open(src)
-    id_name = src.id_column or ROW_NUMBER_COLUMN
-    if id_name in (PREDICTION_COLUMN, *model.prob_columns):
+    try:
+        if on_open is not None:
+            on_open(src)
+        id_name = src.id_column or ROW_NUMBER_COLUMN
+        if id_name in (PREDICTION_COLUMN, *model.prob_columns):
+            raise BatchScoringError(
+                f"id column {id_name!r} has the name of an output column: rename it in the input, or "
+                "pass another --id-column"
+            )
+        schema = output_schema(model, src.id_type, id_name)
+        writer = _AtomicTableWriter(out, out_fmt, schema)
+    except BaseException:
         src.close()
-        raise BatchScoringError(
-            f"id column {id_name!r} has the name of an output column: rename it in the input, or pass "
-            "another --id-column"
-        )
-    schema = output_schema(model, src.id_type, id_name)
+        raise
     features = model.features
     n_classes = len(model.prob_columns)
     counts = np.zeros(max(1, len(model.classes)), dtype=np.int64)
@@ -656,7 +689,7 @@ def score_file(
         ids = (
             batch.column(src.id_column)
             if src.id_column
-            else pa.array(np.arange(first, first + batch.num_rows, dtype=np.int64))
+            else _from_numpy(np.arange(first, first + batch.num_rows, dtype=np.int64), pa.int64())
         )
         return ids, to_matrix(batch, features, first)
 
@@ -676,7 +709,11 @@ def score_file(
     def write_result(item):
         ids, label, proba = item
         probs_t = np.ascontiguousarray(proba.T, dtype=np.float32)
-        arrays = [ids, pa.array(label.astype(np.int64, copy=False)), *(pa.array(p) for p in probs_t)]
+        arrays = [
+            ids,
+            _from_numpy(label.astype(np.int64, copy=False), pa.int64()),
+            *(_from_numpy(p, pa.float32()) for p in probs_t),
+        ]
         writer.write(pa.RecordBatch.from_arrays(arrays, schema=schema))
         if len(model.classes) and len(label):
             values, n = np.unique(label, return_counts=True)
@@ -691,7 +728,6 @@ def score_file(
             progress(len(label))
         return len(label)
 
-    writer = _AtomicTableWriter(out, out_fmt, schema)
     stop = threading.Event()
     q_conv: queue.Queue = queue.Queue(_QUEUE_DEPTH)
     q_scored: queue.Queue = queue.Queue(_QUEUE_DEPTH)

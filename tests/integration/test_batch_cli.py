@@ -84,3 +84,16 @@ def test_interrupted_run_leaves_no_output(tmp_path, model_package, big_input, si
     assert proc.returncode == code, err
     assert "no output written" in err.strip().splitlines()[-1]
     assert list(out_dir.iterdir()) == []  # neither the output nor the temporary file
+
+
+def test_command_never_imports_pandas(tmp_path, model_package, big_input):
+    """pyarrow's ``to_numpy``/``pa.array`` pull in pandas (~1 s of start-up); the command avoids both."""
+    inp, _ = big_input
+    code = (
+        "import sys; from serving.batch import cli; "
+        f"rc = cli.main(['--model_dir', {str(model_package)!r}, '--input', {str(inp)!r}, "
+        f"'--output', {str(tmp_path / 'o.csv')!r}, '--no-progress']); "
+        "print(rc, 'pandas' in sys.modules)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.stdout.split() == ["0", "False"], p.stderr
