@@ -193,3 +193,21 @@ def test_parse_exposition_selects_one_version_and_sums_protocols():
         Target("m", "2.0.0", extra={"namespace": 'a"b'}).selector()
         == '{model="m",namespace="a\\"b",version="2.0.0"}'
     )
+
+
+def test_providers_turn_an_unreachable_backend_into_a_metrics_error():
+    import socket
+
+    from serving.rollout.metrics import MetricsError, PrometheusProvider, ScrapeProvider
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prom = PrometheusProvider(f"http://127.0.0.1:{port}", timeout_s=1)
+    assert prom.online() is False
+    with pytest.raises(MetricsError, match="unreachable"):
+        prom.snapshot(Target("m", "1"))
+    with pytest.raises(MetricsError, match="cannot scrape"):
+        ScrapeProvider(timeout_s=1).snapshot(Target("m", "1", f"http://127.0.0.1:{port}/metrics"))
+    with pytest.raises(MetricsError, match="needs a metrics URL"):
+        ScrapeProvider().snapshot(Target("m", "1"))
