@@ -280,6 +280,10 @@ def _loop_factory(event_loop: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # kserve.model_server parsed sys.argv on import with its own parser, where argparse may read one of
+    # our flags as an abbreviation of one of its own (--access_log -> --access_log_format); what
+    # ModelServer reads from that module (log config, gRPC message sizes) must come from our parse.
+    kms.args = args
     try:
         faults = Faults.from_env()
     except ValueError as e:
