@@ -302,6 +302,12 @@ def versions() -> dict:
         out["git"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
         ).stdout.strip()
+        # measured code that differs from that commit (uncommitted edits to the servers under test)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "serving", "pipelines/core"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.split("\n")  # fmt: skip
+        out["uncommitted"] = [line[3:] for line in dirty if line.strip()]
     return out
 
 
@@ -384,12 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     names = [e.name for e in endpoints]
     results = stats.evaluate(cells, TARGETS)
     baselines = [b for b in ("floor", "mlserver-sklearn", "kserve-default") if b in names]
+    ver = versions()
     report = "\n".join(
         [
             "",
             f"== serving benchmark, {started:%Y-%m-%d %H:%M} UTC, {args.repeats} round(s) x "
             f"{args.duration:g} s per cell; 1 server core + 1 wrk core; "
             f"load average now {os.getloadavg()[0]:.2f}",
+            f"code: git {ver.get('git', '?')}"
+            + (f" + uncommitted {', '.join(ver['uncommitted'])}" if ver.get("uncommitted") else ""),
             stats.format_table(summaries, names, "floor" if "floor" in names else names[0]),
             "",
             stats.format_ratios(cells, names, baselines),
@@ -417,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_utc": started.isoformat(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "pinning": {"server_cpu": server_cpu, "client_cpu": client_cpu, "nproc": os.cpu_count()},
-        "versions": versions(),
+        "versions": ver,
         "model": {"name": card["name"], "version": card["version"], "estimator": card.get("estimator")},
         "cells": [c.to_dict() for c in cells],
         "failed_cells": failed,
