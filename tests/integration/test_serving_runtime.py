@@ -464,3 +464,21 @@ def test_two_workers_share_one_metrics_view(model_package):
         samples = _metric_samples(srv)
         assert _value(samples, "mlrollout_requests_total", protocol="v1", status="200") == 30
         assert _value(samples, "mlrollout_prediction_score_count") == 30
+
+
+def test_demo_helper_shows_the_same_predictions_on_every_protocol(model_package, data, reference):
+    from serving.runtime.client import show_predictions
+
+    X, _ = data
+    rows = X[:3]
+    labels, proba = reference(rows)
+    lines: list[str] = []
+    res = show_predictions(model_package, rows.tolist(), print_fn=lines.append)
+    assert (
+        res["v1"]["predictions"] == labels.tolist() == res["v2"]["label"] == res["grpc"]["outputs"]["label"]
+    )
+    np.testing.assert_allclose(np.reshape(res["grpc"]["outputs"]["probabilities"], (3, 2)), proba, atol=1e-7)
+    assert res["v1_named"]["predictions"] == labels[:1].tolist()
+    assert res["grpc"]["metadata"]["x-model-version"] == "1.0.0"
+    assert res["bad_input"][0] == 400
+    assert lines[0].startswith("runtime breast-cancer 1.0.0 ready") and lines[-1] == "runtime stopped"
