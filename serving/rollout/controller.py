@@ -200,6 +200,19 @@ class Controller:
         self._execute(d.action, d.weight)
         return self._clear_pending()
 
+    def _rebaseline(self) -> dict[str, Any]:
+        try:
+            snaps = self.snapshots()
+        except MetricsError:
+            snaps = {"stable": Snapshot(), "canary": Snapshot()}  # judged as a reset: counts from zero
+
+        def fn(rec):
+            if not rec["baselines"].get("step"):
+                rec["baselines"]["step"] = {k: v.to_dict() for k, v in snaps.items()}
+            return rec
+
+        return self.store.update(fn)
+
     def _analysis(self, rec: dict[str, Any]) -> dict[str, Any]:
         now = self.clock()
         st = RolloutState.from_dict(rec["state"])
@@ -287,6 +300,9 @@ class Controller:
                 if not paused_logged:
                     self.log(f"[{_fmt_time(self.clock())}] paused at canary {st.weight}%: {st.reason}")
                     paused_logged = True
+            elif not rec.get("baselines", {}).get("step"):
+                rec = self._rebaseline()  # resumed by an operator: the analysis window starts now
+                continue
             elif self.clock() >= st.next_analysis_at:
                 paused_logged = False
                 rec = self._analysis(rec)
@@ -329,6 +345,8 @@ def command(
             raise ValueError(f"unknown command {verb!r}")
         decision.append(d)
         rec["state"] = new.to_dict()
+        if d.reset_window and rec.get("baselines"):
+            rec["baselines"]["step"] = None  # the running controller re-baselines on its next tick
         if d.action in (Action.PROMOTE, Action.ROLLBACK):
             rec["pending"] = {"action": d.action.value, "weight": d.weight}
         return rec

@@ -213,6 +213,21 @@ def test_operator_commands_pause_resume_abort(tmp_path):
         ctl.command(store, "promote", router=w)
 
 
+def test_resume_starts_a_fresh_window(tmp_path):
+    """Errors served while paused (say, during a dependency outage) do not count after a resume."""
+    w = World()
+    store, c, _ = make(tmp_path, w)
+    c.run(stop=lambda: True)
+    ctl.command(store, "pause", router=w, clock=w.clock)
+    w.error_rate = 1.0
+    w.sleep(30)  # traffic (all canary answers failing) while paused
+    w.error_rate = 0.0
+    ctl.command(store, "resume", router=w, clock=w.clock)
+    assert store.load()["baselines"]["step"] is None
+    rec = c.run(max_seconds=30)
+    assert rec["state"]["phase"] == "Promoted" and rec["state"]["failed_checks"] == 0
+
+
 def test_begin_refuses_a_second_live_rollout_of_other_versions(tmp_path):
     w = World()
     store, c, _ = make(tmp_path, w)
