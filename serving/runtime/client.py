@@ -62,6 +62,8 @@ class RuntimeServer:
         python: str = sys.executable,
         cwd: str | os.PathLike | None = None,
         taskset: str | None = None,
+        http_port: int = 0,
+        grpc_port: int = 0,
     ):
         self.model_dir = Path(model_dir)
         self.name = name
@@ -72,6 +74,7 @@ class RuntimeServer:
         self.python = python
         self.cwd = cwd
         self.taskset = taskset
+        self.fixed_ports = (http_port, grpc_port)  # 0: pick a free port
         self.http_port = self.grpc_port = 0
         self.proc: subprocess.Popen | None = None
         self._log_file = None
@@ -102,7 +105,8 @@ class RuntimeServer:
         self.input_name = card["inputs"][0]["name"]
         last_error: ServerStartError | None = None
         for _attempt in range(3):  # a free port can be taken between asking and binding: retry
-            self.http_port, self.grpc_port = free_port(self.host), free_port(self.host)
+            self.http_port = self.fixed_ports[0] or free_port(self.host)
+            self.grpc_port = self.fixed_ports[1] or free_port(self.host)
             try:
                 self._start_once()
                 return self
