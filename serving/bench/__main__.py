@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 s cells, 1 s warm-up, 1 round")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per cell (default 10)")
     ap.add_argument(
-        "--warmup", type=float, default=3.0, help="seconds of c=8 warm-up per endpoint (default 3)"
+        "--warmup", type=float, default=3.0, help="seconds of c=8 warm-up per endpoint (default 3; 0: none)"
     )
     ap.add_argument("--repeats", type=int, default=3, help="rounds; every cell is measured once per round")
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated wrk connection counts")
@@ -91,8 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.endpoints) - set(ALL_ENDPOINTS))
     if unknown:
         ap.error(f"unknown endpoint(s) {unknown}; choose from {list(ALL_ENDPOINTS)}")
-    if args.duration < 1 or args.repeats < 1 or any(c < 1 for c in args.concurrency):
-        ap.error("--duration >= 1, --repeats >= 1 and every concurrency >= 1 are required")
+    if args.duration < 1 or args.repeats < 1 or args.warmup < 0 or any(c < 1 for c in args.concurrency):
+        ap.error("--duration >= 1, --warmup >= 0, --repeats >= 1 and every concurrency >= 1 are required")
     if args.profile and args.profile not in args.endpoints:
         ap.error(f"--profile {args.profile!r} is not among --endpoints")
     return args
@@ -349,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             s.wait_ready(timeout_s=180)
             log(f"   {s.name:<17} ready on {s.base_url} (pid {s.proc.pid})")
         check_answers(endpoints, servers, p1)
-        log(f">> warm-up: {args.warmup:g} s at c=8 per endpoint")
-        for ep in endpoints:
-            wrk.run(servers[ep.server].base_url + ep.path, scripts[ep.name], 8, args.warmup, client_cpu)
+        if args.warmup > 0:
+            log(f">> warm-up: {args.warmup:g} s at c=8 per endpoint")
+            for ep in endpoints:
+                wrk.run(servers[ep.server].base_url + ep.path, scripts[ep.name], 8, args.warmup, client_cpu)
         i = 0
         for rnd in range(1, args.repeats + 1):
             order = endpoints[(rnd - 1) % len(endpoints) :] + endpoints[: (rnd - 1) % len(endpoints)]
