@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"batch scoring benchmark: {args.rows:,} rows, {args.rounds} interleaved rounds, chunk "
         f"{args.chunk_rows or 'auto'} rows, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}, "
-        f"pyarrow {pa.__version__}; command run in-process via serving.batch.cli.main"
+        f"pyarrow {pa.__version__}; command run in-process via serving.batch.cli.main; "
+        f"load average at start {os.getloadavg()[0]:.1f}"
     )
     results = []
     for est in args.models.split(","):
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 "parity_max_abs_dp": max_dp,
                 "parity_label_mismatches": flips,
                 "input_bytes": inp.stat().st_size,
+                "load_average_1m_after": os.getloadavg()[0],
             }
             results.append(res)
     print()
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "subprocess: `python -m serving.batch` as a new process (start-up and imports included)"
     )
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results: {args.out / 'results.json'}")
+    print(f"results: {args.out / 'results.json'} (load average now {os.getloadavg()[0]:.1f})")
     return 0
 
 
