@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         access_log_format=args.access_log_format,
         event_loop=args.event_loop,
         timeout_keep_alive=args.timeout_keep_alive,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
     )
     quiet_request_logging(args.access_log, args.enable_latency_logging)
     try:
