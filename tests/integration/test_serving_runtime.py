@@ -514,3 +514,17 @@ def test_malformed_bodies_get_a_4xx_never_a_5xx(server, stock_server, body):
         doc = r.json()  # KServe's own handler answers a body it cannot parse with FastAPI's {"detail"}
         assert doc["error"] if srv is server else (doc.get("error") or doc.get("detail"))
     assert _v1(server, {"instances": [ROW]}).status_code == 200
+
+
+def test_a_stalled_upload_does_not_hold_up_other_clients(server):
+    import socket
+
+    path = f"/v1/models/{server.name}:predict"
+    with socket.create_connection((server.host, server.http_port), timeout=10) as stalled:
+        stalled.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n\r\n".encode()
+            + b'{"instances": [[1.0, '
+        )  # ... and never the rest
+        for _ in range(5):
+            assert _v1(server, {"instances": [ROW]}).status_code == 200
