@@ -1,5 +1,5 @@
 """The batch scoring pipeline under ``kfp.local`` (real executor, real artifacts), from Python and
-from the compiled YAML that users upload; plus a check that the YAML carries the scoring code."""
+from the compiled YAML that users upload (its static checks: tests/unit/test_batch_pipeline_yaml.py)."""
 
 from __future__ import annotations
 
@@ -89,16 +89,3 @@ def test_compiled_yaml_runs_and_fails_cleanly_on_a_bad_table(tmp_path, model_pac
     log = capfd.readouterr()
     assert "lacks 1 column(s) the model needs: 'mean radius'" in log.out + log.err  # the step's log says why
     assert not [p for p in (tmp_path / "bad").rglob("predictions") if p.is_file()]
-
-
-def test_compiled_yaml_embeds_the_current_scoring_core():
-    """A pod has no checkout: the code the step imports must travel inside the YAML, unchanged."""
-    from pipelines.compile import archive_members, embedded_archives, load
-
-    docs = load(COMPILED)
-    archives = embedded_archives(docs[0])
-    assert len(archives) == 1
-    members = archive_members(archives[0])
-    for name in ("scoring", "modelcard"):
-        embedded = next(v for k, v in members.items() if k.endswith(f"pipelines/core/{name}.py"))
-        assert embedded == (ROOT / "pipelines" / "core" / f"{name}.py").read_bytes(), f"{name}.py is stale"

@@ -1,0 +1,81 @@
+"""The checked-in batch_scoring_pipeline.yaml is what a pod runs: no checkout, only the YAML.
+
+Its step must carry the current scoring code, import nothing it does not install, and install
+exactly the versions the tests ran with. (The local runs are in tests/integration.)"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from pipelines import compile as pcompile
+from pipelines.components import runtime
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPILED = ROOT / "pipelines" / "compiled" / "batch_scoring_pipeline.yaml"
+
+
+def _executor():
+    doc = pcompile.load(COMPILED)[0]
+    executors = doc["deploymentSpec"]["executors"]
+    assert set(executors) == {"exec-batch-score", "exec-importer", "exec-importer-2"}
+    imported = {e["importer"]["typeSchema"]["schemaTitle"] for k, e in executors.items() if "importer" in k}
+    assert imported == {"system.Model", "system.Dataset"}
+    return doc, executors["exec-batch-score"]["container"]
+
+
+def test_interface_and_outputs():
+    doc, _ = _executor()
+    params = doc["root"]["inputDefinitions"]["parameters"]
+    assert not params["model_uri"].get("isOptional") and not params["dataset_uri"].get("isOptional")
+    assert params["output_format"]["defaultValue"] == "parquet" and params["chunk_rows"]["defaultValue"] == 0
+    outputs = doc["components"]["comp-batch-score"]["outputDefinitions"]["artifacts"]
+    kinds = {k: v["artifactType"]["schemaTitle"] for k, v in outputs.items()}
+    assert kinds == {
+        "predictions": "system.Dataset",
+        "summary": "system.Metrics",
+        "report": "system.Markdown",
+        "score_plot": "system.HTML",
+    }
+
+
+def test_step_embeds_the_current_scoring_core():
+    _, container = _executor()
+    (b64,) = pcompile._ARCHIVE_RE.findall(container["command"][-1])
+    members = pcompile.archive_members(b64)
+    for name in ("scoring", "modelcard"):
+        embedded = members[f"./pipelines/core/{name}.py"]
+        assert embedded == (ROOT / "pipelines" / "core" / f"{name}.py").read_bytes(), (
+            f"{name}.py in the YAML is stale: run `python -m pipelines compile`"
+        )
+
+
+def test_step_imports_only_what_it_installs_at_the_locked_versions():
+    _, container = _executor()
+    assert container["image"] == runtime.BASE_IMAGE
+    pins = [t.strip("'") for t in container["command"][2].split() if "==" in t]
+    locked = runtime.pins()
+    installed = set()
+    for pin in pins:
+        dist, version = pin.split("==")
+        if dist != "kfp":
+            assert locked[runtime._norm(dist)] == version == metadata.version(dist), pin
+        installed.add(runtime._norm(dist))
+    assert {"onnxruntime", "pyarrow", "numpy"} <= installed
+    dist_of = metadata.packages_distributions()
+    source = container["command"][-1]
+    (b64,) = pcompile._ARCHIVE_RE.findall(source)
+    texts = [("step", source)] + [(k, v.decode()) for k, v in pcompile.archive_members(b64).items()]
+    for origin, text in texts:
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                tops = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = {node.module.split(".")[0]}
+            else:
+                continue
+            for top in tops - set(sys.stdlib_module_names) - {"kfp", "pipelines"}:
+                dists = {runtime._norm(d) for d in dist_of.get(top, [])}
+                assert dists & installed, f"{origin} imports {top!r}, which the step does not install"
