@@ -202,9 +202,7 @@ def run_demo(
     bad_version = _bump(c_card["version"])
     if bad == "drift":
         bad_pkg = build_swapped_package(canary, work / "bad-model", bad_version)
-        what = (
-            "the same model with its classes swapped (no errors, normal latency: only the ML gates see it)"
-        )
+        what = "the same model with its classes swapped (no errors, normal latency: only the ML gates see it)"
     else:
         bad_pkg = with_version(canary, work / "bad-model", bad_version, note=f"injected {bad}")
         what = f"the same model with injected faults {FAULTS[bad]}"

@@ -50,6 +50,7 @@ def packages(tmp_path_factory):
         "latency": with_version(v2, root / "latency", "2.2.0", "injected latency"),
         "drift": build_swapped_package(v2, root / "drift", "2.3.0"),
         "restart": with_version(v2, root / "restart", "2.4.0"),
+        "outage": with_version(v2, root / "outage", "2.5.0"),
     }
 
 
@@ -276,3 +277,52 @@ def test_controller_killed_mid_rollout_resumes_at_the_same_step(stack, packages,
     report = (tmp_path / "report" / "rollout-report.txt").read_text()
     assert "outcome: Promoted" in report and f"report: {tmp_path / 'report'}" in out
     assert (tmp_path / "report" / "rollout-timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_metrics_backend_outage_pauses_never_promotes_and_resumes(stack, packages, tmp_path):
+    """Prometheus goes away mid-rollout: analyses turn inconclusive, the rollout pauses at its weight
+    (stable and canary keep serving), and after Prometheus is back an operator resumes it to the end."""
+    stack.replace_canary(packages["outage"], {})
+    tg = TrafficGenerator(
+        stack.proxy_url, stack.model, X, Y, rps=120, concurrency=24, batch=16, max_seconds=240
+    )
+    logs: list[str] = []
+    with tg:
+        time.sleep(INTERVAL)
+        store = FileStateStore(tmp_path / "state.json")
+        spec = RolloutSpec((10, 25, 50, 100), INTERVAL, threshold=2, max_inconclusive=2)
+        ctl.begin(
+            store,
+            ctl.new_record(
+                spec,
+                gates(2000.0, 400),
+                stack.stable_target,
+                stack.canary_target,
+                stack.router().config(),
+                stack.metrics_config(),
+            ),
+        )
+        c = ctl.Controller(store, router=stack.router(), provider=stack.provider(), log=logs.append)
+        c.run(stop=lambda: store.load()["state"]["step_index"] >= 1, max_seconds=60)
+        stack.stop_prometheus()
+        try:
+            rec = c.run(stop=lambda: store.load()["state"]["phase"] == "Paused", max_seconds=60)
+            st = store.load()["state"]
+            assert st["phase"] == "Paused", "\n".join(logs)
+            assert st["weight"] in (25, 50) and stack.router().get_weights() == (
+                100 - st["weight"],
+                st["weight"],
+            )
+            last = st["history"][-1]
+            assert last["action"] == "pause" and last["evidence"][0]["gate"] == "metrics"
+            assert "unreachable" in last["evidence"][0]["detail"]
+            assert not any(h["action"] == "promote" for h in st["history"])
+        finally:
+            t_down = time.monotonic()
+            stack.start_prometheus()
+            logs.append(f"prometheus back after {time.monotonic() - t_down:.1f}s")
+        ctl.command(store, "resume", router=stack.router())
+        rec = c.run(max_seconds=60)
+        time.sleep(0.5)
+    assert rec["state"]["phase"] == "Promoted", "\n".join(logs)
+    assert tg.result().failures() == []  # the outage cost no client request

@@ -251,13 +251,13 @@ class LocalStack:
         res = r.json()["data"]["result"]
         return bool(res) and float(res[0]["value"][1]) >= n
 
-    def _start_prometheus(self) -> None:
+    def _start_prometheus(self, port: int = 0) -> None:
         binary = find_binary(PROMETHEUS, "prometheus")
         self._write_targets()
         cfg = self.workdir / "prometheus.yml"
         cfg.write_text(prometheus_config(self.workdir / "targets.json", self.stats_port))
-        for _ in range(3):
-            self.prometheus_port = free_port()
+        for _ in range(1 if port else 3):
+            self.prometheus_port = port or free_port()
             log = self.workdir / "prometheus.log"
             cmd = [
                 binary,
@@ -321,6 +321,24 @@ class LocalStack:
             self._write_targets()
             _wait("prometheus sees the new canary", lambda: self._canary_scraped(), 30)
         return self.canary
+
+    def stop_prometheus(self) -> None:
+        """Take the metrics backend away (an outage); ``start_prometheus`` brings it back on the same port."""
+        if self._prometheus is not None:
+            self.registry.stop(self._prometheus.pid)
+            self._prometheus = None
+
+    def start_prometheus(self) -> None:
+        t_restart = time.time()
+        self._start_prometheus(port=self.prometheus_port)
+        # old samples stay queryable for 5 minutes: wait for scrapes made after the restart
+        q = f"count(timestamp(up) > {t_restart:.3f})"
+
+        def fresh() -> bool:
+            r = httpx.get(f"{self.prometheus_url}/api/v1/query", params={"query": q}, timeout=2).json()
+            return bool(r["data"]["result"]) and float(r["data"]["result"][0]["value"][1]) >= 3
+
+        _wait("prometheus scraping again", fresh, 30, self._prometheus, self.workdir / "prometheus.log")
 
     def _canary_scraped(self) -> bool:
         q = f'sum(up{{instance="127.0.0.1:{self.canary.http_port}"}})'
