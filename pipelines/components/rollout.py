@@ -161,3 +161,59 @@ def progressive_rollout(
     if fail_on_rollback and phase in ("RolledBack", "Aborted"):
         raise RuntimeError(f"canary {canary_version} {phase}: {rec['state']['reason']}")
     return phase
+
+
+def rollout_steps(
+    package,
+    enabled,
+    namespace,
+    release_fullname,
+    router,
+    model_name,
+    stable_version,
+    steps,
+    interval_s,
+    prometheus_url,
+    max_drift,
+    min_success_rate=0.99,
+    max_p99_ms=500.0,
+    threshold=2,
+    max_seconds=3600.0,
+    fail_on_rollback=True,
+    ready_timeout_s=600,
+):
+    """Append ``deploy_canary`` -> ``progressive_rollout`` to a pipeline, only when ``enabled`` is true.
+
+    Call it inside a ``@dsl.pipeline`` function with the packaged model and pipeline parameters::
+
+        rollout_steps(packaged.outputs["package"], deploy, namespace, release_fullname, rollout_router,
+                      model_name, stable_version, rollout_steps_csv, rollout_interval_s, prometheus_url,
+                      max_drift)
+
+    Returns the ``progressive_rollout`` task (its output is the final phase).
+    """
+    with dsl.If(enabled == True, name="rollout-enabled"):  # noqa: E712 (a KFP condition, not a Python bool)
+        dep = deploy_canary(
+            model=package,
+            namespace=namespace,
+            release_fullname=release_fullname,
+            router=router,
+            ready_timeout_s=ready_timeout_s,
+        )
+        return progressive_rollout(
+            namespace=namespace,
+            release_fullname=release_fullname,
+            router=router,
+            model_name=model_name,
+            stable_version=stable_version,
+            canary_version=dep.output,
+            steps=steps,
+            interval_s=interval_s,
+            threshold=threshold,
+            prometheus_url=prometheus_url,
+            min_success_rate=min_success_rate,
+            max_p99_ms=max_p99_ms,
+            max_drift=max_drift,
+            max_seconds=max_seconds,
+            fail_on_rollback=fail_on_rollback,
+        )

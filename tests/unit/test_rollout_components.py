@@ -1,7 +1,5 @@
 """The KFP rollout components compile, pin their packages, and carry a self-sufficient controller."""
 
-from __future__ import annotations
-
 import base64
 import io
 import re
@@ -75,3 +73,50 @@ def test_embedded_controller_imports_on_its_own(compiled, tmp_path):
         [sys.executable, "-I", "-S", "-c", boot + code, str(root)], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_rollout_steps_wire_into_a_pipeline_behind_a_parameter(tmp_path):
+    """What the training pipeline gets: both steps under one condition on a boolean parameter (off)."""
+    from kfp import dsl
+
+    from pipelines.components.rollout import rollout_steps
+
+    @dsl.component(base_image="python:3.11-slim")
+    def make_package(package: dsl.Output[dsl.Model]):
+        import os
+
+        os.makedirs(package.path, exist_ok=True)
+
+    @dsl.pipeline(name="wired")
+    def wired(
+        deploy: bool = False,
+        namespace: str = "models",
+        release_fullname: str = "m-mlrollout-model",
+        stable_version: str = "1.0.0",
+        prometheus_url: str = "",
+    ):
+        pkg = make_package()
+        rollout_steps(
+            pkg.outputs["package"],
+            deploy,
+            namespace,
+            release_fullname,
+            "gateway_api",
+            "breast-cancer",
+            stable_version,
+            "10,25,50,100",
+            60.0,
+            prometheus_url,
+            0.15,
+        )
+
+    path = tmp_path / "wired.yaml"
+    compiler.Compiler().compile(wired, str(path))
+    doc = yaml.safe_load(path.read_text())
+    assert doc["root"]["inputDefinitions"]["parameters"]["deploy"]["defaultValue"] is False
+    cond = doc["root"]["dag"]["tasks"]["condition-1"]
+    assert "pipelinechannel--deploy" in cond["triggerPolicy"]["condition"]
+    inner = doc["components"]["comp-condition-1"]["dag"]["tasks"]
+    assert set(inner) == {"deploy-canary", "progressive-rollout"}
+    pr = inner["progressive-rollout"]["inputs"]["parameters"]["canary_version"]
+    assert pr["taskOutputParameter"]["producerTask"] == "deploy-canary"
