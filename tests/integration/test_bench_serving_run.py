@@ -13,11 +13,13 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]  # the harness builds its model with tests.modelfactory
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (apt-get install wrk)")
@@ -27,7 +29,7 @@ def test_floor_only_run_writes_results_and_stops_its_servers(tmp_path):
         sys.executable, "-m", "serving.bench", "--endpoints", "floor,floor-asgi", "--concurrency", "1,4",
         "--duration", "1", "--warmup", "0", "--repeats", "2", "--no-pin", "--out", str(out),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
     data = json.loads((out / "results.json").read_text())
@@ -59,7 +61,7 @@ def test_floor_only_run_writes_results_and_stops_its_servers(tmp_path):
 def test_bad_arguments_fail_with_one_line():
     proc = subprocess.run(
         [sys.executable, "-m", "serving.bench", "--endpoints", "floor,triton"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "unknown endpoint(s) ['triton']" in proc.stderr
