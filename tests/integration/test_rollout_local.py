@@ -128,11 +128,12 @@ def test_good_canary_promoted_with_the_split_matching_each_weight(stack, tmp_pat
     assert advanced == [10, 25, 50, 100]
     # the observed share of answers per version is within a binomial 4.5-sigma bound of each weight
     checked = 0
-    for weight, t0, t1 in step_windows(rec):
+    windows = step_windows(rec)
+    for i, (weight, t0, t1) in enumerate(windows):
         w = traffic.window(t0, t1)
         n = w.total
-        if weight in (0, 100) and t1 - t0 < 0.5:
-            continue
+        if i == len(windows) - 1 and n < 40:
+            continue  # the short tail after the promotion (traffic stops 1 s later)
         assert n >= 40, f"too little traffic at {weight}% to check the split ({n} answers)"
         k = w.by_version().get("2.0.0", 0)
         p = weight / 100
