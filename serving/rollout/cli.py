@@ -43,6 +43,13 @@ def parse_steps(text: str) -> tuple[int, ...]:
     return steps
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line that says what is wrong (not the whole usage block), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _store_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("state (where the rollout's state persists)")
     g.add_argument("--state-file", help="local JSON state file (local stack)")
@@ -54,7 +61,7 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="python -m serving.rollout",
         description="Progressive canary delivery with ML-aware gates (success rate, p99, prediction drift).",
     )

@@ -337,3 +337,34 @@ def test_cli_status_pause_and_abort_on_a_stored_rollout(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["state"]["phase"] == "Paused"
     assert cli_main(["abort", "--state-file", sf]) == 2  # the stored router (a dead socket) refuses: says so
     assert "HAProxy runtime API" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            [
+                "start",
+                "--router",
+                "local_proxy",
+                "--model",
+                "m",
+                "--stable-version",
+                "1",
+                "--canary-version",
+                "2",
+                "--interval",
+                "0s",
+            ],
+            "duration must be positive",
+        ),
+        (["start", "--router", "nginx"], "invalid choice: 'nginx'"),
+        (["start", "--router", "local_proxy", "--steps", "50,20"], "strictly increasing"),
+    ],
+)
+def test_cli_argument_errors_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "--help" in err
