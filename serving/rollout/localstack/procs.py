@@ -17,7 +17,8 @@ class ProcessRegistry:
     def __init__(self) -> None:
         self._procs: dict[int, tuple[str, subprocess.Popen]] = {}
         self._lock = threading.Lock()
-        self._installed = False
+        self._atexit = False
+        self._signals = False
 
     def spawn(
         self,
@@ -80,12 +81,12 @@ class ProcessRegistry:
 
     def install(self) -> None:
         """atexit + SIGINT/SIGTERM handlers (main thread only) that stop every registered child."""
-        if self._installed:
-            return
-        self._installed = True
-        atexit.register(self.stop_all)
-        if threading.current_thread() is not threading.main_thread():
-            return
+        if not self._atexit:
+            self._atexit = True
+            atexit.register(self.stop_all)
+        if self._signals or threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread: the next call from it does
+        self._signals = True
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous = signal.getsignal(sig)
 

@@ -285,6 +285,7 @@ class LocalStack:
         raise StackError("prometheus could not bind a free port three times")
 
     def start(self) -> LocalStack:
+        self.registry.install()  # from the caller's thread (the main one): SIGINT/SIGTERM stop everything
         self.workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         try:
