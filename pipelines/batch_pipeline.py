@@ -30,7 +30,9 @@ def batch_scoring_pipeline(
 ) -> Dataset:
     model = dsl.importer(artifact_uri=model_uri, artifact_class=Model, reimport=False)
     model.set_display_name("model package")
-    data = dsl.importer(artifact_uri=dataset_uri, artifact_class=Dataset, reimport=False)
+    # a table path is often rewritten in place (e.g. a daily export): re-import it and never serve
+    # cached predictions for a URI whose content may have changed
+    data = dsl.importer(artifact_uri=dataset_uri, artifact_class=Dataset, reimport=True)
     data.set_display_name("input table")
     scored = batch_score(
         model=model.output,
@@ -41,4 +43,5 @@ def batch_scoring_pipeline(
         output_format=output_format,
     )
     scored.set_display_name("batch score")
+    scored.set_caching_options(False)
     return scored.outputs["predictions"]

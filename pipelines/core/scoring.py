@@ -26,6 +26,7 @@ import contextlib
 import os
 import queue
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -56,6 +57,12 @@ FORMATS = ("csv", "parquet")
 _SUFFIX_FORMAT = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _QUEUE_DEPTH = 2  # chunks in flight between two stages: enough to overlap, little memory
 _POLL_S = 0.1
+# The read and write threads run at nice +5 (Linux, per thread): onnxruntime's parallel sections
+# stall whenever one of their threads is pre-empted, so the I/O threads should yield to them.
+# Measured on the 2-core box, interleaved runs of 1M Parquet rows: forest +5% (median of 4),
+# logistic +15% (median of 5). Workers that pyarrow's thread pool spawns from these threads inherit
+# the lower priority too (they do the same I/O work). Set to 0 to turn off.
+IO_THREAD_NICE = 5
 
 
 class BatchScoringError(ValueError):
@@ -569,6 +576,13 @@ def summary_html(s: ScoreSummary) -> str:
     )
 
 
+def _lower_thread_priority(nice: int) -> None:
+    # Linux only: there a thread id addresses one thread; elsewhere PRIO_PROCESS means a process
+    if nice > 0 and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
 class _Stage(threading.Thread):
     """Runs ``fn(item)`` on every item of an input queue (or of an iterator) into an output queue."""
 
@@ -601,6 +615,8 @@ class _Stage(threading.Thread):
                 continue
 
     def run(self) -> None:
+        if self.name != "batch-score":
+            _lower_thread_priority(IO_THREAD_NICE)
         try:
             for item in self._items():
                 if self.stop.is_set():

@@ -31,6 +31,11 @@ def test_interface_and_outputs():
     params = doc["root"]["inputDefinitions"]["parameters"]
     assert not params["model_uri"].get("isOptional") and not params["dataset_uri"].get("isOptional")
     assert params["output_format"]["defaultValue"] == "parquet" and params["chunk_rows"]["defaultValue"] == 0
+    task = doc["root"]["dag"]["tasks"]["batch-score"]
+    assert task["cachingOptions"].get("enableCache", False) is False  # same URI, possibly new data
+    executors = doc["deploymentSpec"]["executors"]
+    reimports = {k: e["importer"].get("reimport", False) for k, e in executors.items() if "importer" in e}
+    assert sorted(reimports.values()) == [False, True]  # the table is re-imported, the model is not
     outputs = doc["components"]["comp-batch-score"]["outputDefinitions"]["artifacts"]
     kinds = {k: v["artifactType"]["schemaTitle"] for k, v in outputs.items()}
     assert kinds == {
