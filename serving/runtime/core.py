@@ -399,7 +399,9 @@ def v2_response(spec: ModelSpec, req: V2Request, arrays: dict[str, np.ndarray]) 
 
 
 def scores(proba: np.ndarray, labels: np.ndarray, classes: tuple) -> np.ndarray:
-    """The score the drift gate histograms: P(positive class) for binary, P(predicted class) otherwise."""
-    if proba.shape[1] == 2:
-        return proba[:, 1]
-    return proba.max(axis=1)
+    """The score the drift gate histograms: P(positive class) for binary, P(predicted class) otherwise.
+
+    Clipped to [0, 1]: float32 tree ensembles can sum to 1.0000004, which would land in the +Inf bucket.
+    """
+    score = proba[:, 1] if proba.shape[1] == 2 else proba.max(axis=1)
+    return np.clip(score, 0.0, 1.0)
