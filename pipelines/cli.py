@@ -88,6 +88,23 @@ def _precheck_training(args: dict[str, Any]) -> None:
         raise UsageError(str(e)) from None
 
 
+def _precheck_deploy(args: dict[str, Any], local: bool) -> None:
+    """``deploy=true`` rolls out to a cluster: refuse it locally, and refuse it without its release."""
+    if not args.get("deploy"):
+        return
+    if local:
+        raise UsageError(
+            "-p deploy=true rolls the model out on a cluster (in-cluster credentials): a local run "
+            "cannot; use `python -m pipelines submit ... -p deploy=true` or leave deploy off"
+        )
+    missing = [name for name in ("release_fullname", "stable_version") if not args.get(name)]
+    if missing:
+        raise UsageError(
+            f"-p deploy=true needs {' and '.join(f'-p {m}=...' for m in missing)} "
+            "(e.g. -p release_fullname=bc-mlrollout-model -p stable_version=1.0.0)"
+        )
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
     from pipelines.core import modelcard, package
     from pipelines.local import run_local
@@ -130,6 +147,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
             )
         args["baseline_card"] = str(Path(baseline).resolve())
     _precheck_training(args)
+    _precheck_deploy(args, local=True)
 
     print(f"running {ns.pipeline} locally (kfp.local, SubprocessRunner); artifacts under {ns.pipeline_root}")
     result = run_local(pipeline, args, ns.pipeline_root, verbose=ns.verbose)
@@ -176,6 +194,7 @@ def cmd_submit(ns: argparse.Namespace) -> int:
         ns.param,
         {"model_name": ns.model_name, "model_version": ns.version, "estimator": ns.estimator},
     )
+    _precheck_deploy(args, local=False)
     out = submit(
         pipeline,
         host=host,

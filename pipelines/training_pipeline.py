@@ -1,5 +1,6 @@
 """The training pipeline: data -> validated -> split -> trained -> evaluated (gated) -> ONNX ->
-parity-verified -> packaged model (``<name>/1/model.onnx`` + ``model-card.json``).
+parity-verified -> packaged model (``<name>/1/model.onnx`` + ``model-card.json``), and with
+``deploy=True`` -> canary -> progressive rollout on measured gates (``components/rollout.py``).
 
 Every threshold is a pipeline parameter, so the Kubeflow dashboard shows and overrides them.
 """
@@ -7,6 +8,7 @@ Every threshold is a pipeline parameter, so the Kubeflow dashboard shows and ove
 from kfp import dsl
 from kfp.dsl import Model
 
+from pipelines.components import rollout
 from pipelines.components.training import (
     evaluate,
     export_onnx,
@@ -24,7 +26,8 @@ PIPELINE_NAME = "training-pipeline"
 @dsl.pipeline(
     name=PIPELINE_NAME,
     description="Train a scikit-learn classifier, gate it, export it to verified ONNX and package it "
-    "(model.onnx + model-card.json, a Triton/KServe model repository).",
+    "(model.onnx + model-card.json, a Triton/KServe model repository); with deploy=true, roll it out "
+    "as a canary on measured gates.",
 )
 def training_pipeline(
     # data
@@ -57,6 +60,16 @@ def training_pipeline(
     # package
     model_name: str = "breast-cancer",
     model_version: str = "1.0.0",
+    # deploy and roll out (off by default; needs the Helm release, see pipelines/README.md)
+    deploy: bool = False,
+    deploy_namespace: str = "models",
+    release_fullname: str = "",
+    rollout_router: str = "gateway_api",
+    stable_version: str = "",
+    rollout_steps: str = "10,25,50,100",
+    rollout_interval_s: float = 60.0,
+    prometheus_url: str = "http://prometheus.monitoring.svc.cluster.local:9090",
+    max_drift: float = 0.15,
 ) -> Model:
     data = load_data(
         source=data_source, label_column=label_column, model_name=model_name, model_version=model_version
@@ -124,5 +137,18 @@ def training_pipeline(
         model_version=model_version,
         pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     )
-    # later: deploy_canary / progressive_rollout steps go here, behind a `deploy` parameter (dsl.If)
+    # deploy=True: deploy-canary -> progressive-rollout inside one dsl.If; skipped otherwise
+    rollout.rollout_steps(
+        packaged.outputs["package"],
+        deploy,
+        deploy_namespace,
+        release_fullname,
+        rollout_router,
+        model_name,
+        stable_version,
+        rollout_steps,
+        rollout_interval_s,
+        prometheus_url,
+        max_drift,
+    )
     return packaged.outputs["package"]

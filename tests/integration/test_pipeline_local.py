@@ -171,6 +171,48 @@ def test_ui_artifacts(cli_run):
     assert (run_dir / "validate-data" / "report_md").read_text().startswith("# Data validation: PASSED")
 
 
+TRAINING_STEPS = {
+    "load-data",
+    "validate-data",
+    "split",
+    "train",
+    "evaluate",
+    "export-onnx",
+    "verify-onnx",
+    "package-model",
+}
+
+
+def test_default_run_skips_the_deploy_branch(cli_run):
+    """deploy defaults to false: the run (of the YAML that contains the rollout branch) ran exactly the
+    training steps; deploy-canary and progressive-rollout neither ran nor left outputs."""
+    assert "rollout-enabled" in COMPILED.read_text()  # the branch is in the file that was run
+    shown = {line.split()[1] for line in cli_run["stdout"].splitlines() if line.startswith("  ok   ")}
+    assert shown == TRAINING_STEPS, cli_run["stdout"]
+    assert {p.name for p in cli_run["run_dir"].iterdir()} == TRAINING_STEPS
+    log = Path(cli_run["stdout"].split("(log: ", 1)[1].split(")", 1)[0]).read_text()
+    for step in ("deploy-canary", "progressive-rollout"):
+        assert step not in cli_run["stdout"] and f"'{step}'" not in log, step
+    assert "finished with status" in log and "FAILURE" not in log
+
+
+def test_deploy_parameter_decides_the_branch_for_kfp_local():
+    """The compiled condition, evaluated by kfp.local's own evaluator: true takes the branch, the
+    default (false) skips it. With the test above this shows the skip comes from `deploy`."""
+    from kfp.local import io as kfp_io
+    from kfp.local.orchestrator.enhanced_dag_orchestrator import ConditionEvaluator
+
+    doc = yaml.safe_load(COMPILED.read_text())
+    params = doc["root"]["inputDefinitions"]["parameters"]
+    condition = doc["root"]["dag"]["tasks"]["condition-1"]["triggerPolicy"]["condition"]
+    taken = {}
+    for deploy in (params["deploy"]["defaultValue"], True):
+        store = kfp_io.IOStore()
+        store.put_parent_input("deploy", deploy)
+        taken[deploy] = ConditionEvaluator.evaluate_condition(condition, store)
+    assert taken == {False: False, True: True}
+
+
 # ---------------------------------------------------------------- each bad case fails with its own message
 
 

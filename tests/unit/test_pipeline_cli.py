@@ -31,6 +31,8 @@ from pipelines.registry import PIPELINES
         (["-p", "nope=1"], 2, "error: -p nope: the pipeline has no such parameter"),
         (["-p", "test_size=a quarter"], 2, "error: parameter test_size='a quarter' must be of type Float"),
         (["--compiled", "/no/such.yaml"], 2, "error: --compiled '/no/such.yaml' does not exist"),
+        (["-p", "deploy=true"], 2, "error: -p deploy=true rolls the model out on a cluster"),
+        (["-p", "deploy=maybe"], 2, "error: parameter deploy='maybe' must be of type Boolean"),
     ],
 )
 def test_run_refuses_bad_input_in_one_line(tmp_path, capsys, argv, rc, message):
@@ -61,3 +63,12 @@ def test_submit_needs_a_host(capsys, monkeypatch):
     monkeypatch.delenv("KF_PIPELINES_ENDPOINT", raising=False)
     assert main(["submit"]) == 2
     assert "no KFP API host: pass --host" in capsys.readouterr().err
+
+
+def test_submit_with_deploy_needs_the_release(capsys):
+    """Refused before the host is contacted (nothing listens on port 9 of 127.0.0.1)."""
+    argv = ["submit", "--host", "http://127.0.0.1:9", "-p", "deploy=true", "-p", "stable_version=1.0.0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: -p deploy=true needs -p release_fullname=... (e.g."), err
+    assert len(err.strip().splitlines()) == 1

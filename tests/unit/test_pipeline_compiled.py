@@ -82,6 +82,19 @@ def test_strict_parse_with_pipeline_spec_proto(stem):
         json_format.ParseDict(extra["platforms"], pipeline_spec_pb2.PlatformSpec())
 
 
+TRAINING_TASKS = {
+    "load-data",
+    "validate-data",
+    "split",
+    "train",
+    "evaluate",
+    "export-onnx",
+    "verify-onnx",
+    "package-model",
+}
+ROLLOUT_TASKS = {"deploy-canary", "progressive-rollout"}
+
+
 def test_training_pipeline_interface():
     doc = pcompile.load(pcompile.COMPILED_DIR / "training_pipeline.yaml")[0]
     params = doc["root"]["inputDefinitions"]["parameters"]
@@ -89,6 +102,7 @@ def test_training_pipeline_interface():
     assert params["model_name"]["defaultValue"] == "breast-cancer"
     assert params["model_version"]["defaultValue"] == "1.0.0"
     assert params["max_abs_prob_diff"]["defaultValue"] == 1e-4
+    assert params["deploy"] == {"defaultValue": False, "isOptional": True, "parameterType": "BOOLEAN"}
     for name in (
         "min_rows",
         "max_missing_fraction",
@@ -104,29 +118,72 @@ def test_training_pipeline_interface():
         "label_column",
         "hyperparameters",
         "min_label_agreement",
+        "deploy_namespace",
+        "release_fullname",
+        "rollout_router",
+        "stable_version",
+        "rollout_steps",
+        "rollout_interval_s",
+        "prometheus_url",
+        "max_drift",
     ):
         assert params[name]["isOptional"], name
     tasks = doc["root"]["dag"]["tasks"]
-    assert set(tasks) == {
-        "load-data",
-        "validate-data",
-        "split",
-        "train",
-        "evaluate",
-        "export-onnx",
-        "verify-onnx",
-        "package-model",
-    }
+    # the training steps at the top level; the rollout steps only inside the condition on `deploy`
+    assert set(tasks) == TRAINING_TASKS | {"condition-1"}
     assert "validate-data" in tasks["split"]["dependentTasks"]
+    cond = tasks["condition-1"]
+    assert cond["taskInfo"]["name"] == "rollout-enabled"
+    assert cond["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--deploy'] == true"
+    assert cond["dependentTasks"] == ["package-model"]
+    assert cond["inputs"]["parameters"]["pipelinechannel--deploy"] == {"componentInputParameter": "deploy"}
+    branch = doc["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(branch) == ROLLOUT_TASKS
+    # the canary is the package this run built, and the rollout takes its version from deploy-canary
+    model_in = branch["deploy-canary"]["inputs"]["artifacts"]["model"]["componentInputArtifact"]
+    assert cond["inputs"]["artifacts"][model_in]["taskOutputArtifact"] == {
+        "outputArtifactKey": "package",
+        "producerTask": "package-model",
+    }
+    rollout_in = branch["progressive-rollout"]["inputs"]["parameters"]
+    assert rollout_in["canary_version"]["taskOutputParameter"]["producerTask"] == "deploy-canary"
+    # each step input comes from the pipeline parameter of that meaning
+    wiring = {
+        "namespace": "deploy_namespace",
+        "release_fullname": "release_fullname",
+        "router": "rollout_router",
+        "model_name": "model_name",
+        "stable_version": "stable_version",
+        "steps": "rollout_steps",
+        "interval_s": "rollout_interval_s",
+        "prometheus_url": "prometheus_url",
+        "max_drift": "max_drift",
+    }
+    for arg, param in wiring.items():
+        channel = rollout_in[arg]["componentInputParameter"]
+        assert cond["inputs"]["parameters"][channel] == {"componentInputParameter": param}, arg
     outputs = doc["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]
     assert outputs["classification_metrics"]["artifactType"]["schemaTitle"] == "system.ClassificationMetrics"
     assert outputs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
     assert outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
+    assert doc["root"]["outputDefinitions"]["artifacts"]["Output"]["artifactType"]["schemaTitle"] == (
+        "system.Model"
+    )
 
 
 def _training_executors():
     doc = pcompile.load(pcompile.COMPILED_DIR / "training_pipeline.yaml")[0]
-    return doc["deploymentSpec"]["executors"].items()
+    executors = doc["deploymentSpec"]["executors"]
+    assert set(executors) == {f"exec-{t}" for t in TRAINING_TASKS | ROLLOUT_TASKS}
+    return executors.items()
+
+
+# what each step declares it embeds (kfp ``embedded_artifact_path``): the rollout steps carry the
+# cluster path of serving.rollout (components/rollout.py), every other step pipelines.core
+_EMBEDS = {f"exec-{t}": "serving.rollout" for t in ROLLOUT_TASKS}
+_CORE = f"{runtime.EMBEDDED_PACKAGE}.core"
+# a distribution each kind of step must install (pinned)
+_ANCHOR = {"serving.rollout": "kubernetes", _CORE: "scikit-learn"}
 
 
 def test_executors_use_explicit_image_and_lock_pins():
@@ -136,7 +193,8 @@ def test_executors_use_explicit_image_and_lock_pins():
         assert c["image"] == runtime.BASE_IMAGE, name
         install = c["command"][2]
         pinned = [tok.strip("'") for tok in install.split() if "==" in tok]
-        assert any(p.startswith("scikit-learn==") for p in pinned), name
+        anchor = _ANCHOR[_EMBEDS.get(name, _CORE)]
+        assert any(p.startswith(f"{anchor}==") for p in pinned), name
         for pin in pinned:
             dist, version = pin.split("==")
             if dist == "kfp":
@@ -156,31 +214,93 @@ def _imports(source: str) -> set[str]:
     return tops
 
 
+def _unresolved(text: str, top: str, files: dict[str, bytes]) -> list[str]:
+    """Imports of the embedded package ``top`` in ``text`` that the archive ``files`` cannot satisfy."""
+
+    def path(module: str) -> str:
+        return "./" + module.replace(".", "/")
+
+    def exists(module: str) -> bool:
+        return f"{path(module)}.py" in files or f"{path(module)}/__init__.py" in files
+
+    def defines(init: bytes, name: str) -> bool:
+        for node in ast.parse(init).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+                return True
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == name for t in node.targets):
+                return True
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+                (a.asname or a.name.split(".")[0]) == name for a in node.names
+            ):
+                return True
+        return False
+
+    bad = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            bad += [a.name for a in node.names if a.name.split(".")[0] == top and not exists(a.name)]
+        elif (
+            isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == top
+        ):
+            if not exists(node.module):
+                bad.append(node.module)
+                continue
+            init = files.get(f"{path(node.module)}/__init__.py")
+            if init is not None:  # a package: each name is a submodule or defined in its __init__
+                bad += [
+                    f"{node.module}.{a.name}"
+                    for a in node.names
+                    if not exists(f"{node.module}.{a.name}") and not defines(init, a.name)
+                ]
+    return bad
+
+
 def test_embedded_code_imports_only_what_the_step_installs():
     """A local run proves nothing about self-containment (the repo is importable there): check that
-    every import in a step's source and its embedded files is the stdlib, kfp, the embedded
-    ``pipelines`` package, or a module of a distribution the step pip-installs."""
+    each step embeds exactly the package it declares (``pipelines.core``, or ``serving.rollout`` for
+    the rollout steps), and that every import in its source and embedded files is the stdlib, kfp,
+    a module of that embedded archive, or a module of a distribution the step pip-installs."""
     dist_of = metadata.packages_distributions()
     for name, ex in _training_executors():
+        embeds = _EMBEDS.get(name, _CORE)
+        top = embeds.split(".")[0]
         command = ex["container"]["command"]
         installed = {runtime._norm(t.strip("'").split("==")[0]) for t in command[2].split() if "==" in t}
         source = command[-1]
         (b64,) = pcompile._ARCHIVE_RE.findall(source)
         files = pcompile.archive_members(b64)
-        assert set(files) >= {"./pipelines/__init__.py", "./pipelines/core/__init__.py"}
-        embedded_core = {Path(f).stem for f in files}
+        sub = embeds.replace(".", "/")
+        assert set(files) >= {f"./{top}/__init__.py", f"./{sub}/__init__.py"}, name
+        assert {f.split("/")[1] for f in files} == {top}, f"{name} embeds more than {top}: {sorted(files)}"
+        assert all(f.startswith(f"./{sub}/") for f in files if f != f"./{top}/__init__.py"), name
         for origin, text in [("step source", source)] + [(f, c.decode()) for f, c in files.items()]:
-            for top in _imports(text):
-                if top in sys.stdlib_module_names or top in ("kfp", "pipelines"):
+            for mod in _imports(text):
+                if mod in sys.stdlib_module_names or mod in ("kfp", top):
                     continue
-                dists = {runtime._norm(d) for d in dist_of.get(top, [])}
-                assert dists & installed, f"{name}: {origin} imports {top!r}, which the step does not install"
-            for node in ast.walk(ast.parse(text)):
-                if isinstance(node, ast.ImportFrom) and node.module == "pipelines.core":
-                    missing = {a.name for a in node.names} - embedded_core
-                    assert not missing, (
-                        f"{name}: {origin} imports pipelines.core.{missing} which is not embedded"
-                    )
+                dists = {runtime._norm(d) for d in dist_of.get(mod, [])}
+                assert dists & installed, f"{name}: {origin} imports {mod!r}, which the step does not install"
+            missing = _unresolved(text, top, files)
+            assert not missing, f"{name}: {origin} imports {missing}, which the step does not embed"
+
+
+def test_unresolved_embedded_imports_are_caught():
+    """The check above can fail: a module or name missing from the archive is reported."""
+    files = {
+        "./serving/__init__.py": b"",
+        "./serving/rollout/__init__.py": b"X = 1\n",
+        "./serving/rollout/cluster.py": b"",
+    }
+    ok = "from serving.rollout import cluster, X\nimport serving.rollout.cluster\n"
+    assert _unresolved(ok, "serving", files) == []
+    bad = (
+        "from serving.rollout import localstack\nimport serving.runtime\n"
+        "from serving.rollout.cli import main\n"
+    )
+    assert _unresolved(bad, "serving", files) == [
+        "serving.rollout.localstack",
+        "serving.runtime",
+        "serving.rollout.cli",
+    ]
 
 
 def test_core_closure_follows_imports():
@@ -203,7 +323,9 @@ def test_readme_documents_every_parameter_with_its_default():
     for name, p in params.items():
         default = p["defaultValue"]
         shown = rows[name].strip('"')
-        if isinstance(default, float):
+        if isinstance(default, bool):
+            assert shown == str(default).lower(), name
+        elif isinstance(default, float):
             assert float(shown) == default, name
         else:
             assert shown == str(default), name
