@@ -45,6 +45,7 @@ demo: venv sysdeps ## the whole loop locally: train, package, serve, roll out (n
 	$(BIN)/python -m serving.demo
 
 test: venv sysdeps tools ## the whole test suite (e2e tests skip when no cluster is reachable)
+	@bash infra/bootstrap-tools.sh $(TOOLS) --checkov
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (exit 5)"; fi; exit $$rc
