@@ -2,29 +2,21 @@
 
 The pipeline tests exercise the KFP components themselves; tests of the runtime, batch scoring
 and rollouts only need a valid package fast, so this trains a small sklearn pipeline on the
-bundled breast_cancer data and writes it through the same ``pipelines.core.modelcard`` code.
+bundled breast_cancer data and exports/packages it with the pipeline's own core functions.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import numpy as np
-import onnx
-import skl2onnx
-import sklearn
-from skl2onnx import to_onnx
-from skl2onnx.common.data_types import FloatTensorType
 from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipelines.core import modelcard
-
-TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
+from pipelines.core import export, modelcard, package
 
 
 def breast_cancer() -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
@@ -52,35 +44,15 @@ def build_package(
         else RandomForestClassifier(n_estimators=30, random_state=seed)
     )
     pipe = Pipeline([("scale", StandardScaler()), ("model", est)]).fit(X, y)
-    onx = to_onnx(
-        pipe,
-        initial_types=[("input", FloatTensorType([None, X.shape[1]]))],
-        options={"zipmap": False},
-        target_opset=TARGET_OPSET,
+    onnx_bytes = export.to_onnx(pipe, X.shape[1])
+    card = package.build_card(
+        name=name,
+        version=version,
+        onnx_bytes=onnx_bytes,
+        feature_names=features,
+        class_names=class_names,
+        training_data={"fingerprint": "test", "rows": int(X.shape[0]), "source": "sklearn:breast_cancer"},
+        estimator=estimator,
+        pipeline_run_id="test",
     )
-    card = {
-        "name": name,
-        "version": version,
-        "format": "onnx",
-        "opset": {d.domain or "ai.onnx": d.version for d in onx.opset_import},
-        "task": "binary_classification",
-        "classes": [0, 1],
-        "class_names": class_names,
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, X.shape[1]], "features": features}],
-        "outputs": [
-            {"name": "label", "datatype": "INT64", "shape": [-1]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
-        ],
-        "training_data": {"fingerprint": "test", "rows": int(X.shape[0]), "source": "sklearn:breast_cancer"},
-        "metrics": {},
-        "estimator": estimator,
-        "hyperparameters": {},
-        "library_versions": {
-            "scikit-learn": sklearn.__version__,
-            "skl2onnx": skl2onnx.__version__,
-            "onnx": onnx.__version__,
-        },
-        "created_at": dt.datetime.now(dt.UTC).isoformat(),
-        "pipeline_run_id": "test",
-    }
-    return modelcard.write_package(out_root, card, onx.SerializeToString()), pipe
+    return modelcard.write_package(out_root, card, onnx_bytes), pipe

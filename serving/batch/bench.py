@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import io
 import json
 import os
@@ -51,17 +50,15 @@ TARGET = 0.80
 
 
 def build_model(out_root: Path, estimator: str):
-    """A real packaged model (same contract as the training pipeline's) and its sklearn pipeline."""
-    import onnx
-    import skl2onnx
-    import sklearn
-    from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import FloatTensorType
+    """A real packaged model (exported and packaged by the training pipeline's core) and its sklearn
+    pipeline, plus the feature names and the training matrix."""
     from sklearn.datasets import load_breast_cancer
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from pipelines.core import export, package
 
     data = load_breast_cancer()
     X, y = data.data.astype(np.float32), data.target.astype(np.int64)
@@ -71,39 +68,19 @@ def build_model(out_root: Path, estimator: str):
         else RandomForestClassifier(n_estimators=50, max_depth=12, random_state=0, n_jobs=1)
     )
     pipe = Pipeline([("scale", StandardScaler()), ("model", est)]).fit(X, y)
-    onx = to_onnx(
-        pipe,
-        initial_types=[("input", FloatTensorType([None, X.shape[1]]))],
-        options={"zipmap": False},
-        target_opset={"": 17, "ai.onnx.ml": 3},
-    )
+    onnx_bytes = export.to_onnx(pipe, X.shape[1])
     features = list(data.feature_names)
-    card = {
-        "name": f"bench-{estimator}",
-        "version": "1.0.0",
-        "format": "onnx",
-        "opset": {d.domain or "ai.onnx": d.version for d in onx.opset_import},
-        "task": "binary_classification",
-        "classes": [0, 1],
-        "class_names": list(data.target_names),
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, X.shape[1]], "features": features}],
-        "outputs": [
-            {"name": "label", "datatype": "INT64", "shape": [-1]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
-        ],
-        "training_data": {"fingerprint": "bench", "rows": int(X.shape[0]), "source": "sklearn:breast_cancer"},
-        "metrics": {},
-        "estimator": estimator,
-        "hyperparameters": {},
-        "library_versions": {
-            "scikit-learn": sklearn.__version__,
-            "skl2onnx": skl2onnx.__version__,
-            "onnx": onnx.__version__,
-        },
-        "created_at": dt.datetime.now(dt.UTC).isoformat(),
-        "pipeline_run_id": "bench",
-    }
-    return modelcard.write_package(out_root, card, onx.SerializeToString()), pipe, features, X
+    card = package.build_card(
+        name=f"bench-{estimator}",
+        version="1.0.0",
+        onnx_bytes=onnx_bytes,
+        feature_names=features,
+        class_names=list(data.target_names),
+        training_data={"fingerprint": "bench", "rows": int(X.shape[0]), "source": "sklearn:breast_cancer"},
+        estimator=estimator,
+        pipeline_run_id="bench",
+    )
+    return modelcard.write_package(out_root, card, onnx_bytes), pipe, features, X
 
 
 def make_table(X: np.ndarray, features: list[str], rows: int, seed: int = 0) -> pa.Table:

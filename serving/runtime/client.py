@@ -40,6 +40,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session=True``), SIGKILL after
+    ``timeout`` seconds; returns the exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    return proc.returncode
+
+
 class ServerStartError(RuntimeError):
     """The runtime exited or did not become ready; ``log`` holds its output."""
 
@@ -166,18 +181,7 @@ class RuntimeServer:
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM the server's process group, SIGKILL after ``timeout``; returns the exit code."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        return proc.returncode
+        return None if proc is None else stop_process_group(proc, timeout)
 
     def __enter__(self) -> RuntimeServer:
         return self.start()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import signal
 import subprocess
 import threading
 from pathlib import Path
+
+from serving.runtime.client import stop_process_group
 
 
 class ProcessRegistry:
@@ -64,16 +65,7 @@ class ProcessRegistry:
         if item is None:
             return None
         _, proc = item
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        return proc.returncode
+        return stop_process_group(proc, timeout)
 
     def stop_all(self) -> None:
         for pid in list(self.pids()):
