@@ -253,6 +253,7 @@ class Controller:
                 "action": d.action.value,
                 "new_weight": d.weight,
                 "gates": {g.gate: g.to_dict()["value"] for g in results},
+                "verdicts": {g.gate: g.verdict.value for g in results},
             }
             if snaps is not None:
                 point["requests"] = {"stable": win_s.total_requests, "canary": win_c.total_requests}

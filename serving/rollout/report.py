@@ -97,6 +97,10 @@ def client_shares(
     return out
 
 
+# how each analysis point of a gate is drawn, by that gate's verdict
+VERDICT_STYLE = (("pass", "o", "tab:green"), ("inconclusive", "o", "tab:gray"), ("fail", "X", "tab:red"))
+
+
 def plot_timeline(
     record: dict[str, Any], path: str | os.PathLike, title: str | None = None, traffic: Any = None
 ) -> Path:
@@ -149,7 +153,7 @@ def plot_timeline(
     ax.legend(loc="upper left", fontsize=8)
 
     def series(gate_prefix: str, scale: float = 1.0):
-        xs, ys, name = [], [], None
+        xs, ys, failed, name = [], [], [], None
         for p in tl:
             for k, v in p["gates"].items():
                 if k.startswith(gate_prefix):
@@ -157,15 +161,20 @@ def plot_timeline(
                     if v is not None and not (isinstance(v, float) and math.isnan(v)):
                         xs.append(p["t"] - t0)
                         ys.append(v * scale)
-        return xs, ys, name
+                        failed.append(p.get("verdicts", {}).get(k, "pass"))
+        return xs, ys, failed, name
 
     for ax, prefix, label in (
         (axes[1], "success_rate", "success rate"),
         (axes[2], "latency_p99", "p99 latency (ms)"),
         (axes[3], "drift", "drift"),
     ):
-        xs, ys, name = series(prefix)
-        ax.plot(xs, ys, "o-", color="tab:green")
+        xs, ys, verdicts, name = series(prefix)
+        ax.plot(xs, ys, "-", color="tab:gray", lw=1)
+        for verdict, marker, color in VERDICT_STYLE:
+            pts = [(x, y) for x, y, v in zip(xs, ys, verdicts, strict=True) if v == verdict]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker, color=color, ms=8, label=verdict)
         thr = _threshold(cfg.get(name or "", {}))
         if thr is not None:
             ax.axhline(thr, color="tab:red", ls="--", lw=1, label=f"threshold {thr:g}")

@@ -265,6 +265,9 @@ def test_report_text_and_png(tmp_path):
     text = text_report(rec)
     assert "outcome: RolledBack after 2 analyses (2 failed)" in text
     assert text.count(" fail ") >= 2 and "success_rate=0.8" in text
+    # each analysis point keeps every gate's verdict, so the PNG can mark the failing points
+    fails = [p["verdicts"]["success_rate"] for p in rec["timeline"] if p["verdict"] == "fail"]
+    assert fails and all(v == "fail" for v in fails)
     png = plot_timeline(rec, tmp_path / "t.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
