@@ -15,7 +15,13 @@ import pytest
 import yaml
 
 from tests.chart.conftest import CHART, NAMESPACE, ROOT, versions_env
-from tests.chart.validators import InvalidObject, check_httproute, check_kserve, check_object
+from tests.chart.validators import (
+    InvalidObject,
+    assert_restricted,
+    check_httproute,
+    check_kserve,
+    check_object,
+)
 
 pytestmark = pytest.mark.chart
 
@@ -375,38 +381,9 @@ def test_cluster_serving_runtime_matches_the_contract(render):
 # ---------------------------------------------------------------------------------------- security
 
 
-def pod_specs(objs: list[dict]):
-    """(where, pod-level securityContext, [containers]) for every pod spec the chart controls."""
-    for o in objs:
-        where = f"{o['kind']}/{o['metadata']['name']}"
-        if o["kind"] == "InferenceService":
-            pred = o["spec"]["predictor"]
-            yield where, pred["securityContext"], [pred["model"]], pred
-        elif o["kind"] == "ClusterServingRuntime":
-            yield where, None, o["spec"]["containers"], o["spec"]
-        elif o["kind"] == "Pod":
-            yield where, o["spec"]["securityContext"], o["spec"]["containers"], o["spec"]
-
-
 @pytest.mark.parametrize("values_file", CI_FILES)
 def test_every_controlled_container_is_restricted(render, values_file):
-    seen = 0
-    for where, pod_ctx, containers, spec in pod_specs(render(f"ci/{values_file}")):
-        if pod_ctx is not None:
-            assert pod_ctx["runAsNonRoot"] is True, where
-            assert pod_ctx.get("runAsUser", 1) != 0, where
-            assert pod_ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
-            assert spec.get("automountServiceAccountToken") is False, where
-        for c in containers:
-            ctx = c["securityContext"]
-            assert ctx["runAsNonRoot"] is True, where
-            assert ctx["readOnlyRootFilesystem"] is True, where
-            assert ctx["allowPrivilegeEscalation"] is False, where
-            assert ctx["capabilities"] == {"drop": ["ALL"]}, where
-            assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
-            assert "limits" in c["resources"] and "requests" in c["resources"], where
-            seen += 1
-    assert seen >= 2
+    assert assert_restricted(render(f"ci/{values_file}")) >= 2
 
 
 @pytest.mark.parametrize("values_file", CI_FILES)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from tests.chart.conftest import MANIFESTS, NAMESPACE, load_docs
-from tests.chart.test_chart import kinds, one, pod_specs
-from tests.chart.validators import check_object
+from tests.chart.test_chart import kinds, one
+from tests.chart.validators import assert_restricted, check_object
 
 pytestmark = pytest.mark.chart
 
@@ -78,22 +78,7 @@ def test_no_deprecated_kustomize_fields():
 @pytest.mark.parametrize("target", TARGETS)
 def test_security_and_rbac(build, target):
     objs = build(target)
-    n = 0
-    for where, pod_ctx, containers, spec in pod_specs(objs):
-        if pod_ctx is not None:
-            assert pod_ctx["runAsNonRoot"] is True and pod_ctx["seccompProfile"] == {
-                "type": "RuntimeDefault"
-            }, where
-            assert spec.get("automountServiceAccountToken") is False, where
-        for c in containers:
-            ctx = c["securityContext"]
-            assert ctx["runAsNonRoot"] is True, where
-            assert ctx["readOnlyRootFilesystem"] is True, where
-            assert ctx["allowPrivilegeEscalation"] is False, where
-            assert ctx["capabilities"] == {"drop": ["ALL"]}, where
-            assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
-            n += 1
-    assert n >= 2
+    assert assert_restricted(objs) >= 2
     for role in kinds(objs, "Role"):
         for rule in role["rules"]:
             assert all("*" not in rule[f] for f in ("apiGroups", "resources", "verbs")), rule

@@ -245,3 +245,40 @@ def check_object(obj: dict) -> str:
         return "gateway-api-structural"
     check_builtin(obj)
     return "kubernetes-1.37"
+
+
+def pod_specs(objs: list[dict]):
+    """(where, pod-level securityContext, [containers], pod spec) for every pod spec we control."""
+    for o in objs:
+        where = f"{o['kind']}/{o['metadata']['name']}"
+        if o["kind"] == "InferenceService":
+            pred = o["spec"]["predictor"]
+            yield where, pred["securityContext"], [pred["model"]], pred
+        elif o["kind"] == "ClusterServingRuntime":
+            yield where, None, o["spec"]["containers"], o["spec"]
+        elif o["kind"] == "Pod":
+            yield where, o["spec"]["securityContext"], o["spec"]["containers"], o["spec"]
+
+
+def assert_restricted(objs: list[dict]) -> int:
+    """Every pod spec and container in ``objs`` meets Pod Security 'restricted' (non-root, seccomp
+    RuntimeDefault, no privilege escalation, all capabilities dropped, read-only root filesystem, no
+    service-account token) and sets resources. Returns how many containers were checked."""
+    seen = 0
+    for where, pod_ctx, containers, spec in pod_specs(objs):
+        if pod_ctx is not None:
+            assert pod_ctx["runAsNonRoot"] is True, where
+            assert pod_ctx.get("runAsUser", 1) != 0, where
+            assert pod_ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert spec.get("automountServiceAccountToken") is False, where
+        for c in containers:
+            ctx = c["securityContext"]
+            assert ctx["runAsNonRoot"] is True, where
+            assert ctx.get("runAsUser", 1) != 0, where
+            assert ctx["readOnlyRootFilesystem"] is True, where
+            assert ctx["allowPrivilegeEscalation"] is False, where
+            assert ctx["capabilities"] == {"drop": ["ALL"]}, where
+            assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert "limits" in c.get("resources", {}) and "requests" in c.get("resources", {}), where
+            seen += 1
+    return seen
