@@ -16,9 +16,11 @@ import yaml
 
 from tests.chart.conftest import CHART, NAMESPACE, ROOT, versions_env
 from tests.chart.validators import (
+    KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS,
     InvalidObject,
     assert_restricted,
     check_httproute,
+    check_knative_admissible,
     check_kserve,
     check_object,
 )
@@ -27,7 +29,15 @@ pytestmark = pytest.mark.chart
 
 CI_FILES = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
 CANARY = "ci/canary-values.yaml"
+KNATIVE = "ci/knative-canary-values.yaml"
+STANDARD_CI_FILES = [f for f in CI_FILES if f != "knative-canary-values.yaml"]
 FULL = "bc-mlrollout-model"  # fullname of release "bc"
+LONG_RELEASE = "averyveryverylongreleasename-for-models-prod"  # 44 characters: fullname gets truncated
+# KServe labels the predictor Deployment selector and pods `app: isvc.<isvc>-predictor` (KServe v0.20.0
+# pkg/constants/constants.go:755-756, reconcilers/deployment/deployment_reconciler.go:146,153); a label
+# value is at most 63 characters, so an InferenceService name is at most 48
+MAX_ISVC_NAME = 48
+VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 
 
 def kinds(objs: list[dict], kind: str) -> list[dict]:
@@ -214,6 +224,26 @@ BAD_VALUES = {
         ["model.storageUri=s3://m/a", "replicas.min=4", "replicas.max=2"],
         "replicas.max (2) must be >= replicas.min (4)",
     ),
+    "fullnameOverride too long for canary's -stable/-canary": (
+        [
+            "model.storageUri=s3://m/a",
+            "strategy.type=canary",
+            "strategy.canary.storageUri=s3://m/b",
+            # 44 characters: fine on its own, too long with -stable
+            "fullnameOverride=fraud-detector-gradient-boosted-eu-west-prod",
+        ],
+        'InferenceService name "fraud-detector-gradient-boosted-eu-west-prod-stable" is 51 characters, '
+        "over the limit of 48 (KServe labels its pods app: isvc.<name>-predictor, a label value of at most "
+        "63): shorten fullnameOverride or the release name",
+    ),
+    "fullnameOverride too long for rolling": (
+        [
+            "model.storageUri=s3://m/a",
+            "fullnameOverride=fraud-detector-gradient-boosted-classifier-eu-west-prod",
+        ],
+        'InferenceService name "fraud-detector-gradient-boosted-classifier-eu-west-prod" is 55 characters, '
+        "over the limit of 48",
+    ),
 }
 
 
@@ -327,6 +357,142 @@ def test_knative_canary_uses_canary_traffic_percent(render):
     assert rollback["spec"]["predictor"]["canaryTrafficPercent"] == 0
 
 
+def test_knative_canary_is_admissible_to_knative(render):
+    """Finding #2: the Knative Service KServe builds from the InferenceService and its runtime passes
+    Knative's webhook under default feature flags: the one-port runtime, no pod-level securityContext, and
+    only container-level fields Knative's SecurityContextMask keeps."""
+    objs = render(KNATIVE, sets=("clusterServingRuntime.create=true",))
+    isvc = one(objs, "InferenceService")
+    pred = isvc["spec"]["predictor"]
+    assert pred["model"]["runtime"] == "mlrollout-onnx-knative"
+    runtime = by_name(objs, "ClusterServingRuntime", pred["model"]["runtime"])
+    ports = [p for c in [*runtime["spec"]["containers"], pred["model"]] for p in c.get("ports", [])]
+    assert ports == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
+    assert "securityContext" not in pred  # Knative's PodSecurityContextMask keeps nothing by default
+    ctx = pred["model"]["securityContext"]
+    assert set(ctx) <= KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS
+    assert set(ctx["capabilities"]) == {"drop"}
+    # the pod-level identity moved into the container (fsGroup dropped: the model volume is an emptyDir)
+    pod = VALUES["podSecurityContext"]
+    assert ctx == {
+        **VALUES["containerSecurityContext"],
+        "runAsUser": pod["runAsUser"],
+        "runAsGroup": pod["runAsGroup"],
+    }
+    check_knative_admissible(isvc, runtime)
+    assert assert_restricted([isvc, runtime]) == 2  # still Pod Security 'restricted', per container
+
+
+def test_knative_security_context_keeps_only_what_knative_admits(render):
+    """Container fields Knative rejects by default (privileged: true, capabilities.add, procMount) are not
+    rendered for the Knative predictor; the container's own runAsUser wins over the pod-level one."""
+    sets = (
+        "containerSecurityContext.privileged=true",
+        "containerSecurityContext.capabilities.add[0]=NET_ADMIN",
+        "containerSecurityContext.procMount=Default",
+        "containerSecurityContext.runAsUser=20002",
+        "podSecurityContext.supplementalGroups[0]=5",
+    )
+    isvc = one(render(KNATIVE, sets=sets), "InferenceService")
+    ctx = isvc["spec"]["predictor"]["model"]["securityContext"]
+    assert "privileged" not in ctx and "procMount" not in ctx
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx["runAsUser"] == 20002  # the container's own value wins over the pod-level one
+    assert ctx["runAsGroup"] == VALUES["podSecurityContext"]["runAsGroup"]
+    assert "securityContext" not in isvc["spec"]["predictor"]
+    privileged_false = one(
+        render(KNATIVE, sets=("containerSecurityContext.privileged=false",)), "InferenceService"
+    )
+    assert privileged_false["spec"]["predictor"]["model"]["securityContext"]["privileged"] is False
+
+
+@pytest.mark.parametrize("values_file", STANDARD_CI_FILES)
+def test_standard_mode_keeps_the_two_port_runtime_and_the_pod_security_context(render, values_file):
+    objs = render(f"ci/{values_file}", sets=("clusterServingRuntime.create=true",))
+    for isvc in kinds(objs, "InferenceService"):
+        pred = isvc["spec"]["predictor"]
+        assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+        expected = "kserve-tritonserver" if "triton" in values_file else "mlrollout-onnx"
+        assert pred["model"]["runtime"] == expected
+        assert pred["securityContext"] == VALUES["podSecurityContext"]
+        assert pred["model"]["securityContext"] == VALUES["containerSecurityContext"]
+    runtime = by_name(objs, "ClusterServingRuntime", "mlrollout-onnx")
+    assert [p["name"] for c in runtime["spec"]["containers"] for p in c["ports"]] == ["http1", "h2c"]
+    assert assert_restricted(objs) >= 3
+
+
+def test_knative_validator_catches_what_knative_rejects(render):
+    """check_knative_admissible rejects exactly what finding #2 describes: the Standard predictor's
+    pod-level securityContext and the two-port runtime."""
+    std = render(CANARY, sets=("clusterServingRuntime.create=true",))
+    two_ports = by_name(std, "ClusterServingRuntime", "mlrollout-onnx")
+    one_port = by_name(std, "ClusterServingRuntime", "mlrollout-onnx-knative")
+    with pytest.raises(
+        InvalidObject, match=r"pod-level securityContext field\(s\) Knative rejects: \['fsGroup'"
+    ):
+        check_knative_admissible(kinds(std, "InferenceService")[0], one_port)
+    kn = one(render(KNATIVE), "InferenceService")
+    with pytest.raises(InvalidObject, match="2 container ports across the containers"):
+        check_knative_admissible(kn, two_ports)
+    bad = json.loads(json.dumps(kn))
+    bad["spec"]["predictor"]["model"]["securityContext"]["seLinuxOptions"] = {"level": "s0"}
+    with pytest.raises(InvalidObject, match="seLinuxOptions"):
+        check_knative_admissible(bad, one_port)
+    bad = json.loads(json.dumps(kn))
+    bad["spec"]["predictor"]["model"]["securityContext"]["capabilities"]["add"] = ["NET_ADMIN"]
+    with pytest.raises(InvalidObject, match="add"):
+        check_knative_admissible(bad, one_port)
+
+
+# ------------------------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("values_file", CI_FILES)
+def test_long_release_names_fit_kserve_predictor_label(render, values_file):
+    """Finding #10: every InferenceService name <= 48, so `app: isvc.<name>-predictor` <= 63, for every
+    strategy; the names keep the controller contract `<fullname>[-<track>]`."""
+    objs = render(f"ci/{values_file}", release=LONG_RELEASE)
+    isvcs = kinds(objs, "InferenceService")
+    assert isvcs
+    full = one(objs, "ServiceAccount")["metadata"]["name"]
+    assert full.startswith("averyveryverylongreleasename-for-models-p")
+    for isvc in isvcs:
+        name = isvc["metadata"]["name"]
+        assert len(name) <= MAX_ISVC_NAME, name
+        label = f"isvc.{name}-predictor"
+        assert len(label) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", label), label
+        expected = full if len(isvcs) == 1 else f"{full}-{isvc['metadata']['labels']['mlrollout.io/track']}"
+        assert name == expected
+    for route in kinds(objs, "HTTPRoute"):
+        assert route["metadata"]["name"] == full
+        for ref in route["spec"]["rules"][0]["backendRefs"]:
+            assert ref["name"] in {f"{i['metadata']['name']}-predictor" for i in isvcs}
+    for obj in objs:
+        check_object(obj)
+
+
+R41 = "fraud-eu-west-1-prod-abcd-mlrollout-model"
+R45 = "fraud-eu-west-1-prod-abcdefgh-mlrollout-model"
+
+
+@pytest.mark.parametrize(
+    ("values_file", "release", "names"),
+    [
+        # <release>-mlrollout-model at exactly the budget (41 for two InferenceServices, 45 for one): kept
+        (CANARY, "fraud-eu-west-1-prod-abcd", [f"{R41}-canary", f"{R41}-stable"]),
+        ("ci/blue-green-values.yaml", "bc", [f"{FULL}-blue", f"{FULL}-green"]),
+        ("ci/rolling-values.yaml", "fraud-eu-west-1-prod-abcdefgh", [R45]),
+        (KNATIVE, "bc", [FULL]),
+    ],
+)
+def test_names_within_the_budget_are_unchanged(render, values_file, release, names):
+    assert len(R41) == 41 and len(R45) == 45
+    assert (
+        sorted(i["metadata"]["name"] for i in kinds(render(values_file, release=release), "InferenceService"))
+        == names
+    )
+
+
 def test_every_track_serves_under_one_model_name(render):
     for isvc in kinds(render(CANARY), "InferenceService"):
         model = isvc["spec"]["predictor"]["model"]
@@ -349,18 +515,18 @@ def test_triton_runtime_uses_v2_and_the_triton_layout(render):
     body = json.loads(env["BODY"])
     assert body["inputs"][0]["shape"] == [1, 30] and body["inputs"][0]["datatype"] == "FP32"
     assert not kinds(objs, "HTTPRoute") and not kinds(objs, "Role") and not kinds(objs, "PodDisruptionBudget")
-    csr = one(objs, "ClusterServingRuntime")
-    assert "namespace" not in csr["metadata"]
+    csrs = kinds(objs, "ClusterServingRuntime")
+    assert sorted(c["metadata"]["name"] for c in csrs) == ["mlrollout-onnx", "mlrollout-onnx-knative"]
+    assert all("namespace" not in c["metadata"] for c in csrs)
 
 
 def test_cluster_serving_runtime_matches_the_contract(render):
     pins = versions_env()
-    csr = one(render("ci/triton-pvc-values.yaml"), "ClusterServingRuntime")
+    csr = by_name(render("ci/triton-pvc-values.yaml"), "ClusterServingRuntime", "mlrollout-onnx")
     spec = csr["spec"]
-    assert csr["metadata"]["name"] == "mlrollout-onnx"
-    assert (
-        spec["supportedModelFormats"][0]["name"] == "onnx" and spec["supportedModelFormats"][0]["autoSelect"]
-    )
+    assert spec["supportedModelFormats"] == [
+        {"name": "onnx", "version": "1", "autoSelect": True, "priority": 2}
+    ]
     assert spec["protocolVersions"] == ["v1", "v2", "grpc-v2"]
     assert spec["annotations"] == {
         "prometheus.kserve.io/port": "8080",
@@ -375,7 +541,37 @@ def test_cluster_serving_runtime_matches_the_contract(render):
         "--http_port=8080",
         "--grpc_port=8081",
     ]
+    assert container["ports"] == [
+        {"name": "http1", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "h2c", "containerPort": 8081, "protocol": "TCP"},
+    ]
+    assert container["securityContext"] == VALUES["containerSecurityContext"]
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+
+def test_knative_cluster_serving_runtime_is_the_one_port_twin(render):
+    """mlrollout-onnx-knative = mlrollout-onnx with one container port (Knative allows one across all
+    containers), no gRPC server, no auto-select (KServe's webhook denies two auto-select runtimes with the
+    same format, protocol and priority) and a securityContext Knative admits."""
+    objs = render("ci/triton-pvc-values.yaml")
+    std = by_name(objs, "ClusterServingRuntime", "mlrollout-onnx")["spec"]
+    kn = by_name(objs, "ClusterServingRuntime", "mlrollout-onnx-knative")["spec"]
+    assert kn["supportedModelFormats"] == [{"name": "onnx", "version": "1", "autoSelect": False}]
+    assert kn["protocolVersions"] == ["v1", "v2"]  # no grpc-v2: Knative exposes only the HTTP port
+    (kn_c,) = kn["containers"]
+    (std_c,) = std["containers"]
+    assert kn_c["ports"] == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
+    assert kn_c["args"] == [*std_c["args"], "--enable_grpc=false"]  # --grpc_port stays; nothing listens
+    assert set(kn_c["securityContext"]) <= KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS
+    pod = VALUES["podSecurityContext"]
+    assert kn_c["securityContext"] == {
+        **VALUES["containerSecurityContext"],
+        "runAsUser": pod["runAsUser"],
+        "runAsGroup": pod["runAsGroup"],
+    }
+    same = ("name", "image", "imagePullPolicy", "resources", "volumeMounts")
+    assert {k: kn_c[k] for k in same} == {k: std_c[k] for k in same}
+    assert kn["volumes"] == std["volumes"] and kn["annotations"] == std["annotations"]
 
 
 # ---------------------------------------------------------------------------------------- security
@@ -435,6 +631,20 @@ def test_network_policy_allows_only_gateway_prometheus_dns_and_storage(render):
     test_pod_labels = one(objs, "Pod")["metadata"]["labels"]
     test_peer = next(p for p in sources if "podSelector" in p and "namespaceSelector" not in p)
     assert test_peer["podSelector"]["matchLabels"].items() <= test_pod_labels.items()
+
+
+def test_knative_network_policy_admits_the_autoscaler(render):
+    """Finding #14: the Knative autoscaler scrapes every pod's queue-proxy on 9090 from knative-serving."""
+    np = by_name(render(KNATIVE), "NetworkPolicy", FULL)["spec"]
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "knative-serving"}}}
+    (rule,) = [r for r in np["ingress"] if peer in r["from"]]
+    assert rule["ports"] == [
+        {"port": 8012, "protocol": "TCP"},
+        {"port": 8080, "protocol": "TCP"},
+        {"port": 9090, "protocol": "TCP"},
+    ]
+    std = by_name(render(CANARY), "NetworkPolicy", FULL)["spec"]
+    assert 9090 not in {p["port"] for r in std["ingress"] for p in r["ports"]}
 
 
 def test_test_pod_network_policy_allows_only_dns_and_the_predictors(render):
@@ -612,7 +822,13 @@ def test_readme_documents_every_value():
         k for k in leaves(yaml.safe_load((CHART / "values.yaml").read_text())) if f"`{k}`" not in readme
     ]
     assert not missing, f"undocumented values: {missing}"
-    for name in ("<fullname>-stable-predictor", "<fullname>-canary-predictor", "rollout.mlrollout.io/state"):
+    for name in (
+        "<fullname>-stable-predictor",
+        "<fullname>-canary-predictor",
+        "rollout.mlrollout.io/state",
+        "mlrollout-onnx-knative",
+        "isvc.<name>-predictor",
+    ):
         assert name in readme
 
 
@@ -621,5 +837,6 @@ def test_knative_notes_use_the_knative_ingress(tools):
                      "-f", CHART / "ci" / "knative-canary-values.yaml", check=True)  # fmt: skip
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert "Traffic: 20% -> latest revision" in notes
+    assert "The ClusterServingRuntime mlrollout-onnx-knative must exist" in notes
     assert f"get inferenceservice {FULL} -o jsonpath='{{.status.url}}'" in notes
     assert "port-forward" not in notes  # Knative's <isvc>-predictor Service is an ExternalName

@@ -10,6 +10,7 @@ the default breast_cancer model, every track answers under `model.name`, and the
 from __future__ import annotations
 
 import shutil
+import socket
 
 import pytest
 
@@ -43,3 +44,27 @@ def test_hook_gets_a_real_prediction_from_the_runtime(render, model_package, tmp
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout
     assert ('"predictions"' if protocol == "v1" else '"outputs"') in proc.stdout
+
+
+@pytest.mark.parametrize(("runtime", "grpc"), [("mlrollout-onnx", True), ("mlrollout-onnx-knative", False)])
+def test_runtime_args_serve_the_ports_the_runtime_declares(render, model_package, runtime, grpc):
+    """Each ClusterServingRuntime's own args, run by the real runtime: mlrollout-onnx serves REST and gRPC;
+    mlrollout-onnx-knative (one declared port, the only one Knative routes to) serves REST and opens no
+    gRPC port. The port flags are replaced by free local ports; every other arg is the rendered one."""
+    csr = next(
+        o
+        for o in kinds(render(CANARY, sets=("clusterServingRuntime.create=true",)), "ClusterServingRuntime")
+        if o["metadata"]["name"] == runtime
+    )
+    (container,) = csr["spec"]["containers"]
+    local = ("--model_dir=", "--http_port=", "--grpc_port=")
+    args = [a.replace("{{.Name}}", f"{FULL}-stable") for a in container["args"] if not a.startswith(local)]
+    declared = {p["containerPort"] for p in container["ports"]}
+    assert declared == ({8080, 8081} if grpc else {8080})
+    server = RuntimeServer(model_package, name="breast-cancer", args=[*args, "--model_name=breast-cancer"])
+    with server:
+        assert len(server.predict_v1([[0.0] * 30])["predictions"]) == 1
+        with socket.socket() as sock:
+            sock.settimeout(2)
+            listening = sock.connect_ex((server.host, server.grpc_port)) == 0
+        assert listening is grpc, f"gRPC port {server.grpc_port} listening={listening}:\n{server.log}"

@@ -9,13 +9,20 @@ import pytest
 import yaml
 
 from tests.chart.conftest import MANIFESTS, NAMESPACE, load_docs
-from tests.chart.test_chart import kinds, one
-from tests.chart.validators import assert_restricted, check_object
+from tests.chart.test_chart import by_name, kinds, one
+from tests.chart.validators import (
+    KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS,
+    assert_restricted,
+    check_knative_admissible,
+    check_object,
+)
 
 pytestmark = pytest.mark.chart
 
 OVERLAYS = sorted(p.name for p in (MANIFESTS / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 TARGETS = ["base", *(f"overlays/{o}" for o in OVERLAYS)]
+STANDARD_TARGETS = [t for t in TARGETS if t != "overlays/knative-canary"]
+RUNTIMES = ["mlrollout-onnx", "mlrollout-onnx-knative"]  # manifests/base/runtime: Standard and Knative mode
 # deprecated kustomization fields (kustomize v5) and what replaces them
 DEPRECATED = {
     "bases": "resources",
@@ -53,9 +60,10 @@ def test_builds_and_every_object_is_valid(build, target):
     assert "deprecated" not in build.stderr(target).lower(), build.stderr(target)
     for obj in objs:
         check_object(obj)
-    csr = one(objs, "ClusterServingRuntime")
-    assert "namespace" not in csr["metadata"], "a cluster-scoped object got a namespace"
-    assert csr["metadata"]["name"] == "mlrollout-onnx"
+    csrs = kinds(objs, "ClusterServingRuntime")
+    for csr in csrs:
+        assert "namespace" not in csr["metadata"], "a cluster-scoped object got a namespace"
+    assert sorted(c["metadata"]["name"] for c in csrs) == RUNTIMES
     namespaced = [o for o in objs if o["kind"] != "ClusterServingRuntime"]
     expected_ns = None if target == "base" else NAMESPACE
     assert {o["metadata"].get("namespace") for o in namespaced} == {expected_ns}
@@ -144,6 +152,55 @@ def test_knative_canary_overlay(build):
     assert "knative-serving" in sources and "kourier-system" in sources
 
 
+def test_knative_canary_overlay_is_admissible_to_knative(build):
+    """Finding #2: the one-port runtime, no pod-level securityContext, only container fields Knative's
+    default SecurityContextMask keeps (runAsUser/runAsGroup moved into the container)."""
+    objs = build("overlays/knative-canary")
+    isvc = one(objs, "InferenceService")
+    pred = isvc["spec"]["predictor"]
+    assert pred["model"]["runtime"] == "mlrollout-onnx-knative"
+    runtime = by_name(objs, "ClusterServingRuntime", "mlrollout-onnx-knative")
+    ports = [p for c in [*runtime["spec"]["containers"], pred["model"]] for p in c.get("ports", [])]
+    assert ports == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
+    assert "--enable_grpc=false" in runtime["spec"]["containers"][0]["args"]
+    assert runtime["spec"]["supportedModelFormats"][0]["autoSelect"] is False
+    assert "securityContext" not in pred
+    ctx = pred["model"]["securityContext"]
+    assert set(ctx) <= KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS
+    assert ctx["runAsUser"] == ctx["runAsGroup"] == 10001 and ctx["runAsNonRoot"] is True
+    for c in runtime["spec"]["containers"]:
+        assert set(c["securityContext"]) <= KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS
+    check_knative_admissible(isvc, runtime)
+
+
+def test_knative_canary_overlay_admits_the_autoscaler(build):
+    """Finding #14: knative-serving may reach the queue-proxy metrics port 9090 (the autoscaler's scrape)."""
+    np = one(build("overlays/knative-canary"), "NetworkPolicy")["spec"]
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "knative-serving"}}}
+    (rule,) = [r for r in np["ingress"] if peer in r["from"]]
+    assert sorted(p["port"] for p in rule["ports"]) == [8012, 8080, 9090]
+
+
+@pytest.mark.parametrize("target", STANDARD_TARGETS)
+def test_standard_mode_keeps_the_two_port_runtime_and_the_pod_security_context(build, target):
+    objs = build(target)
+    runtime = by_name(objs, "ClusterServingRuntime", "mlrollout-onnx")
+    assert [p["name"] for c in runtime["spec"]["containers"] for p in c["ports"]] == ["http1", "h2c"]
+    assert runtime["spec"]["supportedModelFormats"][0]["autoSelect"] is True
+    for isvc in kinds(objs, "InferenceService"):
+        pred = isvc["spec"]["predictor"]
+        assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+        assert pred["model"]["runtime"] == "mlrollout-onnx"
+        assert pred["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+    assert assert_restricted(objs) >= 3
+
+
 def test_rolling_overlay_sets_the_strategy(build):
     pred = one(build("overlays/rolling"), "InferenceService")["spec"]["predictor"]
     assert pred["deploymentStrategy"] == {
@@ -210,8 +267,10 @@ def test_overlay_images_reach_the_runtime(build, tmp_path):
             }
         )
     )
-    csr = one(build(tmp_path), "ClusterServingRuntime")
-    assert csr["spec"]["containers"][0]["image"] == "ghcr.io/mlrollout/onnx-runtime:0.2.0"
+    csrs = kinds(build(tmp_path), "ClusterServingRuntime")
+    assert sorted(c["metadata"]["name"] for c in csrs) == RUNTIMES
+    for csr in csrs:
+        assert csr["spec"]["containers"][0]["image"] == "ghcr.io/mlrollout/onnx-runtime:0.2.0"
 
 
 def test_chart_and_kustomize_render_the_same_kinds(build, render):
@@ -225,3 +284,21 @@ def test_chart_and_kustomize_render_the_same_kinds(build, render):
     )
     kustomize = sorted(o["kind"] for o in build("overlays/canary"))
     assert chart == kustomize
+
+
+def test_chart_and_kustomize_ship_the_same_runtimes(build, render):
+    """The chart's clusterServingRuntime.create and manifests/base/runtime (what infra applies) render the
+    same two ClusterServingRuntime specs."""
+    chart = {
+        o["metadata"]["name"]: o["spec"]
+        for o in kinds(
+            render("ci/canary-values.yaml", sets=("clusterServingRuntime.create=true",)),
+            "ClusterServingRuntime",
+        )
+    }
+    kustomize = {
+        o["metadata"]["name"]: o["spec"] for o in kinds(build("base/runtime"), "ClusterServingRuntime")
+    }
+    assert sorted(chart) == sorted(kustomize) == RUNTIMES
+    for name in RUNTIMES:
+        assert chart[name] == kustomize[name], name

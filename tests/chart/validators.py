@@ -248,12 +248,13 @@ def check_object(obj: dict) -> str:
 
 
 def pod_specs(objs: list[dict]):
-    """(where, pod-level securityContext, [containers], pod spec) for every pod spec we control."""
+    """(where, pod-level securityContext, [containers], pod spec) for every pod spec we control. A
+    Knative-mode InferenceService has no pod-level securityContext (Knative rejects it): None."""
     for o in objs:
         where = f"{o['kind']}/{o['metadata']['name']}"
         if o["kind"] == "InferenceService":
             pred = o["spec"]["predictor"]
-            yield where, pred["securityContext"], [pred["model"]], pred
+            yield where, pred.get("securityContext"), [pred["model"]], pred
         elif o["kind"] == "ClusterServingRuntime":
             yield where, None, o["spec"]["containers"], o["spec"]
         elif o["kind"] == "Pod":
@@ -263,13 +264,17 @@ def pod_specs(objs: list[dict]):
 def assert_restricted(objs: list[dict]) -> int:
     """Every pod spec and container in ``objs`` meets Pod Security 'restricted' (non-root, seccomp
     RuntimeDefault, no privilege escalation, all capabilities dropped, read-only root filesystem, no
-    service-account token) and sets resources. Returns how many containers were checked."""
+    service-account token) and sets resources. Returns how many containers were checked.
+
+    The container-level checks alone satisfy 'restricted' (runAsNonRoot and seccompProfile may be set per
+    container), which is how a Knative-mode predictor, with no pod-level securityContext, passes."""
     seen = 0
     for where, pod_ctx, containers, spec in pod_specs(objs):
         if pod_ctx is not None:
             assert pod_ctx["runAsNonRoot"] is True, where
             assert pod_ctx.get("runAsUser", 1) != 0, where
             assert pod_ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        if not where.startswith("ClusterServingRuntime/"):
             assert spec.get("automountServiceAccountToken") is False, where
         for c in containers:
             ctx = c["securityContext"]
@@ -282,3 +287,61 @@ def assert_restricted(objs: list[dict]) -> int:
             assert "limits" in c.get("resources", {}) and "requests" in c.get("resources", {}), where
             seen += 1
     return seen
+
+
+# ---------------------------------------------------------------- Knative admission (default feature flags)
+
+# knative/serving knative-v1.21.1 with its default feature flags (pkg/apis/config/features.go:92,113:
+# kubernetes.podspec-securitycontext and secure-pod-defaults both Disabled):
+# - PodSecurityContextMask (pkg/apis/serving/fieldmask.go:663-702) keeps nothing, so every pod-level
+#   securityContext field is rejected (k8s_validation.go:941-946);
+# - SecurityContextMask (fieldmask.go:707-738) keeps these container fields, `privileged` only when false;
+# - CapabilitiesMask (fieldmask.go:743-764) keeps only `drop` (`add` needs containerspec-addcapabilities);
+# - validateContainersPorts (k8s_validation.go:501-533): at most one port across all containers.
+KNATIVE_POD_SECURITY_CONTEXT_FIELDS: frozenset[str] = frozenset()
+KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS = frozenset(
+    {
+        "capabilities",
+        "readOnlyRootFilesystem",
+        "runAsUser",
+        "runAsGroup",
+        "runAsNonRoot",
+        "allowPrivilegeEscalation",
+        "seccompProfile",
+        "privileged",
+    }
+)
+KNATIVE_CAPABILITIES_FIELDS = frozenset({"drop"})
+
+
+def _knative_container_context(ctx: dict | None, where: str) -> None:
+    if not ctx:
+        return
+    extra = sorted(set(ctx) - KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS)
+    if extra:
+        raise InvalidObject(f"{where}: container securityContext field(s) Knative rejects: {extra}")
+    if ctx.get("privileged") is not None and ctx["privileged"] is not False:
+        raise InvalidObject(f"{where}: Knative allows securityContext.privileged only as false")
+    caps = sorted(set(ctx.get("capabilities") or {}) - KNATIVE_CAPABILITIES_FIELDS)
+    if caps:
+        raise InvalidObject(f"{where}: securityContext.capabilities field(s) Knative rejects: {caps}")
+
+
+def check_knative_admissible(isvc: dict, runtime: dict) -> None:
+    """What Knative's webhook checks on the Knative Service KServe builds from ``isvc`` and its
+    ``runtime`` (KServe merges the runtime's containers with the predictor's model container): no
+    pod-level securityContext field, only masked container fields, one container port in all."""
+    where = _ident(isvc)
+    pred = isvc["spec"]["predictor"]
+    pod_ctx = pred.get("securityContext") or {}
+    extra = sorted(set(pod_ctx) - KNATIVE_POD_SECURITY_CONTEXT_FIELDS)
+    if extra:
+        raise InvalidObject(f"{where}: pod-level securityContext field(s) Knative rejects: {extra}")
+    _knative_container_context(pred["model"].get("securityContext"), f"{where}.spec.predictor.model")
+    for c in runtime["spec"]["containers"]:
+        _knative_container_context(c.get("securityContext"), f"{_ident(runtime)} container {c['name']}")
+    ports = [p for c in [*runtime["spec"]["containers"], pred["model"]] for p in c.get("ports") or []]
+    if len(ports) > 1:
+        raise InvalidObject(
+            f"{where}: {len(ports)} container ports across the containers; Knative allows only one"
+        )

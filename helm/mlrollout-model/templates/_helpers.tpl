@@ -1,20 +1,35 @@
 {{/*
-Names. fullname is truncated to 45 characters so that "<fullname>-stable-predictor" (the Service KServe
-creates for the stable InferenceService) stays within the 63-character DNS label limit.
+Names. The limit that matters is a LABEL, not a Service name: KServe labels the predictor Deployment's
+selector and pods `app: isvc.<InferenceService name>-predictor` (KServe v0.20.0
+pkg/constants/constants.go:755-756 GetRawServiceLabel; reconcilers/deployment/deployment_reconciler.go:146,153),
+and a label value is at most 63 characters, so an InferenceService name may be at most 63 - 15 = 48.
+  - canary / blueGreen render "<fullname>-stable|-canary|-blue|-green": a release-derived fullname is
+    truncated to 41 (48 - len("-stable")).
+  - rolling / knativeCanary render one InferenceService "<fullname>": truncated to 45 as before (<= 48;
+    unchanged so that no existing release is renamed).
+fullnameOverride is used as given (never silently cut, since the rollout controller is told the same name);
+"mlrollout-model.validate" fails with one line when an InferenceService name would exceed 48.
 */}}
+{{- define "mlrollout-model.maxIsvcName" -}}48{{- end }}
+
+{{- define "mlrollout-model.fullnameMax" -}}
+{{- if has .Values.strategy.type (list "canary" "blueGreen") }}41{{ else }}45{{ end }}
+{{- end }}
+
 {{- define "mlrollout-model.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 45 | trimSuffix "-" }}
 {{- end }}
 
 {{- define "mlrollout-model.fullname" -}}
+{{- $max := include "mlrollout-model.fullnameMax" . | int }}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 45 | trimSuffix "-" }}
+{{- .Values.fullnameOverride | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 45 | trimSuffix "-" }}
+{{- .Release.Name | trunc $max | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 45 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc $max | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -52,14 +67,59 @@ app.kubernetes.io/part-of: mlrollout
 {{- end }}
 {{- end }}
 
+{{/*
+The runtime: knativeCanary gets mlrollout-onnx-knative (one container port; Knative allows only one across
+all containers, knative/serving knative-v1.21.1 pkg/apis/serving/k8s_validation.go:501-533); every
+Standard-mode strategy keeps mlrollout-onnx (http1 8080 + h2c 8081).
+*/}}
 {{- define "mlrollout-model.runtimeName" -}}
 {{- if .Values.model.runtimeName }}
 {{- .Values.model.runtimeName }}
 {{- else if eq .Values.model.runtime "triton" }}
 {{- "kserve-tritonserver" }}
+{{- else if eq .Values.strategy.type "knativeCanary" }}
+{{- "mlrollout-onnx-knative" }}
 {{- else }}
 {{- "mlrollout-onnx" }}
 {{- end }}
+{{- end }}
+
+{{/*
+The container securityContext of a Knative-mode predictor (knativeCanary). Knative's webhook rejects every
+pod-level securityContext field under its default feature flags (knative/serving knative-v1.21.1
+pkg/apis/serving/k8s_validation.go:941-946 CheckDisallowedFields against PodSecurityContextMask;
+pkg/apis/serving/fieldmask.go:663-702: with kubernetes.podspec-securitycontext Disabled only seccompProfile
+survives, and only when secure-pod-defaults is on; pkg/apis/config/features.go:92,113: both Disabled by
+default). So for Knative the pod-level fields move into the container: containerSecurityContext, plus
+runAsNonRoot/runAsUser/runAsGroup/seccompProfile from podSecurityContext where the container does not set
+them (fsGroup has no container equivalent and is dropped: the model volume is an emptyDir). Only the fields
+SecurityContextMask keeps (fieldmask.go:707-738) are rendered: capabilities (drop only; add needs
+kubernetes.containerspec-addcapabilities, fieldmask.go:743-764), readOnlyRootFilesystem, runAsUser,
+runAsGroup, runAsNonRoot, allowPrivilegeEscalation, seccompProfile, and privileged only when false.
+*/}}
+{{- define "mlrollout-model.knativeContainerSecurityContext" -}}
+{{- $pod := .Values.podSecurityContext | default dict }}
+{{- $in := deepCopy (.Values.containerSecurityContext | default dict) }}
+{{- range $k := list "runAsNonRoot" "runAsUser" "runAsGroup" "seccompProfile" }}
+{{- if and (hasKey $pod $k) (not (hasKey $in $k)) }}
+{{- $_ := set $in $k (get $pod $k) }}
+{{- end }}
+{{- end }}
+{{- $out := dict }}
+{{- range $k := list "allowPrivilegeEscalation" "readOnlyRootFilesystem" "runAsGroup" "runAsNonRoot" "runAsUser" "seccompProfile" }}
+{{- if hasKey $in $k }}
+{{- $_ := set $out $k (get $in $k) }}
+{{- end }}
+{{- end }}
+{{- with $in.capabilities }}
+{{- if .drop }}
+{{- $_ := set $out "capabilities" (dict "drop" .drop) }}
+{{- end }}
+{{- end }}
+{{- if and (hasKey $in "privileged") (not $in.privileged) }}
+{{- $_ := set $out "privileged" false }}
+{{- end }}
+{{- toYaml $out }}
 {{- end }}
 
 {{- define "mlrollout-model.protocolVersion" -}}
@@ -118,6 +178,12 @@ rolling and knativeCanary: one InferenceService named <fullname>, track "stable"
 Checks JSON schema cannot express (it cannot compare two values); fail with one readable line.
 */}}
 {{- define "mlrollout-model.validate" -}}
+{{- $max := include "mlrollout-model.maxIsvcName" . | int }}
+{{- range $t := include "mlrollout-model.tracks" . | fromJsonArray }}
+{{- if gt (len $t.name) $max }}
+{{- fail (printf "InferenceService name %q is %d characters, over the limit of %d (KServe labels its pods app: isvc.<name>-predictor, a label value of at most 63): shorten fullnameOverride or the release name" $t.name (len $t.name) $max) }}
+{{- end }}
+{{- end }}
 {{- if lt (int .Values.replicas.max) (int .Values.replicas.min) }}
 {{- fail (printf "replicas.max (%v) must be >= replicas.min (%v)" .Values.replicas.max .Values.replicas.min) }}
 {{- end }}
