@@ -2,9 +2,14 @@
 # Bring up the mlrollout kind platform (`make cluster`):
 #
 #   kind cluster -> serving image built + `kind load`ed -> cert-manager -> Gateway API CRDs ->
-#   Envoy Gateway + GatewayClass/Gateway -> [knative profile: Knative Serving + Kourier] ->
-#   KServe (Standard mode, Gateway API) -> KFP 2.17 standalone (cluster-scoped-resources, then
-#   env/platform-agnostic) -> Prometheus -> KFP<->KServe wiring of the model namespace.
+#   Envoy Gateway CRDs -> Envoy Gateway + GatewayClass/Gateway -> [knative profile: Knative Serving +
+#   Kourier] -> KServe (Standard mode, Gateway API) + its runtimes + ours -> KFP 2.17 standalone
+#   (cluster-scoped-resources, then env/platform-agnostic) -> Prometheus -> KFP<->KServe wiring of the
+#   model namespace.
+#
+# The steps shared with the local control plane (CRDs, KServe's charts and admission, the runtimes, the
+# model namespace) are the functions of infra/install.sh; this script adds what only kind has (nodes that
+# run containers, images, cert-manager, the gateway data plane, KFP, Prometheus).
 #
 #   bash infra/cluster-up.sh [--dry-run] [--profile knative] [--skip-image] [--preflight-only]
 #
@@ -16,8 +21,8 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-. "${here}/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=install.sh
+. "${here}/install.sh"
 
 PROFILE="${PROFILE:-default}"
 SKIP_IMAGE=0
@@ -29,15 +34,16 @@ while [ $# -gt 0 ]; do
     --profile=*) PROFILE="${1#--profile=}" ;;
     --skip-image) SKIP_IMAGE=1 ;;
     --preflight-only) PREFLIGHT_ONLY=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {print}' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (try --help)" ;;
   esac
   shift
 done
 case "${PROFILE}" in default|knative) ;; *) die "unknown profile '${PROFILE}': use default or knative" ;; esac
+[ "${PROFILE}" = knative ] && KSERVE_VALUES="${INFRA_DIR}/kserve-values-knative.yaml"
+INSTALL_WAIT=300
 
 RUNTIME_IMAGE="${MLROLLOUT_RUNTIME_IMAGE}:${MLROLLOUT_VERSION}"
-KSERVE_CHART_VERSION="v${KSERVE_VERSION}"
 KFP_KUSTOMIZE="github.com/kubeflow/pipelines/manifests/kustomize"
 WAIT_SHORT=300   # a controller Deployment (first image pull included)
 WAIT_LONG=900    # KFP: mysql + metadata + api server pull ~2 GB of images on a cold node
@@ -110,17 +116,12 @@ cert_manager() {
     deployment/cert-manager deployment/cert-manager-cainjector deployment/cert-manager-webhook
 }
 
-gateway_api_crds() {
-  retry 5 5 "${KUBECTL}" apply --server-side --force-conflicts -f "https://github.com/kubernetes-sigs/gateway-api/releases/download/${GATEWAY_API_VERSION}/standard-install.yaml"
-  timed "Gateway API CRDs established" "${KUBECTL}" wait --for=condition=Established --timeout=60s \
-    crd/gatewayclasses.gateway.networking.k8s.io crd/gateways.gateway.networking.k8s.io crd/httproutes.gateway.networking.k8s.io
-}
-
 envoy_gateway() {
-  # The chart's crds/ also carries Gateway API CRDs; Helm skips CRDs that already exist, so the pinned
-  # GATEWAY_API_VERSION installed above stays in charge of them.
+  # --skip-crds: the chart's crds/ carries the experimental Gateway API CRDs, which Helm 4 would apply
+  # over the standard ones (see envoy_gateway_crds in infra/install.sh); its own CRDs are installed there.
   timed "Envoy Gateway chart" "${HELM}" upgrade --install eg oci://docker.io/envoyproxy/gateway-helm \
-    --version "${ENVOY_GATEWAY_VERSION}" -n envoy-gateway-system --create-namespace --wait --timeout "${WAIT_SHORT}s"
+    --version "${ENVOY_GATEWAY_VERSION}" -n envoy-gateway-system --create-namespace --skip-crds \
+    --wait --timeout "${WAIT_SHORT}s"
   timed "envoy-gateway controller" "${KUBECTL}" -n envoy-gateway-system wait --for=condition=Available \
     --timeout="${WAIT_SHORT}s" deployment/envoy-gateway
   apply_rendered "${INFRA_DIR}/manifests/gateway.yaml"
@@ -150,24 +151,11 @@ kserve_webhook_serving() {
     -o jsonpath='{.items[*].endpoints[*].conditions.ready}' 2>/dev/null | grep -q true
 }
 
-kserve() {
-  local values=(-f "${INFRA_DIR}/kserve-values.yaml")
-  [ "${PROFILE}" = knative ] && values+=(-f "${INFRA_DIR}/kserve-values-knative.yaml")
-  timed "KServe CRDs chart" "${HELM}" upgrade --install kserve-crd oci://ghcr.io/kserve/charts/kserve-crd \
-    --version "${KSERVE_CHART_VERSION}" -n kserve --create-namespace --wait --timeout "${WAIT_SHORT}s"
-  # the chart's cert-manager Certificate can hit cert-manager's own webhook before it serves: retried
-  retry 6 10 "${HELM}" upgrade --install kserve oci://ghcr.io/kserve/charts/kserve-resources \
-    --version "${KSERVE_CHART_VERSION}" -n kserve "${values[@]}" --wait --timeout "${WAIT_SHORT}s"
+# On kind the KServe controller is the chart's Deployment (on the control plane it is a local process).
+kserve_controller() {
   timed "kserve-controller-manager" "${KUBECTL}" -n kserve wait --for=condition=Available --timeout="${WAIT_SHORT}s" \
     deployment/kserve-controller-manager
   wait_for "KServe webhook endpoints ready" 120 kserve_webhook_serving
-  # The webhook answers "connection refused" / x509 for a while after its endpoint turns ready
-  # (kserve#4182, #5037, #3748): prove admission works with a server-side dry-run, retried.
-  retry 12 5 "${KUBECTL}" apply --dry-run=server -f "${INFRA_DIR}/manifests/kserve-webhook-probe.yaml"
-  # storage-initializer admitted under Pod Security `restricted` (kserve#5373): see the manifest
-  apply_rendered "${INFRA_DIR}/manifests/storage-container.yaml"
-  # the project's ClusterServingRuntime `mlrollout-onnx` (shared by every chart release; manifests/base/runtime)
-  retry 6 5 "${KUBECTL}" apply -k "${REPO_ROOT}/manifests/base/runtime"
 }
 
 kfp() {
@@ -184,32 +172,6 @@ prometheus() {
   timed "Prometheus" "${KUBECTL}" -n monitoring rollout status deployment/prometheus --timeout="${WAIT_SHORT}s"
 }
 
-# The S3 Secret KServe's storage-initializer uses, copied from KFP's own (so no credential is in git),
-# with the annotations KServe turns into S3_ENDPOINT & co (the same settings as the chart's `storage.s3`
-# defaults). Path-style addressing: SeaweedFS needs it; region `minio` is what KFP's launcher uses.
-create_storage_secret() {
-  printf '+ copy kubeflow/mlpipeline-minio-artifact -> %s/kfp-s3-credentials (KServe S3 annotations)\n' "${MODEL_NAMESPACE}"
-  [ "${DRY_RUN}" = 1 ] && return 0
-  local access secret
-  access="$("${KUBECTL}" -n kubeflow get secret mlpipeline-minio-artifact -o jsonpath='{.data.accesskey}' | base64 -d)"
-  secret="$("${KUBECTL}" -n kubeflow get secret mlpipeline-minio-artifact -o jsonpath='{.data.secretkey}' | base64 -d)"
-  if [ -z "${access}" ] || [ -z "${secret}" ]; then
-    die "kubeflow/mlpipeline-minio-artifact has no accesskey/secretkey"
-  fi
-  "${KUBECTL}" -n "${MODEL_NAMESPACE}" create secret generic kfp-s3-credentials \
-    --from-literal=AWS_ACCESS_KEY_ID="${access}" --from-literal=AWS_SECRET_ACCESS_KEY="${secret}" \
-    --dry-run=client -o yaml | "${KUBECTL}" apply -f - >&2
-  "${KUBECTL}" -n "${MODEL_NAMESPACE}" annotate --overwrite secret kfp-s3-credentials \
-    serving.kserve.io/s3-endpoint=seaweedfs.kubeflow.svc.cluster.local:9000 \
-    serving.kserve.io/s3-usehttps=0 serving.kserve.io/s3-verifyssl=0 \
-    serving.kserve.io/s3-region=minio serving.kserve.io/s3-usevirtualbucket=0 >&2
-}
-
-model_namespace() {
-  apply_rendered "${INFRA_DIR}/manifests/model-namespace.yaml"
-  create_storage_secret
-}
-
 summary() {
   cat >&2 <<EOF
 
@@ -223,9 +185,9 @@ EOF
 }
 
 # ---------------------------------------------------------------- main
-STEPS=(kind_cluster serving_image cert_manager gateway_api_crds envoy_gateway)
+STEPS=(kind_cluster serving_image cert_manager gateway_api_crds envoy_gateway_crds envoy_gateway)
 [ "${PROFILE}" = knative ] && STEPS+=(knative)
-STEPS+=(kserve kfp prometheus model_namespace)
+STEPS+=(kserve_charts kserve_controller kserve_admission kserve_runtimes kfp prometheus model_namespace)
 
 CURRENT_STEP=""
 STEP_START="${SECONDS}"

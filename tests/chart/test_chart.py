@@ -515,14 +515,15 @@ def test_triton_runtime_uses_v2_and_the_triton_layout(render):
     body = json.loads(env["BODY"])
     assert body["inputs"][0]["shape"] == [1, 30] and body["inputs"][0]["datatype"] == "FP32"
     assert not kinds(objs, "HTTPRoute") and not kinds(objs, "Role") and not kinds(objs, "PodDisruptionBudget")
-    csrs = kinds(objs, "ClusterServingRuntime")
+    assert not kinds(objs, "ClusterServingRuntime")  # cluster-scoped and shared: make cluster applies ours
+    csrs = kinds(render("ci/triton-pvc-values.yaml", sets=("clusterServingRuntime.create=true",)), "ClusterServingRuntime")
     assert sorted(c["metadata"]["name"] for c in csrs) == ["mlrollout-onnx", "mlrollout-onnx-knative"]
     assert all("namespace" not in c["metadata"] for c in csrs)
 
 
 def test_cluster_serving_runtime_matches_the_contract(render):
     pins = versions_env()
-    csr = by_name(render("ci/triton-pvc-values.yaml"), "ClusterServingRuntime", "mlrollout-onnx")
+    csr = by_name(render(CANARY, sets=("clusterServingRuntime.create=true",)), "ClusterServingRuntime", "mlrollout-onnx")
     spec = csr["spec"]
     assert spec["supportedModelFormats"] == [
         {"name": "onnx", "version": "1", "autoSelect": True, "priority": 2}
@@ -553,7 +554,7 @@ def test_knative_cluster_serving_runtime_is_the_one_port_twin(render):
     """mlrollout-onnx-knative = mlrollout-onnx with one container port (Knative allows one across all
     containers), no gRPC server, no auto-select (KServe's webhook denies two auto-select runtimes with the
     same format, protocol and priority) and a securityContext Knative admits."""
-    objs = render("ci/triton-pvc-values.yaml")
+    objs = render(CANARY, sets=("clusterServingRuntime.create=true",))
     std = by_name(objs, "ClusterServingRuntime", "mlrollout-onnx")["spec"]
     kn = by_name(objs, "ClusterServingRuntime", "mlrollout-onnx-knative")["spec"]
     assert kn["supportedModelFormats"] == [{"name": "onnx", "version": "1", "autoSelect": False}]

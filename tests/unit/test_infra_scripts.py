@@ -106,8 +106,14 @@ def test_dry_run_plan_is_ordered_and_waits_have_timeouts():
         r"-n cert-manager wait --for=condition=Available",
         rf"gateway-api/releases/download/{re.escape(versions['GATEWAY_API_VERSION'])}/standard-install\.yaml",
         r"wait --for=condition=Established .*crd/gateways\.gateway\.networking\.k8s\.io",
+        # Envoy Gateway's own CRDs without its Gateway API copy, then the chart with --skip-crds (audit #1)
+        r"template eg-crds \"?oci://docker\.io/envoyproxy/gateway-crds-helm\"? --version \"?"
+        + re.escape(versions["ENVOY_GATEWAY_VERSION"])
+        + r".*crds\.gatewayAPI\.enabled=false .*crds\.envoyGateway\.enabled=true .*apply --server-side",
+        r"wait --for=condition=Established .*crd/envoyproxies\.gateway\.envoyproxy\.io",
         r"helm upgrade --install eg oci://docker\.io/envoyproxy/gateway-helm --version "
-        + re.escape(versions["ENVOY_GATEWAY_VERSION"]),
+        + re.escape(versions["ENVOY_GATEWAY_VERSION"])
+        + r" .*--skip-crds",
         r"render infra/manifests/gateway\.yaml",
         r"wait --for=condition=Programmed .*gateway/kserve-ingress-gateway",
         rf"kserve-crd --version v{re.escape(versions['KSERVE_VERSION'])}",
@@ -115,7 +121,9 @@ def test_dry_run_plan_is_ordered_and_waits_have_timeouts():
         r"deployment/kserve-controller-manager",
         r"^wait_for .*KServe webhook",
         r"apply --dry-run=server -f .*kserve-webhook-probe\.yaml",
-        r"render infra/manifests/storage-container\.yaml",
+        # KServe's own runtimes (kserve-tritonserver for model.runtime: triton, audit #8), then ours
+        r"helm upgrade --install kserve-runtime-configs oci://ghcr\.io/kserve/charts/kserve-runtime-configs "
+        + rf"--version v{re.escape(versions['KSERVE_VERSION'])} .*kserve\.servingruntime\.enabled=true",
         r"apply -k .*/manifests/base/runtime$",
         rf"kustomize/cluster-scoped-resources\\?\?ref={re.escape(versions['KFP_VERSION'])}",
         r"wait --for=condition=Established .*crd/applications\.app\.k8s\.io",
@@ -334,7 +342,7 @@ def test_full_run_reuses_cluster_and_retries_the_webhook_race(stand_ins):
         assert want in annotate
     assert "--from-literal=AWS_ACCESS_KEY_ID=minio" in next(c for c in calls if "create secret generic" in c)
     applied = [p.read_text() for p in sorted(tmp_path.glob("applied-*.yaml"))]
-    assert len(applied) == 4  # gateway, storage container, prometheus, model namespace
+    assert len(applied) == 3  # gateway, prometheus, model namespace (the storage container is a KServe value)
     assert all("${" not in text for text in applied)
     assert re.search(r"^timings", proc.stderr, re.M) is None  # step banner, not a bare line
     assert re.search(r"==> timings", proc.stderr) and "total " in proc.stderr
