@@ -5,7 +5,8 @@ The rollout controller's code reaches the cluster embedded in the compiled YAML 
 ``embedded_artifact_path``: a scratch ``serving/rollout`` tree with only the modules the cluster
 path imports); the step installs the pinned kubernetes/httpx/prometheus-client/matplotlib it
 needs. Both steps talk to the Kubernetes API with the pod's in-cluster config, as the Helm
-chart's ``<fullname>-deployer`` Role allows (InferenceServices and HTTPRoutes in one namespace).
+chart's ``<fullname>-deployer`` Role allows (InferenceServices and HTTPRoutes in one namespace, the
+predictor Deployments read-only, the rollout's state ConfigMap).
 """
 
 import os
@@ -26,6 +27,8 @@ _EMBEDDED = (
     "gates",
     "stats",
     "metrics",
+    "kube",
+    "targets",
     "routers",
     "store",
     "controller",
@@ -61,7 +64,7 @@ def deploy_canary(
     ready_timeout_s: int,
     rollout: dsl.EmbeddedInput[dsl.Dataset],
 ) -> str:
-    """Serve the trained package as the canary (no traffic yet) and wait until it is Ready.
+    """Serve the trained package as the canary (no traffic yet) and wait until its pods serve it.
 
     ``release_fullname``: the Helm release's fullname (``<release>-mlrollout-model``).
     ``router``: ``gateway_api`` (chart strategy ``canary``: patches ``<fullname>-canary``) or
@@ -122,8 +125,8 @@ def progressive_rollout(
     """Shift traffic step by step on measured gates (success rate, p99, prediction drift); returns
     the final phase (Promoted, RolledBack, Aborted, or the phase when ``max_seconds`` ran out).
 
-    State persists in the stable InferenceService's ``rollout.mlrollout.io/state`` annotation, so a
-    retried step resumes the same rollout. With ``fail_on_rollback`` a rollback fails the run.
+    State persists in the ConfigMap ``<release_fullname>-rollout``, so a retried step resumes the
+    same rollout. With ``fail_on_rollback`` a rollback fails the run.
     """
     import base64
     import tempfile

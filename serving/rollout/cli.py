@@ -13,7 +13,7 @@ from serving.rollout.gates import AccuracyGate, DriftGate, Gate, LatencyGate, Su
 from serving.rollout.machine import InvalidTransition, RolloutSpec, RolloutState
 from serving.rollout.metrics import MetricsError, Target
 from serving.rollout.routers import RouterError, build_router
-from serving.rollout.store import FileStateStore, IsvcAnnotationStore, StateStore, StoreError
+from serving.rollout.store import ConfigMapStore, FileStateStore, StateStore, StoreError
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -54,7 +54,8 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("state (where the rollout's state persists)")
     g.add_argument("--state-file", help="local JSON state file (local stack)")
     g.add_argument(
-        "--state-isvc", help="InferenceService whose annotation rollout.mlrollout.io/state holds it"
+        "--state-configmap",
+        help="ConfigMap whose key `state` holds it (cluster; default for start: <route or isvc>-rollout)",
     )
     g.add_argument("--namespace", default="default", help="Kubernetes namespace (default: default)")
     g.add_argument("--kubeconfig", help="kubeconfig path (default: in-cluster config, else ~/.kube/config)")
@@ -150,52 +151,67 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _store(a: argparse.Namespace, default_isvc: str = "") -> StateStore:
+def _store(a: argparse.Namespace, default_cm: str = "", owner: str = "") -> StateStore:
     if a.state_file:
         return FileStateStore(a.state_file)
-    isvc = a.state_isvc or default_isvc
-    if isvc:
-        return IsvcAnnotationStore(isvc, a.namespace, kubeconfig=a.kubeconfig)
-    raise ValueError("say where the state lives: --state-file PATH (local) or --state-isvc NAME (cluster)")
+    name = a.state_configmap or default_cm
+    if name:
+        return ConfigMapStore(name, a.namespace, owner_isvc=owner, kubeconfig=a.kubeconfig)
+    raise ValueError(
+        "say where the state lives: --state-file PATH (local) or --state-configmap NAME (cluster)"
+    )
 
 
-def _router_cfg(a: argparse.Namespace) -> tuple[dict[str, Any], str]:
+def _router_cfg(a: argparse.Namespace) -> tuple[dict[str, Any], str, str]:
+    """The router's config, the default state ConfigMap and the InferenceService that owns it."""
     if a.router == "local_proxy":
         if not a.haproxy_socket:
             raise ValueError("--router local_proxy needs --haproxy-socket (the HAProxy admin stats socket)")
-        return {
-            "router": "local_proxy",
-            "socket_path": a.haproxy_socket,
-            "backend": a.backend,
-            "stable_server": a.stable_server,
-            "canary_server": a.canary_server,
-        }, ""
+        return (
+            {
+                "router": "local_proxy",
+                "socket_path": a.haproxy_socket,
+                "backend": a.backend,
+                "stable_server": a.stable_server,
+                "canary_server": a.canary_server,
+            },
+            "",
+            "",
+        )
     if a.router == "gateway_api":
         missing = [f for f in ("route", "stable_backend", "canary_backend") if not getattr(a, f)]
         if missing:
             raise ValueError(
                 "--router gateway_api needs " + ", ".join("--" + m.replace("_", "-") for m in missing)
             )
-        return {
-            "router": "gateway_api",
-            "route": a.route,
-            "namespace": a.namespace,
-            "stable_backend": a.stable_backend,
-            "canary_backend": a.canary_backend,
-            "stable_isvc": a.stable_isvc,
-            "canary_isvc": a.canary_isvc,
-            "kubeconfig": a.kubeconfig,
-        }, a.stable_isvc
+        return (
+            {
+                "router": "gateway_api",
+                "route": a.route,
+                "namespace": a.namespace,
+                "stable_backend": a.stable_backend,
+                "canary_backend": a.canary_backend,
+                "stable_isvc": a.stable_isvc,
+                "canary_isvc": a.canary_isvc,
+                "kubeconfig": a.kubeconfig,
+            },
+            f"{a.route}-rollout",
+            a.stable_isvc,
+        )
     if not a.isvc:
         raise ValueError(
             "--router kserve_knative needs --isvc (the InferenceService with canaryTrafficPercent)"
         )
-    return {
-        "router": "kserve_knative",
-        "isvc": a.isvc,
-        "namespace": a.namespace,
-        "kubeconfig": a.kubeconfig,
-    }, a.isvc
+    return (
+        {
+            "router": "kserve_knative",
+            "isvc": a.isvc,
+            "namespace": a.namespace,
+            "kubeconfig": a.kubeconfig,
+        },
+        f"{a.isvc}-rollout",
+        a.isvc,
+    )
 
 
 def gates_from_args(a: argparse.Namespace) -> list[Gate]:
@@ -219,7 +235,7 @@ def gates_from_args(a: argparse.Namespace) -> list[Gate]:
 
 
 def cmd_start(a: argparse.Namespace) -> int:
-    router_cfg, default_isvc = _router_cfg(a)
+    router_cfg, default_cm, owner = _router_cfg(a)
     spec = RolloutSpec(
         steps=a.steps, interval_s=a.interval, threshold=a.threshold, max_inconclusive=a.max_inconclusive
     )
@@ -232,7 +248,7 @@ def cmd_start(a: argparse.Namespace) -> int:
         if a.metrics == "prometheus"
         else {"provider": "scrape"}
     )
-    store = _store(a, default_isvc)
+    store = _store(a, default_cm, owner)
     record = ctl.new_record(spec, gates_from_args(a), stable, canary, router_cfg, metrics_cfg)
     _, resumed = ctl.begin(store, record, force=a.force)
     if resumed:

@@ -5,23 +5,29 @@ components stay thin and these are tested through the real kubernetes client. Na
 Helm chart's contract (helm/mlrollout-model/README.md "For the rollout controller"): for
 ``gateway_api`` the InferenceServices ``<fullname>-stable``/``<fullname>-canary`` behind the
 HTTPRoute ``<fullname>`` with backends ``<isvc>-predictor``; for ``kserve_knative`` the single
-InferenceService ``<fullname>``.
+InferenceService ``<fullname>``. The rollout state lives in the ConfigMap ``<fullname>-rollout``.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any
 
 from serving.rollout import controller as ctl
+from serving.rollout import kube, targets
 from serving.rollout.gates import AccuracyGate, DriftGate, LatencyGate, SuccessRateGate
 from serving.rollout.machine import RolloutSpec
 from serving.rollout.metrics import Target
-from serving.rollout.routers import FIELD_MANAGER, ISVC, GatewayApiRouter, KServeKnativeRouter, RouterError
-from serving.rollout.store import IsvcAnnotationStore
+from serving.rollout.routers import GatewayApiRouter, KServeKnativeRouter, RouterError
+from serving.rollout.store import ConfigMapStore
 
-TRACK_LABEL = "mlrollout.io/track"
+TRACK_LABEL = targets.TRACK_LABEL
+# the KFP steps poll the API server this often: often enough for a 10 s interval, gentle for an hour
+POLL_S = 2.0
+
+
+def state_configmap(fullname: str) -> str:
+    return f"{fullname}-rollout"
 
 
 def to_storage_uri(artifact_uri: str) -> str:
@@ -29,34 +35,6 @@ def to_storage_uri(artifact_uri: str) -> str:
     if artifact_uri.startswith("minio://"):
         return "s3://" + artifact_uri[len("minio://") :]
     return artifact_uri
-
-
-def _get(api, name: str, namespace: str) -> dict | None:
-    g, v, p = ISVC
-    try:
-        return api.get_namespaced_custom_object(g, v, namespace, p, name)
-    except Exception as e:
-        if getattr(e, "status", None) == 404:
-            return None
-        raise
-
-
-def wait_ready(
-    api, name: str, namespace: str, generation: int, timeout_s: float, poll_s: float = 5.0
-) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        obj = _get(api, name, namespace) or {}
-        st = obj.get("status", {})
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions", []))
-        if ready and st.get("observedGeneration", 0) >= generation:
-            return obj
-        if time.monotonic() > deadline:
-            conds = {c.get("type"): c.get("status") for c in st.get("conditions", [])}
-            raise RouterError(
-                f"InferenceService {namespace}/{name} not Ready after {timeout_s:.0f}s: {conds}"
-            )
-        time.sleep(poll_s)
 
 
 def deploy_canary(
@@ -68,20 +46,20 @@ def deploy_canary(
     version: str,
     router: str = "gateway_api",
     ready_timeout_s: float = 600.0,
-    poll_s: float = 5.0,
+    poll_s: float = POLL_S,
 ) -> dict[str, Any]:
-    """Point the canary at the new model (receiving no traffic yet) and wait until it is Ready.
+    """Point the canary at the new model (receiving no traffic yet) and wait until it serves it.
 
     gateway_api: patch (or create, copied from the stable one) ``<fullname>-canary``'s storageUri.
     kserve_knative: set the single ISVC's storageUri with ``canaryTrafficPercent: 0`` (a new
     revision, dark) so progressive_rollout can raise the percentage.
     """
-    g, v, p = ISVC
+    g, v, p = kube.ISVC
     if router == "gateway_api":
         name = f"{fullname}-canary"
-        obj = _get(api, name, namespace)
+        obj = kube.get(api, kube.ISVC, namespace, name)
         if obj is None:
-            stable = _get(api, f"{fullname}-stable", namespace)
+            stable = kube.get(api, kube.ISVC, namespace, f"{fullname}-stable")
             if stable is None:
                 raise RouterError(
                     f"neither {name} nor {fullname}-stable exists in {namespace}: install the chart "
@@ -101,42 +79,51 @@ def deploy_canary(
                         if not k.startswith("rollout.mlrollout.io/")
                     },
                 },
-                "spec": copy.deepcopy(stable["spec"]),
+                "spec": {
+                    **copy.deepcopy(stable["spec"]),
+                    "predictor": targets.predictor_for(stable, "canary"),
+                },
             }
             obj["spec"]["predictor"]["model"]["storageUri"] = storage_uri
             obj["metadata"]["labels"]["app.kubernetes.io/version"] = version
-            created = api.create_namespaced_custom_object(
-                g, v, namespace, p, obj, field_manager=FIELD_MANAGER
-            )
-            generation = created["metadata"].get("generation", 1)
+            api.create_namespaced_custom_object(g, v, namespace, p, obj, field_manager=kube.FIELD_MANAGER)
         else:
             patch = {
                 "metadata": {"labels": {"app.kubernetes.io/version": version}},
                 "spec": {"predictor": {"model": {"storageUri": storage_uri}}},
             }
-            patched = api.patch_namespaced_custom_object(
-                g, v, namespace, p, name, patch, field_manager=FIELD_MANAGER
-            )
-            generation = patched["metadata"].get("generation", 1)
+            kube.patch(api, kube.ISVC, namespace, name, patch)
     elif router == "kserve_knative":
         name = fullname
         patch = {
             "metadata": {"labels": {"app.kubernetes.io/version": version}},
             "spec": {"predictor": {"canaryTrafficPercent": 0, "model": {"storageUri": storage_uri}}},
         }
-        patched = api.patch_namespaced_custom_object(
-            g, v, namespace, p, name, patch, field_manager=FIELD_MANAGER
-        )
-        generation = patched["metadata"].get("generation", 1)
+        kube.patch(api, kube.ISVC, namespace, name, patch)
     else:
         raise ValueError(f"router must be gateway_api or kserve_knative, got {router!r}")
-    obj = wait_ready(api, name, namespace, generation, ready_timeout_s, poll_s)
+    try:
+        obj = targets.wait_serving(
+            api, namespace, name, storage_uri, timeout_s=ready_timeout_s, poll_s=poll_s
+        )
+    except kube.KubeError as e:
+        raise RouterError(str(e)) from e
     return {
         "isvc": name,
         "storage_uri": storage_uri,
         "version": version,
-        "url": obj.get("status", {}).get("url", ""),
+        "url": endpoint(api, namespace, fullname, obj),
     }
+
+
+def endpoint(api, namespace: str, fullname: str, isvc: dict) -> str:
+    """Where the release answers: the chart's HTTPRoute host (KServe's ``status.url`` names a host no
+    route serves when its own ingress is disabled), else the in-cluster address."""
+    route = kube.get(api, kube.HTTPROUTE, namespace, fullname)
+    hosts = (route or {}).get("spec", {}).get("hostnames") or []
+    if hosts:
+        return f"http://{hosts[0]}"
+    return isvc.get("status", {}).get("address", {}).get("url", "")
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
@@ -164,8 +151,9 @@ def progressive_rollout(
     min_accuracy: float = -1.0,
     max_seconds: float = 3600.0,
     log=print,
+    provider: Any = None,
 ) -> dict[str, Any]:
-    """Drive a rollout to its end with the controller; state in the stable ISVC's annotation."""
+    """Drive a rollout to its end with the controller; state in the ConfigMap ``<fullname>-rollout``."""
     spec = RolloutSpec(parse_steps(steps), interval_s, threshold, max_inconclusive)
     gates: list = [
         SuccessRateGate(min_success_rate, 20),
@@ -184,14 +172,14 @@ def progressive_rollout(
             canary_isvc=f"{fullname}-canary",
             api=api,
         )
-        state_isvc = f"{fullname}-stable"
+        owner = f"{fullname}-stable"
         urls = (
             f"http://{fullname}-stable-predictor.{namespace}.svc.cluster.local/metrics",
             f"http://{fullname}-canary-predictor.{namespace}.svc.cluster.local/metrics",
         )
     elif router == "kserve_knative":
         r = KServeKnativeRouter(fullname, namespace, api=api)
-        state_isvc = fullname
+        owner = fullname
         urls = ("", "")
     else:
         raise ValueError(f"router must be gateway_api or kserve_knative, got {router!r}")
@@ -211,9 +199,12 @@ def progressive_rollout(
         Target(model, stable_version, urls[0], extra),
         Target(model, canary_version, urls[1], extra),
     )
-    store = IsvcAnnotationStore(state_isvc, namespace, api=api)
+    store = ConfigMapStore(state_configmap(fullname), namespace, owner_isvc=owner, api=api)
     record = ctl.new_record(spec, gates, stable, canary, r.config(), metrics)
     _, resumed = ctl.begin(store, record)
     if resumed:
         log("resuming the live rollout of the same versions")
-    return ctl.Controller(store, router=r, log=log).run(max_seconds=max_seconds)
+    # provider: a MetricsProvider to use instead of the one `metrics` describes (tests script the traffic)
+    return ctl.Controller(store, router=r, provider=provider, log=log, poll_s=POLL_S).run(
+        max_seconds=max_seconds
+    )

@@ -9,18 +9,21 @@ implementation per data plane. Weights are percentages ``stable + canary == 100`
 * :class:`GatewayApiRouter`: the backendRef weights of a Gateway API ``HTTPRoute``
   (gateway.networking.k8s.io/v1) in front of two InferenceServices (stable, canary), as the
   Helm chart renders for ``strategy: canary``. Promotion copies the canary's predictor into the
-  stable InferenceService, waits for it to be Ready, then sends all traffic back to stable
-  (Flagger's primary/canary promotion).
+  stable InferenceService, waits until every stable pod serves the canary's model (not merely
+  Ready: see ``targets``), then sends all traffic back to stable (Flagger's primary/canary promotion).
+  Weights are written as a JSON merge patch of ``spec.rules``; ``HTTPRoute.spec.rules`` is an atomic
+  list, so our field manager then owns all of the rules, not just the weights (a ``helm upgrade`` that
+  renders different rules mid-rollout conflicts with us, by design).
 * :class:`KServeKnativeRouter`: KServe's classic ``spec.predictor.canaryTrafficPercent`` on one
   InferenceService (Knative mode): promote = remove the field, rollback = 0.
 """
 
 from __future__ import annotations
 
-import copy
 import socket
-import time
 from typing import Any, Protocol
+
+from serving.rollout import kube, targets
 
 
 class RouterError(RuntimeError):
@@ -137,29 +140,6 @@ class LocalProxyRouter:
 # --------------------------------------------------------------------------- Kubernetes
 
 
-def _k8s_custom_api(kubeconfig: str | None = None, context: str | None = None):
-    """CustomObjectsApi: in-cluster config when running in a pod, else kubeconfig."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config(config_file=kubeconfig, context=context)
-    return client.CustomObjectsApi()
-
-
-def _is_conflict(e: Exception) -> bool:
-    return getattr(e, "status", None) == 409
-
-
-ISVC = ("serving.kserve.io", "v1beta1", "inferenceservices")
-# Our writes are recorded under this field manager, so a later `helm upgrade` (Helm 4: server-side
-# apply) that would reset a weight the controller set stops with a conflict instead of silently
-# undoing the rollout (helm/mlrollout-model/README.md "For the rollout controller").
-FIELD_MANAGER = "mlrollout-rollout"
-HTTPROUTE = ("gateway.networking.k8s.io", "v1", "httproutes")
-
-
 class GatewayApiRouter:
     """Weighted ``backendRefs`` of an HTTPRoute in front of a stable and a canary InferenceService."""
 
@@ -183,11 +163,13 @@ class GatewayApiRouter:
         self.stable_isvc, self.canary_isvc = stable_isvc, canary_isvc
         self.kubeconfig = kubeconfig
         self.ready_timeout_s, self.poll_s = ready_timeout_s, poll_s
-        self.api = api or _k8s_custom_api(kubeconfig)
+        self.api = api or kube.custom_api(kubeconfig)
 
     def _get_route(self) -> dict:
-        g, v, p = HTTPROUTE
-        return self.api.get_namespaced_custom_object(g, v, self.namespace, p, self.route)
+        route = kube.get(self.api, kube.HTTPROUTE, self.namespace, self.route)
+        if route is None:
+            raise RouterError(f"HTTPRoute {self.namespace}/{self.route} does not exist; check --route")
+        return route
 
     def _refs(self, route: dict) -> tuple[list[dict], dict, dict]:
         for rule in route.get("spec", {}).get("rules", []):
@@ -202,8 +184,8 @@ class GatewayApiRouter:
 
     def set_weights(self, stable: int, canary: int) -> None:
         _check(stable, canary)
-        g, v, p = HTTPROUTE
-        for _ in range(5):
+
+        def attempt() -> None:
             route = self._get_route()
             _, s, c = self._refs(route)
             s["weight"], c["weight"] = int(stable), int(canary)
@@ -211,57 +193,41 @@ class GatewayApiRouter:
                 "metadata": {"resourceVersion": route["metadata"]["resourceVersion"]},
                 "spec": {"rules": route["spec"]["rules"]},
             }
-            try:
-                self.api.patch_namespaced_custom_object(
-                    g, v, self.namespace, p, self.route, body, field_manager=FIELD_MANAGER
-                )
-                return
-            except Exception as e:  # ApiException 409: someone else changed the route; re-read
-                if not _is_conflict(e):
-                    raise
-        raise RouterError(f"HTTPRoute {self.namespace}/{self.route} kept changing under us (5 conflicts)")
+            kube.patch(self.api, kube.HTTPROUTE, self.namespace, self.route, body)
+
+        try:
+            kube.retry_on_conflict(attempt, f"HTTPRoute {self.namespace}/{self.route}", attempts=5)
+        except kube.KubeError as e:
+            raise RouterError(str(e)) from e
 
     def get_weights(self) -> tuple[int, int]:
         _, s, c = self._refs(self._get_route())
         # Gateway API: a backendRef without weight has weight 1
         return int(s.get("weight", 1)), int(c.get("weight", 1))
 
-    def _isvc(self, name: str) -> dict:
-        g, v, p = ISVC
-        return self.api.get_namespaced_custom_object(g, v, self.namespace, p, name)
-
     def promote(self) -> None:
         """Canary takes all traffic, stable gets the canary's predictor, then stable takes it back."""
         self.set_weights(0, 100)
         if not (self.stable_isvc and self.canary_isvc):
             return  # no InferenceServices named: the canary backend simply keeps all traffic
-        g, v, p = ISVC
-        predictor = copy.deepcopy(self._isvc(self.canary_isvc)["spec"]["predictor"])
-        patched = self.api.patch_namespaced_custom_object(
-            g,
-            v,
-            self.namespace,
-            p,
-            self.stable_isvc,
-            {"spec": {"predictor": predictor}},
-            field_manager=FIELD_MANAGER,
-        )
-        generation = patched["metadata"].get("generation", 0)
-        deadline = time.monotonic() + self.ready_timeout_s
-        while True:
-            status = self._isvc(self.stable_isvc).get("status", {})
-            ready = any(
-                c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", [])
+        canary = kube.get(self.api, kube.ISVC, self.namespace, self.canary_isvc)
+        if canary is None:
+            raise RouterError(
+                f"InferenceService {self.namespace}/{self.canary_isvc} is gone; traffic stays on the canary"
             )
-            if ready and status.get("observedGeneration", 0) >= generation:
-                break
-            if time.monotonic() > deadline:
-                raise RouterError(
-                    f"InferenceService {self.namespace}/{self.stable_isvc} not Ready "
-                    f"{self.ready_timeout_s:.0f}s after taking the canary's predictor; "
-                    "traffic stays on the canary"
-                )
-            time.sleep(self.poll_s)
+        predictor = targets.predictor_for(canary, track="stable")
+        kube.patch(self.api, kube.ISVC, self.namespace, self.stable_isvc, {"spec": {"predictor": predictor}})
+        try:
+            targets.wait_serving(
+                self.api,
+                self.namespace,
+                self.stable_isvc,
+                predictor.get("model", {}).get("storageUri"),
+                timeout_s=self.ready_timeout_s,
+                poll_s=self.poll_s,
+            )
+        except kube.KubeError as e:
+            raise RouterError(f"{e}; traffic stays on the canary") from e
         self.set_weights(100, 0)
 
     def rollback(self) -> None:
@@ -287,18 +253,15 @@ class KServeKnativeRouter:
 
     def __init__(self, isvc: str, namespace: str, api: Any = None, kubeconfig: str | None = None):
         self.isvc, self.namespace, self.kubeconfig = isvc, namespace, kubeconfig
-        self.api = api or _k8s_custom_api(kubeconfig)
+        self.api = api or kube.custom_api(kubeconfig)
 
     def _patch(self, percent: int | None) -> None:
-        g, v, p = ISVC
-        self.api.patch_namespaced_custom_object(
-            g,
-            v,
+        kube.patch(
+            self.api,
+            kube.ISVC,
             self.namespace,
-            p,
             self.isvc,
             {"spec": {"predictor": {"canaryTrafficPercent": percent}}},
-            field_manager=FIELD_MANAGER,
         )
 
     def set_weights(self, stable: int, canary: int) -> None:
@@ -307,8 +270,9 @@ class KServeKnativeRouter:
 
     def get_weights(self) -> tuple[int, int]:
         """From ``status.components.predictor.traffic[]`` (what Knative applied), else from the spec."""
-        g, v, p = ISVC
-        obj = self.api.get_namespaced_custom_object(g, v, self.namespace, p, self.isvc)
+        obj = kube.get(self.api, kube.ISVC, self.namespace, self.isvc)
+        if obj is None:
+            raise RouterError(f"InferenceService {self.namespace}/{self.isvc} does not exist")
         traffic = obj.get("status", {}).get("components", {}).get("predictor", {}).get("traffic") or []
         if traffic:
             latest = sum(int(t.get("percent") or 0) for t in traffic if t.get("latestRevision"))

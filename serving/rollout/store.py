@@ -3,9 +3,12 @@
 * :class:`FileStateStore`: a JSON file (local stack, tests); updates hold an ``flock`` and
   replace the file atomically, so the CLI (``pause``, ``abort``, ...) and a running controller
   never lose each other's writes.
-* :class:`IsvcAnnotationStore`: the annotation ``rollout.mlrollout.io/state`` on the stable
-  InferenceService; updates carry ``metadata.resourceVersion`` (optimistic concurrency: a 409
-  means someone else wrote first, so re-read and re-apply).
+* :class:`ConfigMapStore`: the key ``state`` of a ConfigMap (``<fullname>-rollout`` for a chart
+  release) owned by the stable InferenceService, so ``helm uninstall`` garbage-collects it. Not an
+  InferenceService annotation: KServe copies every InferenceService annotation into the predictor's
+  pod template (components/predictor.go), so each state write would restart the stable pods (and, in
+  Knative mode, create a revision). Updates carry ``metadata.resourceVersion`` (optimistic
+  concurrency: a 409 means someone else wrote first, so re-read and re-apply).
 
 Both offer ``load()`` and ``update(fn)`` where ``fn(record_or_None) -> record``.
 """
@@ -21,10 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from serving.rollout.routers import FIELD_MANAGER
+from serving.rollout import kube
 
-STATE_ANNOTATION = "rollout.mlrollout.io/state"
-ANNOTATION_BUDGET = 200_000  # Kubernetes caps all annotations of an object at 256 KiB together
+STATE_KEY = "state"
+# A ConfigMap holds at most 1 MiB (data and metadata together); stay well under it
+STATE_BUDGET = 512_000
 
 Record = dict[str, Any]
 
@@ -84,79 +88,109 @@ class FileStateStore:
             return new
 
 
-def _trim_for_annotation(record: Record) -> str:
+def _trim(record: Record, budget: int = STATE_BUDGET) -> str:
+    """The record as compact JSON, dropping the oldest decisions until it fits ``budget`` bytes."""
     rec = json.loads(json.dumps(record))
     text = json.dumps(rec, separators=(",", ":"), sort_keys=True, allow_nan=False)
     hist = (rec.get("state") or {}).get("history", [])
-    while len(text) > ANNOTATION_BUDGET and len(hist) > 1:
+    while len(text) > budget and len(hist) > 1:
         del hist[: max(1, len(hist) // 4)]  # keep the most recent decisions
         rec["timeline"] = rec.get("timeline", [])[-len(hist) :]
         text = json.dumps(rec, separators=(",", ":"), sort_keys=True, allow_nan=False)
     return text
 
 
-class IsvcAnnotationStore:
-    """The annotation ``rollout.mlrollout.io/state`` on the stable InferenceService."""
+class ConfigMapStore:
+    """The key ``state`` of ConfigMap ``name``, created on first write, owned by ``owner_isvc``."""
 
-    def __init__(self, isvc: str, namespace: str, api: Any = None, kubeconfig: str | None = None):
-        from serving.rollout.routers import _k8s_custom_api
-
-        self.isvc, self.namespace, self.kubeconfig = isvc, namespace, kubeconfig
-        self.api = api or _k8s_custom_api(kubeconfig)
+    def __init__(
+        self,
+        name: str,
+        namespace: str,
+        owner_isvc: str = "",
+        api: Any = None,
+        kubeconfig: str | None = None,
+    ):
+        self.name, self.namespace, self.owner_isvc, self.kubeconfig = name, namespace, owner_isvc, kubeconfig
+        self.api = api or kube.custom_api(kubeconfig)
+        self.core = kube.core_api(self.api)
 
     def describe(self) -> dict[str, Any]:
         return {
-            "store": "isvc",
-            "isvc": self.isvc,
+            "store": "configmap",
+            "name": self.name,
             "namespace": self.namespace,
+            "owner_isvc": self.owner_isvc,
             "kubeconfig": self.kubeconfig,
         }
 
-    def _get(self) -> dict:
-        return self.api.get_namespaced_custom_object(
-            "serving.kserve.io", "v1beta1", self.namespace, "inferenceservices", self.isvc
-        )
+    def _get(self):
+        try:
+            return self.core.read_namespaced_config_map(self.name, self.namespace)
+        except Exception as e:
+            if kube.is_not_found(e):
+                return None
+            raise
 
     @staticmethod
-    def _parse(obj: dict) -> Record | None:
-        raw = (obj.get("metadata", {}).get("annotations") or {}).get(STATE_ANNOTATION)
-        return json.loads(raw) if raw else None
+    def _parse(cm) -> Record | None:
+        raw = (cm.data or {}).get(STATE_KEY) if cm is not None else None
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise StoreError(
+                f"ConfigMap {cm.metadata.namespace}/{cm.metadata.name} key {STATE_KEY} is not JSON ({e})"
+            ) from e
 
     def load(self) -> Record | None:
         return self._parse(self._get())
 
-    def update(self, fn: Callable[[Record | None], Record]) -> Record:
-        for _ in range(10):
-            obj = self._get()
-            new = fn(self._parse(obj))
-            body = {
-                "metadata": {
-                    "resourceVersion": obj["metadata"]["resourceVersion"],
-                    "annotations": {STATE_ANNOTATION: _trim_for_annotation(new)},
-                }
+    def _owner(self) -> list[dict]:
+        if not self.owner_isvc:
+            return []
+        isvc = kube.get(self.api, kube.ISVC, self.namespace, self.owner_isvc)
+        if isvc is None:
+            raise StoreError(
+                f"InferenceService {self.namespace}/{self.owner_isvc} (the state's owner) does not exist"
+            )
+        g, v, _ = kube.ISVC
+        return [
+            {
+                "apiVersion": f"{g}/{v}",
+                "kind": "InferenceService",
+                "name": self.owner_isvc,
+                "uid": isvc["metadata"]["uid"],
             }
-            try:
-                self.api.patch_namespaced_custom_object(
-                    "serving.kserve.io",
-                    "v1beta1",
-                    self.namespace,
-                    "inferenceservices",
-                    self.isvc,
-                    body,
-                    field_manager=FIELD_MANAGER,
+        ]
+
+    def update(self, fn: Callable[[Record | None], Record]) -> Record:
+        def attempt() -> Record:
+            cm = self._get()
+            new = fn(self._parse(cm))
+            data = {STATE_KEY: _trim(new)}
+            if cm is None:
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {
+                        "name": self.name,
+                        "namespace": self.namespace,
+                        "labels": {"app.kubernetes.io/managed-by": kube.FIELD_MANAGER},
+                        "ownerReferences": self._owner(),
+                    },
+                    "data": data,
+                }
+                self.core.create_namespaced_config_map(self.namespace, body, field_manager=kube.FIELD_MANAGER)
+            else:
+                body = {"metadata": {"resourceVersion": cm.metadata.resource_version}, "data": data}
+                self.core.patch_namespaced_config_map(
+                    self.name, self.namespace, body, field_manager=kube.FIELD_MANAGER
                 )
-                return new
-            except Exception as e:
-                if getattr(e, "status", None) != 409:
-                    raise
-        raise StoreError(f"InferenceService {self.namespace}/{self.isvc} kept changing (10 write conflicts)")
+            return new
 
-
-def build_store(cfg: dict[str, Any], api: Any = None) -> StateStore:
-    cfg = dict(cfg)
-    kind = cfg.pop("store")
-    if kind == "file":
-        return FileStateStore(cfg["path"])
-    if kind == "isvc":
-        return IsvcAnnotationStore(**cfg, api=api)
-    raise ValueError(f"unknown state store {kind!r}")
+        try:
+            return kube.retry_on_conflict(attempt, f"ConfigMap {self.namespace}/{self.name}")
+        except kube.KubeError as e:
+            raise StoreError(str(e)) from e

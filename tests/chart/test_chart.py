@@ -119,9 +119,10 @@ def test_every_rendered_object_is_valid(render, values_file):
         used[obj["kind"]] = check_object(obj)
         if obj["kind"] != "ClusterServingRuntime":
             assert obj["metadata"]["namespace"] == NAMESPACE, f"{obj['kind']} not in the release namespace"
-        assert "rollout.mlrollout.io/state" not in (obj["metadata"].get("annotations") or {}), (
-            "the rollout state annotation belongs to the controller; the chart must not render it"
-        )
+        if obj["kind"] == "ConfigMap":
+            assert not obj["metadata"]["name"].endswith("-rollout"), (
+                "the rollout state belongs to the controller"
+            )
     assert used["InferenceService"] == "kserve-sdk"
     assert used["ServiceAccount"] == "kubernetes-1.37"
     assert used["NetworkPolicy"] == "kubernetes-1.37"
@@ -516,14 +517,19 @@ def test_triton_runtime_uses_v2_and_the_triton_layout(render):
     assert body["inputs"][0]["shape"] == [1, 30] and body["inputs"][0]["datatype"] == "FP32"
     assert not kinds(objs, "HTTPRoute") and not kinds(objs, "Role") and not kinds(objs, "PodDisruptionBudget")
     assert not kinds(objs, "ClusterServingRuntime")  # cluster-scoped and shared: make cluster applies ours
-    csrs = kinds(render("ci/triton-pvc-values.yaml", sets=("clusterServingRuntime.create=true",)), "ClusterServingRuntime")
+    csrs = kinds(
+        render("ci/triton-pvc-values.yaml", sets=("clusterServingRuntime.create=true",)),
+        "ClusterServingRuntime",
+    )
     assert sorted(c["metadata"]["name"] for c in csrs) == ["mlrollout-onnx", "mlrollout-onnx-knative"]
     assert all("namespace" not in c["metadata"] for c in csrs)
 
 
 def test_cluster_serving_runtime_matches_the_contract(render):
     pins = versions_env()
-    csr = by_name(render(CANARY, sets=("clusterServingRuntime.create=true",)), "ClusterServingRuntime", "mlrollout-onnx")
+    csr = by_name(
+        render(CANARY, sets=("clusterServingRuntime.create=true",)), "ClusterServingRuntime", "mlrollout-onnx"
+    )
     spec = csr["spec"]
     assert spec["supportedModelFormats"] == [
         {"name": "onnx", "version": "1", "autoSelect": True, "priority": 2}
@@ -593,7 +599,13 @@ def test_rbac_is_least_privilege(render, values_file):
                 assert "*" not in rule[field], f"wildcard in {field}: {rule}"
             assert "secrets" not in rule["resources"]
             assert "deletecollection" not in rule["verbs"]
-            assert set(rule["resources"]) <= {"inferenceservices", "inferenceservices/status", "httproutes"}
+            assert set(rule["resources"]) <= {"inferenceservices", "httproutes", "deployments", "configmaps"}
+            if set(rule["resources"]) & {"deployments", "configmaps"} and rule["verbs"] != ["create"]:
+                assert rule.get("resourceNames"), (
+                    f"reads of Deployments/ConfigMaps are limited by name: {rule}"
+                )
+            if "deployments" in rule["resources"]:
+                assert rule["verbs"] == ["get"]
     if kinds(objs, "Role"):
         binding = one(objs, "RoleBinding")
         assert binding["subjects"] == [
@@ -826,7 +838,9 @@ def test_readme_documents_every_value():
     for name in (
         "<fullname>-stable-predictor",
         "<fullname>-canary-predictor",
-        "rollout.mlrollout.io/state",
+        "<fullname>-rollout",
+        'conflict with "mlrollout-rollout"',
+        "storage-initializer-sourceuri",
         "mlrollout-onnx-knative",
         "isvc.<name>-predictor",
     ):

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import pytest
 
 from infra.controlplane.build import Builder, missing_prerequisite
 from infra.controlplane.cluster import ControlPlane, Settings
+from infra.controlplane.procs import ProcessError
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -71,7 +73,13 @@ def controlplane(tmp_path_factory) -> Iterator[ControlPlane]:
     binaries = builder.cached() or builder.all()
     cp = ControlPlane(tmp_path_factory.mktemp("controlplane"), binaries)
     try:
-        cp.up(Settings())
+        try:
+            cp.up(Settings())
+        except ProcessError as first:
+            # one retry on a fresh folder and fresh ports; the first failure stays visible in the output
+            warnings.warn(f"control plane bring-up failed once, retrying: {first}", stacklevel=1)
+            cp = ControlPlane(tmp_path_factory.mktemp("controlplane"), binaries)
+            cp.up(Settings())
         yield cp
     finally:
         cp.down()

@@ -23,6 +23,7 @@ import yaml
 from infra.controlplane.versions import read_versions
 from tests.chart.validators import KNATIVE_CAPABILITIES_FIELDS, KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS
 from tests.controlplane.conftest import CHART, NS, ROOT, Kube
+from tests.podsecurity import assert_restricted_pod
 
 VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 OVERLAYS = sorted(p for p in (ROOT / "manifests" / "overlays").iterdir() if p.is_dir())
@@ -49,23 +50,6 @@ def selects(selector: dict, labels: dict) -> bool:
         or (e["operator"] == "Exists" and e["key"] in labels)
         for e in selector.get("matchExpressions") or []
     )
-
-
-def assert_restricted_pod(pod: dict) -> None:
-    """Pod Security `restricted`, field by field, for every container and init container of a live pod."""
-    name = pod["metadata"]["name"]
-    pod_ctx = pod["spec"].get("securityContext") or {}
-    containers = pod["spec"]["containers"] + pod["spec"].get("initContainers", [])
-    for c in containers:
-        ctx = c.get("securityContext") or {}
-        where = f"{name}/{c['name']}"
-        assert ctx.get("allowPrivilegeEscalation") is False, where
-        assert ctx.get("capabilities", {}).get("drop") == ["ALL"], where
-        assert ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is True, where
-        assert ctx.get("runAsUser", pod_ctx.get("runAsUser")) not in (0, None), where
-        seccomp = ctx.get("seccompProfile") or pod_ctx.get("seccompProfile")
-        assert seccomp == {"type": "RuntimeDefault"}, where
-        assert not ctx.get("privileged"), where
 
 
 def release_objects(k: Kube, selector: str) -> dict[str, list[dict]]:

@@ -49,6 +49,19 @@ class Kube:
             )
         return proc
 
+    def wait_serving(self, isvc: str, storage_uri: str, timeout_s: int = 600) -> None:
+        """The README's wait after a model change (never `helm --wait`: Helm 4's kstatus reads KServe's
+        observedGeneration, which is the Deployment's): the predictor Deployment's pod template carries the
+        new model, then it has rolled out, so the new model's pods are the ready ones."""
+        dep = f"deployment/{isvc}-predictor"
+        self.ns("wait", dep, "--for=create", f"--timeout={timeout_s}s", timeout=timeout_s + 30)
+        key = "internal\\.serving\\.kserve\\.io/storage-initializer-sourceuri"
+        self.ns(
+            "wait", dep, f"--for=jsonpath={{.spec.template.metadata.annotations.{key}}}={storage_uri}",
+            f"--timeout={timeout_s}s", timeout=timeout_s + 30,
+        )  # fmt: skip
+        self.ns("rollout", "status", dep, f"--timeout={timeout_s}s", timeout=timeout_s + 30)
+
     def wait_isvcs_ready(self, selector: str, timeout_s: int = 600) -> None:
         self.ns(
             "wait",

@@ -32,11 +32,26 @@ def kourier_url(k, knative):
         yield f"http://127.0.0.1:{port}"
 
 
+def wait_latest_revision_ready(k, release: str, timeout_s: float = 600) -> None:
+    """Knative mode: the latest created revision is the latest ready one (Ready alone can be stale)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pred = k.json("-n", k.namespace, "get", "inferenceservice", release).get("status", {})
+        pred = pred.get("components", {}).get("predictor", {})
+        if pred.get("latestCreatedRevision") and pred.get("latestCreatedRevision") == pred.get(
+            "latestReadyRevision"
+        ):
+            return
+        assert time.monotonic() < deadline, f"{release}: latest revision not ready: {pred}"
+        time.sleep(3)
+
+
 def upgrade(k, release: str, *sets: str) -> None:
     args = ["upgrade", "--install", release, str(CHART), "--reuse-values"]
     for s in sets:
         args += ["--set", s]
-    k.helm_run(*args, "--wait", "--timeout", "10m")
+    k.helm_run(*args, "--timeout", "10m")  # no --wait: Helm 4's kstatus misreads InferenceServices
+    wait_latest_revision_ready(k, release)
     k.wait_isvcs_ready(f"app.kubernetes.io/instance={release}")
 
 
@@ -47,8 +62,9 @@ def test_knative_canary_split_promote_and_rollback(k, kourier_url, packages):
         "--set", "storage.existingSecret=kfp-s3-credentials", "--set", "strategy.type=knativeCanary",
         "--set", f"model.storageUri={packages['v1']}", "--set", f"model.version={V1}",
     ]  # fmt: skip
-    k.helm_run("upgrade", "--install", release, str(CHART), *base, "--wait", "--timeout", "10m")
+    k.helm_run("upgrade", "--install", release, str(CHART), *base, "--timeout", "10m")
     try:
+        wait_latest_revision_ready(k, release)
         k.wait_isvcs_ready(f"app.kubernetes.io/instance={release}")
         isvc = k.json("-n", k.namespace, "get", "inferenceservice", release)
         host = isvc["status"]["url"].split("://", 1)[1]

@@ -9,7 +9,14 @@
 3. `python -m serving.rollout start --router gateway_api` with Prometheus gates drives 10 -> 50 -> 100 and
    promotes a good canary, and rolls a class-swapped canary back on the drift gate;
 4. blue-green switch; a rolling update under steady load with no failed request;
-5. every model pod runs in the namespace labelled Pod Security `restricted`.
+5. every model pod of every release carries Pod Security `restricted`'s fields, container by container;
+6. the compiled pipeline with `deploy=true` runs deploy-canary and progressive-rollout as
+   `kubeflow/pipeline-runner` inside KFP and promotes its own model (audit #7).
+
+Chart upgrades never use `helm --wait` for readiness: Helm 4's kstatus reads KServe's observedGeneration,
+which is the Deployment's, so it returns early or hangs (audit #3, #9; shown on the control plane in
+tests/controlplane/test_waits.py). After a model change the suite waits as the README says: the
+predictor Deployment carries the new model URI, then `kubectl rollout status`.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import helpers
+from tests.podsecurity import assert_restricted_pod
 
 pytestmark = pytest.mark.e2e
 
@@ -50,12 +58,24 @@ def test_pipeline_output_is_a_verified_package(packages):
 # --------------------------------------------------------------------------- chart releases
 
 
+TRACKS = {"canary": ("stable", "canary"), "blueGreen": ("blue", "green"), "rolling": ("",)}
+
+
 def install(k, release: str, strategy: str, packages: dict[str, str], canary: str = "v2") -> None:
     args = ["upgrade", "--install", release, str(CHART)]
     for s in helpers.chart_sets(release, strategy, packages, MODEL_VERSIONS, canary=canary):
         args += ["--set", s]
-    k.helm_run(*args, "--wait", "--timeout", "10m")
+    k.helm_run(*args, "--timeout", "10m")
     k.wait_isvcs_ready(f"app.kubernetes.io/instance={release}")
+    uris = {
+        "stable": packages["v1"],
+        "canary": packages[canary],
+        "blue": packages["v1"],
+        "green": packages[canary],
+        "": packages["v1"],
+    }
+    for track in TRACKS[strategy]:
+        k.wait_serving(f"{release}-{track}" if track else release, uris[track])
 
 
 def route_host(k, release: str) -> str:
@@ -83,9 +103,8 @@ def test_v1_from_the_pipeline_is_served_through_the_gateway(k, gateway_url, cana
 
 @pytest.mark.parametrize("weight", [10, 50])
 def test_canary_split_matches_the_route_weight(k, gateway_url, canary, weight):
-    k.helm_run(
-        "upgrade", canary, str(CHART), "--reuse-values", "--set", f"strategy.canary.weight={weight}", "--wait"
-    )
+    # a weight-only change: no Deployment changes, measure() waits until the gateway has the new route
+    k.helm_run("upgrade", canary, str(CHART), "--reuse-values", "--set", f"strategy.canary.weight={weight}")
     helpers.assert_share(measure(k, gateway_url, canary, n=600), V2, weight / 100)
 
 
@@ -107,11 +126,10 @@ def test_promote_sends_everything_to_v2(k, gateway_url, canary, packages):
         f"model.version={V2}",
         "--set",
         "strategy.canary.weight=0",
-        "--wait",
         "--timeout",
         "10m",
     )
-    k.wait_isvcs_ready(f"app.kubernetes.io/instance={canary}")
+    k.wait_serving(f"{canary}-stable", packages["v2"])
     assert helpers.versions_seen(measure(k, gateway_url, canary, n=200)) == {V2: 200}
 
 
@@ -127,13 +145,12 @@ def test_rollback_of_a_bad_canary(k, gateway_url, canary, packages):
         f"strategy.canary.version={BAD}",
         "--set",
         "strategy.canary.weight=50",
-        "--wait",
         "--timeout",
         "10m",
     )
-    k.wait_isvcs_ready(f"app.kubernetes.io/instance={canary}")
+    k.wait_serving(f"{canary}-canary", packages["bad"])
     helpers.assert_share(measure(k, gateway_url, canary, n=400), BAD, 0.5)
-    k.helm_run("upgrade", canary, str(CHART), "--reuse-values", "--set", "strategy.canary.weight=0", "--wait")
+    k.helm_run("upgrade", canary, str(CHART), "--reuse-values", "--set", "strategy.canary.weight=0")
     assert helpers.versions_seen(measure(k, gateway_url, canary, n=200)) == {V2: 200}
 
 
@@ -154,7 +171,7 @@ def rollout(
         "--stable-isvc", names["stable_isvc"], "--canary-isvc", names["canary_isvc"],
         "--metrics", "prometheus", "--prometheus-url", prometheus_url,
         "--min-requests", "20", "--min-predictions", "40",
-        "--state-isvc", names["stable_isvc"], "--namespace", k.namespace,
+        "--namespace", k.namespace,  # state: ConfigMap <route>-rollout, owned by the stable InferenceService
         "--report-dir", str(report_dir), "--max-seconds", "900",
     ]  # fmt: skip
     if os.environ.get("KUBECONFIG"):
@@ -220,8 +237,7 @@ def test_blue_green_switch(k, gateway_url, packages):
             "strategy.blueGreen.blue.active=false",
             "--set",
             "strategy.blueGreen.green.active=true",
-            "--wait",
-        )
+        )  # only the route changes; measure() waits until the gateway has it
         assert helpers.versions_seen(measure(k, gateway_url, release, n=100)) == {V2: 100}
     finally:
         k.helm_run("uninstall", release, "--wait", check=False)
@@ -243,11 +259,10 @@ def test_rolling_update_fails_no_request(k, gateway_url, packages):
                 f"model.storageUri={packages['v2']}",
                 "--set",
                 f"model.version={V2}",
-                "--wait",
                 "--timeout",
                 "10m",
             )
-            k.wait_isvcs_ready(f"app.kubernetes.io/instance={release}")
+            k.wait_serving(release, packages["v2"])
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 recent = [v for t, _, v in load.log if t > time.monotonic() - 10]
@@ -265,13 +280,63 @@ def test_rolling_update_fails_no_request(k, gateway_url, packages):
         k.helm_run("uninstall", release, "--wait", check=False)
 
 
-def test_model_pods_ran_under_the_restricted_profile(k, canary):
-    pods = k.json("-n", k.namespace, "get", "pods", "-l", f"app.kubernetes.io/instance={canary}")["items"]
-    assert pods, "the canary release has no pods"
-    for pod in pods:
-        spec = pod["spec"]
-        assert spec["securityContext"]["runAsNonRoot"] is True
-        for c in spec["containers"] + spec.get("initContainers", []):
-            sc = c.get("securityContext", {})
-            assert sc.get("allowPrivilegeEscalation") is False, (pod["metadata"]["name"], c["name"])
-            assert "ALL" in sc.get("capabilities", {}).get("drop", []), (pod["metadata"]["name"], c["name"])
+@pytest.mark.parametrize("strategy", ["canary", "blueGreen", "rolling"])
+def test_model_pods_carry_the_restricted_fields(k, packages, strategy):
+    """Every container of every model pod, the storage-initializer included, field by field (admission
+    alone says only that the pod got in)."""
+    release = f"bc-psa-{strategy.lower()}"
+    install(k, release, strategy, packages)
+    try:
+        pods = k.json("-n", k.namespace, "get", "pods", "-l", f"app.kubernetes.io/instance={release}")[
+            "items"
+        ]
+        assert pods, f"the {strategy} release has no pods"
+        for pod in pods:
+            assert [c["name"] for c in pod["spec"].get("initContainers", [])] == ["storage-initializer"]
+            assert_restricted_pod(pod)
+    finally:
+        k.helm_run("uninstall", release, "--wait", check=False)
+
+
+# --------------------------------------------------------------------------- the KFP rollout path
+
+
+def test_pipeline_with_deploy_true_rolls_its_own_model_out(k, kfp_url, gateway_url, packages):
+    """The compiled pipeline, deploy=true: deploy-canary and progressive-rollout run in KFP pods as
+    kubeflow/pipeline-runner (in-cluster config, the embedded controller, pip-installed kubernetes) against
+    a canary release, with Prometheus gates on live traffic, and end with the pipeline's model served."""
+    import kfp
+
+    from tests.e2e.helpers import COMPILED
+
+    release = "bc-kfp"
+    install(k, release, "canary", packages)
+    new_version = f"{int(V2.split('.')[0])}.1.0"
+    client = kfp.Client(host=kfp_url)
+    host = route_host(k, release)
+    with helpers.Load(gateway_url, host, release, rps=20) as load:
+        run = client.create_run_from_pipeline_package(
+            str(COMPILED),
+            arguments={
+                "model_name": release,
+                "model_version": new_version,
+                "deploy": True,
+                "deploy_namespace": k.namespace,
+                "release_fullname": release,
+                "stable_version": V1,
+                "rollout_steps": "50,100",
+                "rollout_interval_s": 60.0,  # ~600 predictions per side per window at 20 rps
+            },
+            run_name=f"mlrollout-e2e-deploy-{int(time.time())}",
+            enable_caching=False,
+        )
+        done = client.wait_for_run_completion(run.run_id, timeout=2700, sleep_duration=10)
+    try:
+        assert done.state == "SUCCEEDED", f"run {run.run_id}: {done.state} {done.error}"
+        state = k.json("-n", k.namespace, "get", "configmap", f"{release}-rollout")["data"]["state"]
+        assert '"phase":"Promoted"' in state
+        assert all(s == 200 for _, s, _ in load.log), "a request failed during the pipeline's rollout"
+        after = helpers.predict_many(gateway_url, host, release, 100)
+        assert helpers.versions_seen(after) == {new_version: 100}
+    finally:
+        k.helm_run("uninstall", release, "--wait", check=False)

@@ -120,3 +120,19 @@ def test_rollout_steps_wire_into_a_pipeline_behind_a_parameter(tmp_path):
     assert set(inner) == {"deploy-canary", "progressive-rollout"}
     pr = inner["progressive-rollout"]["inputs"]["parameters"]["canary_version"]
     assert pr["taskOutputParameter"]["producerTask"] == "deploy-canary"
+
+
+def test_progressive_rollout_step_refuses_knative_without_prometheus():
+    """Knative revisions share one Service: there is nothing per version to scrape (no API call is made)."""
+    from serving.rollout import cluster
+
+    with pytest.raises(ValueError, match="prometheus_url"):
+        cluster.progressive_rollout(
+            object(),
+            namespace="models",
+            fullname="kn",
+            model="m",
+            stable_version="1.0.0",
+            canary_version="2.0.0",
+            router="kserve_knative",
+        )

@@ -1,0 +1,114 @@
+"""KServe specifics of a rollout: when a new model really serves, and promotion by copy.
+
+"Ready" is not "serving the new model". During a Standard-mode rolling update KServe keeps the
+InferenceService ``Ready=True`` (its status follows the Deployment's Available condition), and the
+``status.observedGeneration`` it reports is copied from the *Deployment*, not its own generation
+(kserve pkg/apis/serving/v1beta1/inference_service_status.go). So a wait on Ready + observedGeneration
+returns while only the old pods answer. The truth is in the workload:
+
+* Standard mode: the predictor Deployment ``<isvc>-predictor`` carries the model's storageUri in its pod
+  template (annotation ``internal.serving.kserve.io/storage-initializer-sourceuri``, which KServe writes
+  and its pod mutator turns into the storage-initializer), and is fully rolled out: observed its latest
+  generation, every replica updated and available, no old pod left.
+* Knative mode: the latest created revision is the latest ready one.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+from serving.rollout import kube
+
+SOURCE_URI_ANNOTATION = "internal.serving.kserve.io/storage-initializer-sourceuri"
+TRACK_LABEL = "mlrollout.io/track"
+
+
+def predictor_deployment(isvc: str) -> str:
+    return f"{isvc}-predictor"
+
+
+def rollout_complete(dep: Any) -> tuple[bool, str]:
+    """``kubectl rollout status`` for a Deployment object (kubernetes client model): done, and why not."""
+    spec_replicas = dep.spec.replicas if dep.spec.replicas is not None else 1
+    st = dep.status
+    if (st.observed_generation or 0) < (dep.metadata.generation or 0):
+        return False, "the Deployment controller has not seen its latest spec"
+    updated, total, available = st.updated_replicas or 0, st.replicas or 0, st.available_replicas or 0
+    if updated < spec_replicas:
+        return False, f"{updated} of {spec_replicas} replicas updated"
+    if total > updated:
+        return False, f"{total - updated} old replicas still running"
+    if available < updated:
+        return False, f"{available} of {updated} updated replicas available"
+    return True, "rolled out"
+
+
+def serving_state(api: Any, namespace: str, isvc: str, storage_uri: str | None) -> tuple[bool, str]:
+    """Whether ``isvc`` serves ``storage_uri`` (None: whatever its spec says) on all of its pods."""
+    obj = kube.get(api, kube.ISVC, namespace, isvc)
+    if obj is None:
+        return False, f"InferenceService {namespace}/{isvc} does not exist"
+    conds = {c.get("type"): c.get("status") for c in obj.get("status", {}).get("conditions", [])}
+    want = storage_uri or obj["spec"]["predictor"].get("model", {}).get("storageUri")
+    annotations = obj["metadata"].get("annotations") or {}
+    if annotations.get("serving.kserve.io/deploymentMode") == "Knative":
+        pred = obj.get("status", {}).get("components", {}).get("predictor", {})
+        created, ready = pred.get("latestCreatedRevision"), pred.get("latestReadyRevision")
+        if conds.get("Ready") == "True" and created and created == ready:
+            return True, f"revision {ready} ready"
+        return False, f"latest revision {created!r}, latest ready {ready!r}, Ready={conds.get('Ready')}"
+    try:
+        dep = kube.apps_api(api).read_namespaced_deployment(predictor_deployment(isvc), namespace)
+    except Exception as e:
+        if kube.is_not_found(e):
+            return False, f"Deployment {predictor_deployment(isvc)} not created yet"
+        raise
+    served = (dep.spec.template.metadata.annotations or {}).get(SOURCE_URI_ANNOTATION)
+    if want and served != want:
+        return False, f"its pod template still serves {served!r}, not {want!r} (KServe has not reconciled)"
+    done, why = rollout_complete(dep)
+    if not done:
+        return False, why
+    if conds.get("Ready") != "True":
+        return False, f"InferenceService not Ready ({conds})"
+    return True, f"{dep.status.ready_replicas or 0} replicas serve {served}"
+
+
+def wait_serving(
+    api: Any,
+    namespace: str,
+    isvc: str,
+    storage_uri: str | None = None,
+    timeout_s: float = 600.0,
+    poll_s: float = 2.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict:
+    """Block until every pod of ``isvc`` serves ``storage_uri``; returns the InferenceService."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ok, why = serving_state(api, namespace, isvc, storage_uri)
+        if ok:
+            obj = kube.get(api, kube.ISVC, namespace, isvc)
+            assert obj is not None
+            return obj
+        if time.monotonic() > deadline:
+            raise kube.KubeError(
+                f"InferenceService {namespace}/{isvc} does not serve the new model after "
+                f"{timeout_s:.0f}s: {why}"
+            )
+        sleep(poll_s)
+
+
+def predictor_for(source: dict, track: str) -> dict:
+    """``source``'s predictor to copy onto the ``track`` InferenceService, keeping that track's pod labels.
+
+    A JSON merge patch of ``spec.predictor`` merges ``labels`` key by key, so the source's
+    ``mlrollout.io/track`` would relabel the target's pods (and empty its PodDisruptionBudget).
+    """
+    predictor = copy.deepcopy(source["spec"]["predictor"])
+    if TRACK_LABEL in (predictor.get("labels") or {}):
+        predictor["labels"][TRACK_LABEL] = track
+    return predictor
