@@ -57,8 +57,9 @@ def main(argv: list[str]) -> int:
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     missing = {"url", "ca"} - set(args)
     if missing:
+        need = " and ".join(f"--post-renderer-args {m}=..." for m in sorted(missing))
         print(
-            f"local-webhooks: missing --post-renderer-args {', '.join(sorted(missing))}=...", file=sys.stderr
+            f"local-webhooks: missing {need} (url=https://127.0.0.1:<port>, ca=<PEM file>)", file=sys.stderr
         )
         return 2
     docs = list(yaml.safe_load_all(sys.stdin))
