@@ -2,8 +2,9 @@
 
 ``make controlplane`` returns while they run, so the record lives on disk (``<state>/pids.json``) and
 ``make controlplane-down`` stops exactly those processes: SIGTERM to each process group, SIGKILL after a
-grace period. A PID is only signalled while its ``/proc/<pid>/cmdline`` still names the binary it was
-started with, so a recycled PID is never hit.
+grace period. A process is identified by its PID *and* its start time (``/proc/<pid>/stat``, field 22),
+so a recycled PID is never signalled. (Not by ``/proc/<pid>/cmdline``: right after ``Popen`` returns it
+can still be empty while the child's exec completes, which made a live process look dead.)
 """
 
 from __future__ import annotations
@@ -24,16 +25,19 @@ class ProcessError(RuntimeError):
     pass
 
 
-def _cmdline(pid: int) -> list[str]:
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of a process, or None when there is none."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        data = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return []
+        return None
+    fields = data[data.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 onwards
+    return fields[0], int(fields[19])
 
 
-def _alive(pid: int, binary: str) -> bool:
-    cmd = _cmdline(pid)
-    return bool(cmd) and cmd[0] == binary
+def _alive(entry: dict) -> bool:
+    st = _stat(entry["pid"])
+    return st is not None and st[0] != "Z" and st[1] == entry["starttime"]
 
 
 class Supervisor:
@@ -68,18 +72,19 @@ class Supervisor:
             )
         finally:
             log.close()
+        st = _stat(proc.pid)  # exists from the fork on, even while the exec completes
         entries = [e for e in self._load() if e["name"] != name]
-        entries.append({"name": name, "pid": proc.pid, "binary": argv[0]})
+        entries.append({"name": name, "pid": proc.pid, "binary": argv[0], "starttime": st[1] if st else -1})
         self._save(entries)
         return proc.pid
 
     def pids(self) -> dict[str, int]:
-        return {e["name"]: e["pid"] for e in self._load() if _alive(e["pid"], e["binary"])}
+        return {e["name"]: e["pid"] for e in self._load() if _alive(e)}
 
     def check(self, name: str) -> None:
         """Raise with the exit status and the log's tail when ``name`` has exited."""
         for e in self._load():
-            if e["name"] == name and not _alive(e["pid"], e["binary"]):
+            if e["name"] == name and not _alive(e):
                 status = ""
                 with contextlib.suppress(ChildProcessError):  # our own child (a test session): how it ended
                     pid, code = os.waitpid(e["pid"], os.WNOHANG)
@@ -102,14 +107,14 @@ class Supervisor:
         entries = self._load()
         stopped = []
         for e in reversed(entries):
-            if _alive(e["pid"], e["binary"]):
+            if _alive(e):
                 stopped.append(e["name"])
                 self._signal(e["pid"], signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for e in reversed(entries):
-            while _alive(e["pid"], e["binary"]) and time.monotonic() < deadline:
+            while _alive(e) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _alive(e["pid"], e["binary"]):
+            if _alive(e):
                 self._signal(e["pid"], signal.SIGKILL)
         for e in entries:  # reap our own children (a test session starts them from this process)
             with contextlib.suppress(ChildProcessError):

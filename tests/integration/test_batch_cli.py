@@ -62,7 +62,9 @@ def test_interrupted_run_leaves_no_output(tmp_path, model_package, big_input, si
     out_dir.mkdir()
     out = out_dir / "scored.csv"
     proc = subprocess.Popen(
-        _cmd(model_package, inp, out, "--chunk-rows", "500", "--no-progress"),
+        # 50-row chunks: ~4 s of work, so the signal lands mid-run even on a loaded machine (with 500-row
+        # chunks the whole run took 0.5 s and a busy test process could send its signal after the end)
+        _cmd(model_package, inp, out, "--chunk-rows", "50", "--no-progress"),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -71,7 +73,6 @@ def test_interrupted_run_leaves_no_output(tmp_path, model_package, big_input, si
         partial = []
         while time.monotonic() < deadline and proc.poll() is None:
             partial = [p for p in out_dir.iterdir() if p.name.endswith(".partial")]
-            # signal early, while most of the input is still ahead (a busy machine finishes the rest fast)
             if partial and partial[0].stat().st_size > 5_000:
                 break
             time.sleep(0.005)

@@ -4,6 +4,7 @@ and the one-line reason `make test` gives when the control plane cannot be built
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -121,19 +122,22 @@ def test_supervisor_stops_its_processes_by_pid_and_never_a_stranger(tmp_path):
     sleep = subprocess.run(["which", "sleep"], capture_output=True, text=True, check=True).stdout.strip()
     pid = sup.start("sleeper", [sleep, "60"])
     assert sup.pids() == {"sleeper": pid}
-    # a stranger whose PID we "recorded" under another binary is not ours: never signalled
+    # a stranger under a PID we "recorded" with another start time (a recycled PID): never signalled
     stranger = subprocess.Popen([sleep, "60"])
     try:
         entries = [
-            *__import__("json").loads(sup.record.read_text()),
-            {"name": "x", "pid": stranger.pid, "binary": "/not/it"},
+            *json.loads(sup.record.read_text()),
+            {"name": "x", "pid": stranger.pid, "binary": sleep, "starttime": 1},
         ]
-        sup.record.write_text(__import__("json").dumps(entries))
+        sup.record.write_text(json.dumps(entries))
         assert sup.stop_all(grace_s=5) == ["sleeper"]
         deadline = time.monotonic() + 5
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        while sup.pids() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not Path(f"/proc/{pid}/cmdline").exists() or not Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+        )
         assert stranger.poll() is None, "a process we did not start was signalled"
         assert not sup.record.exists()
     finally:
