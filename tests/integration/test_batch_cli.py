@@ -66,6 +66,9 @@ def test_interrupted_run_leaves_no_output(tmp_path, model_package, big_input, si
         # chunks the whole run took 0.5 s and a busy test process could send its signal after the end)
         _cmd(model_package, inp, out, "--chunk-rows", "50", "--no-progress"),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a test session started in the background (`make test &`) inherits SIGINT ignored, and Python then
+        # installs no KeyboardInterrupt handler: give the command the disposition a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         # wait until it is really writing: the temporary file exists and has grown past its header
