@@ -25,11 +25,20 @@ def _prepare_multiprocess_metrics(argv: list[str]) -> None:
         for stale in Path(folder).glob("*.db"):  # left by an earlier run: would be summed in
             stale.unlink()
     else:
-        folder = tempfile.mkdtemp(prefix="mlrollout-prometheus-")
+        _remove_stale_metric_folders()
+        folder = tempfile.mkdtemp(prefix=f"mlrollout-prometheus-{os.getpid()}-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
         parent = os.getpid()
         # only the parent removes it (spawned workers inherit the variable, not this hook)
         atexit.register(lambda: os.getpid() == parent and shutil.rmtree(folder, ignore_errors=True))
+
+
+def _remove_stale_metric_folders() -> None:
+    """Folders of servers that were killed (SIGKILL runs no atexit hook): named after their PID."""
+    for folder in Path(tempfile.gettempdir()).glob("mlrollout-prometheus-*-*"):
+        pid = folder.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

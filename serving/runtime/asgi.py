@@ -1,18 +1,26 @@
 """The ASGI layer in front of KServe's FastAPI app: limits, version headers, metrics, and the fast path.
 
 For every HTTP request it
-- refuses a body over ``--max_body_bytes`` with 413 before reading it (Content-Length) or as soon as
-  the streamed body passes the limit (chunked uploads), so no unbounded body is held in memory;
-- adds ``x-model-name`` / ``x-model-version`` to every answer, errors and 404s included;
-- counts inference requests by protocol, status and model version and times them;
+- refuses KServe's model-repository extension (``/v2/repository/...``: load and *unload* a model): no
+  client may change what the server serves (hardening.md S1);
+- answers ``/v2/health/ready`` from the model's own readiness, so a server whose model is gone fails its
+  readiness probe;
+- refuses a body over ``--max_body_bytes`` with 413 before reading it (Content-Length) or as soon as the
+  streamed body passes the limit; a body that does not start, or stalls, within ``body_timeout_s`` is a
+  408; all bodies in flight together are bounded by ``--max_inflight_body_bytes`` (503 over it), so
+  concurrent uploads cannot exhaust memory;
+- adds ``x-model-name`` / ``x-model-version`` to every answer, errors and 404s included (and
+  ``x-fault-injection`` while the test-only fault knob is on);
+- counts inference requests *for this model and version* by protocol, status and version and times them:
+  another model's name or version is a 404 that is not counted here, a wrong method is a 405, and every
+  malformed request is a 4xx, so only the server's own failures are 5xx in the rollout's evidence (S2);
 - serves ``/metrics`` (all worker processes' metrics with ``--workers > 1``).
 
-The fast path answers ``POST /v1/models/<name>:predict`` and ``POST /v2/models/<name>/infer`` (JSON and
-the binary-tensor extension) itself, with the same wire format as KServe's handlers: this skips
-FastAPI routing over KServe's ~20 routes, pydantic validation of the V2 body, the DataPlane round
-trip and per-request logging, which cost ~3/4 of KServe's CPU per request on a tiny model
-(reference measurements; ``serving/bench.py`` measures it). Everything else (health, metadata,
-other models' 404s, ``--fast_path false``) goes to KServe untouched.
+The fast path answers ``POST /v1/models/<name>:predict`` and ``POST /v2/models/<name>[/versions/<v>]/infer``
+(JSON and the binary-tensor extension) itself, with the same wire format as KServe's handlers: this skips
+FastAPI routing over KServe's ~20 routes, pydantic validation of the V2 body, the DataPlane round trip and
+per-request logging, which cost ~3/4 of KServe's CPU per request on a tiny model (reference measurements;
+``make bench-runtime`` measures it). Health, metadata and unknown paths go to KServe.
 """
 
 from __future__ import annotations
@@ -31,10 +39,44 @@ log = logging.getLogger("kserve.mlrollout")
 
 JSON = b"application/json"
 BINARY_HEADER = b"inference-header-content-length"
+# an error echoes at most this much of what the client sent (a 10,000-dimension shape once made a gRPC
+# status larger than its 16 KiB metadata limit: RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT)
+MAX_ERROR_CHARS = 1000
+
+
+def bounded(message: str) -> str:
+    cut = " ... (truncated)"
+    return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - len(cut)] + cut
 
 
 def _error_body(message: str) -> bytes:
-    return orjson.dumps({"error": message})
+    return orjson.dumps({"error": bounded(message)})
+
+
+class BodyBudget:
+    """Bytes of request bodies held in memory at once, over all connections (one event loop: no lock).
+
+    Only the part of a body above ``free_bytes`` counts: small requests (a batch-1 predict is ~700 bytes)
+    are never refused because slow large uploads hold the budget. Their memory is bounded by the connection
+    cap instead (``max_connections`` x ``free_bytes``, 64 MiB at the defaults)."""
+
+    def __init__(self, max_bytes: int, free_bytes: int = 64 * 1024):
+        self.max_bytes, self.free_bytes, self.used = max_bytes, free_bytes, 0
+
+    def take(self, total: int, held: int) -> int:
+        """Account for a body now ``total`` bytes long of which ``held`` are counted; returns the new held
+        amount, or -1 when it does not fit."""
+        want = max(0, total - self.free_bytes)
+        extra = want - held
+        if extra <= 0:
+            return held
+        if self.used + extra > self.max_bytes:
+            return -1
+        self.used += extra
+        return want
+
+    def give(self, held: int) -> None:
+        self.used -= held
 
 
 class RuntimeMiddleware:
@@ -43,19 +85,24 @@ class RuntimeMiddleware:
         app,
         model: OnnxModel,
         max_body_bytes: int = 8 << 20,
-        fast_path: bool = True,
         body_timeout_s: float = 30.0,
+        max_inflight_body_bytes: int = 256 << 20,
     ):
         self.app = app
         self.model = model
         self.spec = model.spec
         self.max_body_bytes = max_body_bytes
-        self.fast_path = fast_path
         self.body_timeout_s = body_timeout_s
+        self.budget = BodyBudget(max(max_inflight_body_bytes, max_body_bytes))
         name, version = self.spec.name, self.spec.version
         self.id_headers = [(b"x-model-name", name.encode()), (b"x-model-version", version.encode())]
+        if model.faults.active:
+            self.id_headers.append((b"x-fault-injection", model.faults.describe().encode()))
         self.v1_path = f"/v1/models/{name}:predict"
-        self.v2_paths = {f"/v2/models/{name}/infer", f"/v2/models/{name}/versions/{version}/infer"}
+        self.v2_path = f"/v2/models/{name}/infer"
+        self.v2_versioned_path = f"/v2/models/{name}/versions/{version}/infer"
+        self.v2_versions_prefix = f"/v2/models/{name}/versions/"
+        self.v1_model_prefix = f"/v1/models/{name}:"
         self.metrics = model.metrics
 
     # --- ASGI entry ---------------------------------------------------------------------------------------
@@ -68,28 +115,83 @@ class RuntimeMiddleware:
         method = scope["method"]
         if path == "/metrics" and method == "GET":
             return await self._metrics(scope, send)
-        protocol = None
-        if method == "POST":
-            if path.startswith("/v1/models/") and path.endswith(":predict"):
-                protocol = "v1"
-            elif path.startswith("/v2/models/") and path.endswith("/infer"):
-                protocol = "v2"
+        if path.startswith("/v2/repository"):
+            return await self._respond(
+                send,
+                404,
+                _error_body(
+                    "the model repository API is disabled: this server's model cannot be loaded or unloaded"
+                ),
+            )
+        if path == "/v2/health/ready" and method == "GET":
+            ready = bool(self.model.ready)
+            body = orjson.dumps(
+                {"ready": ready}
+                if ready
+                else {"ready": False, "error": f"model {self.spec.name} is not ready"}
+            )
+            return await self._respond(send, 200 if ready else 503, body)
+        protocol = self._inference_protocol(path)
+        if protocol is None:
+            return await self._not_ours(scope, receive, send, path, method)
         status = [500]
         try:
-            if method in ("POST", "PUT", "PATCH"):
-                try:
-                    body = await self._read_body(scope, receive)
-                except core.InputError as e:
-                    status[0] = e.status
-                    return await self._respond(send, e.status, _error_body(e.message), close=True)
-                if self.fast_path and (path == self.v1_path or path in self.v2_paths):
-                    status[0] = await self._fast(scope, send, body, protocol)
-                    return None
-                return await self.app(scope, _replay(body, receive), self._wrap_send(send, status))
-            return await self.app(scope, receive, self._wrap_send(send, status))
+            if method != "POST":
+                status[0] = 405
+                return await self._respond(
+                    send,
+                    405,
+                    _error_body(f"{method} is not allowed on {path}: use POST"),
+                    extra=[(b"allow", b"POST")],
+                )
+            try:
+                body, held = await self._read_body(scope, receive)
+            except core.InputError as e:
+                status[0] = e.status
+                return await self._respond(send, e.status, _error_body(e.message), close=True)
+            try:
+                status[0] = await self._fast(scope, send, body, protocol)
+            finally:
+                self.budget.give(held)
+            return None
         finally:
-            if protocol is not None:
-                self.metrics.request(protocol, status[0], time.perf_counter() - start)
+            self.metrics.request(protocol, status[0], time.perf_counter() - start)
+
+    def _inference_protocol(self, path: str) -> str | None:
+        """The protocol of an inference request for *this* model and version, else None."""
+        if path == self.v1_path:
+            return "v1"
+        if path == self.v2_path or path == self.v2_versioned_path:
+            return "v2"
+        return None
+
+    async def _not_ours(self, scope, receive, send, path: str, method: str):
+        """Anything but this model's inference: health, metadata, other names (KServe answers them)."""
+        if path.startswith(self.v2_versions_prefix):
+            version = path[len(self.v2_versions_prefix) :].split("/", 1)[0]
+            return await self._respond(
+                send,
+                404,
+                _error_body(
+                    f"model {self.spec.name} has no version {version!r}: "
+                    f"this server serves {self.spec.version}"
+                ),
+            )
+        if path.startswith(self.v1_model_prefix):  # :explain and other verbs KServe would answer 501
+            verb = path[len(self.v1_model_prefix) :]
+            return await self._respond(
+                send, 404, _error_body(f"{verb!r} is not served: this runtime answers :predict only")
+            )
+        if method in ("POST", "PUT", "PATCH"):
+            try:
+                body, held = await self._read_body(scope, receive)
+            except core.InputError as e:
+                return await self._respond(send, e.status, _error_body(e.message), close=True)
+            try:
+                return await self.app(scope, _replay(body, receive), self._wrap_send(send, [0]))
+            finally:
+                self.budget.give(held)
+        return await self.app(scope, receive, self._wrap_send(send, [0]))
 
     # --- pieces -------------------------------------------------------------------------------------------
 
@@ -104,8 +206,11 @@ class RuntimeMiddleware:
 
         return wrapped
 
-    async def _read_body(self, scope, receive) -> bytes:
+    async def _read_body(self, scope, receive) -> tuple[bytes, int]:
+        """(the whole body, the bytes of it the in-flight budget counts), within the size limit, the
+        deadline and the budget. The caller gives the counted bytes back when the request is done."""
         limit = self.max_body_bytes
+        declared = 0
         for k, v in scope["headers"]:
             if k == b"content-length":
                 try:
@@ -119,19 +224,26 @@ class RuntimeMiddleware:
                         status=413,
                     )
                 break
-        first = await receive()
-        if not first.get("more_body", False):  # the usual case: the whole body in one message
-            body = first.get("body", b"")
-            if len(body) > limit:
+        held = 0  # bytes counted in the budget for this body
+
+        def hold(total: int) -> None:
+            nonlocal held
+            got = self.budget.take(total, held)
+            if got < 0:
                 raise core.InputError(
-                    f"request body is over the limit of {limit} bytes (--max_body_bytes)", 413
+                    "server busy: too many request bodies in flight (--max_inflight_body_bytes); "
+                    "retry shortly",
+                    status=503,
                 )
-            return body
-        chunks, total = [first.get("body", b"")], len(first.get("body", b""))
-        if total > limit:
-            raise core.InputError(f"request body is over the limit of {limit} bytes (--max_body_bytes)", 413)
-        try:  # a streamed body that stalls midway must not hold the coroutine forever
+            held = got
+
+        try:
+            hold(declared)
+            # the first receive() waits for the first body byte: a client that declares a body and never
+            # sends it must not hold the connection (and its budget) forever
             async with asyncio.timeout(self.body_timeout_s):
+                chunks: list[bytes] = []
+                total = 0
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
@@ -144,14 +256,20 @@ class RuntimeMiddleware:
                                 f"request body is over the limit of {limit} bytes (--max_body_bytes)",
                                 status=413,
                             )
+                        hold(total)
                         chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
+            self.budget.give(held)
             raise core.InputError(
                 f"request body not received within {self.body_timeout_s:g} s", status=408
             ) from None
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        except BaseException:
+            self.budget.give(held)
+            raise
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return body, held
 
     async def _respond(
         self,

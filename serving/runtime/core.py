@@ -1,9 +1,9 @@
 """Request checking and response building for the ONNX runtime: plain numpy, no KServe, no I/O.
 
 Every check raises :class:`InputError` with a message that names the problem; the HTTP and gRPC
-edges turn it into 400 / INVALID_ARGUMENT. Both the fast REST path (``serving.runtime.asgi``) and the
-KServe path (``serving.runtime.model``: gRPC, and REST with ``--fast_path false``) go through the
-same functions here, so a request is validated exactly once and the same way on every protocol.
+edges turn it into 400 / INVALID_ARGUMENT. Both the REST fast path (``serving.runtime.asgi``) and the
+KServe path (``serving.runtime.model``: gRPC) go through the same functions here, so a request is
+validated exactly once and the same way on every protocol.
 """
 
 from __future__ import annotations
@@ -276,6 +276,10 @@ def _check_tensor_header(inp: Any, spec: ModelSpec) -> tuple[str, list[int]]:
             f"({spec.input_datatype} [-1, {spec.n_features}])"
         )
     datatype = inp.get("datatype")
+    if not isinstance(datatype, str):  # a list or object here once reached a dict lookup: a 500
+        raise InputError(
+            f"'datatype' of input {name!r} must be a string such as \"FP32\", got {_describe(datatype)}"
+        )
     if datatype not in ACCEPTED_INPUT_DATATYPES:
         raise InputError(
             f"wrong datatype {datatype!r} for input {name!r}: the model takes {spec.input_datatype} "

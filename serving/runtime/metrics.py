@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import exposition as prom_exposition
 
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.10, ..., 1.0
@@ -32,11 +32,23 @@ SCORE = Histogram(
     ["model", "version"],
     buckets=SCORE_BUCKETS,
 )
+FAULT_INJECTION = Gauge(
+    "mlrollout_fault_injection",
+    "Test/demo fault injection setting of this server (0 = off): error_rate in [0, 1], latency_ms",
+    ["setting"],
+    multiprocess_mode="max",
+)
 PREDICTED_CLASS = Counter(
     "mlrollout_predicted_class",
     "Predicted rows by class label",
     ["model", "version", "class"],
 )
+
+
+def set_fault_injection(error_rate: float, latency_ms: float) -> None:
+    """Always exported, so "no fault injection" is visible as 0 and not as a missing series."""
+    FAULT_INJECTION.labels("error_rate").set(error_rate)
+    FAULT_INJECTION.labels("latency_ms").set(latency_ms)
 
 
 class ModelMetrics:

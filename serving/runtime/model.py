@@ -2,8 +2,8 @@
 
 ``load()`` checks the card's sha256, opens the ONNX session with deliberate thread settings, checks
 the graph against the card, runs one warm-up inference and only then marks the model ready.
-KServe's own request path (gRPC, and REST when ``--fast_path false``) calls :meth:`predict`; the fast
-REST path in ``serving.runtime.asgi`` calls :meth:`infer` directly. Both share ``serving.runtime.core``.
+KServe's own request path (gRPC) calls :meth:`predict`; the REST fast path in ``serving.runtime.asgi``
+calls :meth:`infer` directly. Both share ``serving.runtime.core``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -30,8 +29,9 @@ from serving.runtime.metrics import ModelMetrics
 
 log = logging.getLogger("kserve.mlrollout")
 
-FAULT_ERROR_RATE_ENV = "MLROLLOUT_FAULT_ERROR_RATE"
-FAULT_LATENCY_ENV = "MLROLLOUT_FAULT_LATENCY_MS"
+FAULT_ENV_PREFIX = "MLROLLOUT_FAULT_"
+FAULT_ERROR_RATE_ENV = f"{FAULT_ENV_PREFIX}ERROR_RATE"
+FAULT_LATENCY_ENV = f"{FAULT_ENV_PREFIX}LATENCY_MS"
 
 
 class InjectedFault(RuntimeError):
@@ -40,7 +40,7 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class Faults:
-    """Test/demo-only fault injection, off unless the environment variables are set."""
+    """Test/demo-only fault injection: read from the environment only with ``--enable_fault_injection``."""
 
     error_rate: float = 0.0
     latency_ms: float = 0.0
@@ -68,6 +68,9 @@ class Faults:
     @property
     def active(self) -> bool:
         return self.error_rate > 0 or self.latency_ms > 0
+
+    def describe(self) -> str:
+        return f"error_rate={self.error_rate:g}; latency_ms={self.latency_ms:g}"
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -122,6 +125,11 @@ class OnnxModel(Model):
         public = self.session.run(self._output_order, {self.spec.input_name: warm})
         if not all(np.array_equal(a, b) for a, b in zip(fast, public, strict=True)):
             raise RuntimeError("onnxruntime's direct session call disagrees with InferenceSession.run")
+        if self.spec.classes and fast[1].shape[-1] != len(self.spec.classes):
+            raise modelcard.ModelPackageError(
+                f"{self.package_dir}: model card lists {len(self.spec.classes)} classes, "
+                f"the graph scores {fast[1].shape[-1]}"
+            )
         log.info(
             "model %s %s loaded from %s (sha256 %s…), warm-up inference %.2f ms",
             self.name,
@@ -150,21 +158,45 @@ class OnnxModel(Model):
             self._run = self.session.run
 
     def _check_graph(self) -> None:
+        """The card is the server's contract with its clients (metadata, datatypes, names in answers):
+        refuse to start when it disagrees with the graph, rather than serve errors or lies on every call."""
         spec = self.spec
+        problems = check_card_fields(self.card, self.name)
         inputs = self.session.get_inputs()
-        outputs = {o.name for o in self.session.get_outputs()}
-        problems = []
+        graph_out = {o.name: o for o in self.session.get_outputs()}
         if len(inputs) != 1 or inputs[0].name != spec.input_name:
             problems.append(f"graph inputs {[i.name for i in inputs]} != card input {spec.input_name!r}")
-        elif isinstance(inputs[0].shape[-1], int) and inputs[0].shape[-1] != spec.n_features:
-            problems.append(f"graph takes {inputs[0].shape[-1]} features, card says {spec.n_features}")
-        if not {"label", "probabilities"} <= outputs:
-            problems.append(
-                f"graph outputs {sorted(outputs)} lack 'label'/'probabilities' (ZipMap must be off)"
-            )
+        else:
+            g = inputs[0]
+            if isinstance(g.shape[-1], int) and g.shape[-1] != spec.n_features:
+                problems.append(f"graph takes {g.shape[-1]} features, card says {spec.n_features}")
+            gtype = modelcard.ONNX_TO_V2.get(g.type, g.type)
+            if spec.input_datatype != gtype or gtype not in core.ACCEPTED_INPUT_DATATYPES:
+                problems.append(f"card input datatype {spec.input_datatype!r} but the graph takes {gtype}")
+        want = {"label": "INT64", "probabilities": "FP32"}
+        card_out = {o["name"]: o for o in spec.outputs}
+        if set(card_out) != set(want):
+            problems.append(f"card outputs {sorted(card_out)} != {sorted(want)}")
+        for name, datatype in want.items():
+            if name not in graph_out:
+                problems.append(
+                    f"graph has no output {name!r} (outputs {sorted(graph_out)}; ZipMap must be off)"
+                )
+                continue
+            gtype = modelcard.ONNX_TO_V2.get(graph_out[name].type, graph_out[name].type)
+            if gtype != datatype:
+                problems.append(f"graph output {name!r} is {gtype}, expected {datatype}")
+            if name in card_out and card_out[name].get("datatype") != gtype:
+                problems.append(
+                    f"card output {name!r} datatype {card_out[name].get('datatype')!r} != graph {gtype}"
+                )
+        if "probabilities" in graph_out and spec.classes:
+            n = graph_out["probabilities"].shape[-1]
+            if isinstance(n, int) and n != len(spec.classes):
+                problems.append(f"card lists {len(spec.classes)} classes, the graph scores {n}")
         if problems:
             raise modelcard.ModelPackageError(
-                f"{self.package_dir}: ONNX graph does not match its card: " + "; ".join(problems)
+                f"{self.package_dir}: model card does not match its ONNX graph: " + "; ".join(problems)
             )
 
     # multi-worker REST (--workers > 1) pickles the model into spawned processes: reopen the session there
@@ -276,5 +308,22 @@ def _infer_request_to_dict(request: InferRequest) -> tuple[dict, bytes | None]:
     return body, raw
 
 
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    return modelcard.find_package(path)
+def check_card_fields(card: dict, served_name: str) -> list[str]:
+    """Card fields that would reach HTTP headers and Kubernetes names: formats checked, not trusted."""
+    problems = []
+    for what, fn, value in (
+        ("name", modelcard.check_name, card.get("name")),
+        ("served name", modelcard.check_name, served_name),
+        ("version", modelcard.check_version, card.get("version")),
+    ):
+        if not isinstance(value, str):
+            problems.append(f"{what} must be a string, got {type(value).__name__}")
+            continue
+        try:
+            fn(value)
+        except modelcard.ModelPackageError as e:
+            problems.append(str(e))
+    classes = card.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(set(map(str, classes))) != len(classes)):
+        problems.append("classes must be a list of distinct labels")
+    return problems

@@ -59,13 +59,6 @@ def server(model_package):
         yield srv
 
 
-@pytest.fixture(scope="module")
-def stock_server(model_package):
-    """The same runtime with the fast path off: every request goes through KServe's own handlers."""
-    with RuntimeServer(model_package, args=(*ARGS, "--fast_path", "false")) as srv:
-        yield srv
-
-
 def _v1(srv, body, **kw):
     return httpx.post(f"{srv.url}/v1/models/{srv.name}:predict", timeout=10, **kw, **_body(body))
 
@@ -91,9 +84,8 @@ def _value(samples, name, **labels) -> float:
 # --- predictions equal in-process onnxruntime on every protocol ---
 
 
-@pytest.mark.parametrize("which", ["server", "stock_server"])
-def test_v1_positional_and_named_match_onnxruntime(which, request, data, reference):
-    srv = request.getfixturevalue(which)
+def test_v1_positional_and_named_match_onnxruntime(server, data, reference):
+    srv = server
     X, features = data
     rows = X[:40]
     labels, proba = reference(rows)
@@ -144,9 +136,8 @@ def test_v2_rest_tritonclient_json_and_binary_match_onnxruntime(server, data, re
         client.close()
 
 
-@pytest.mark.parametrize("which", ["server", "stock_server"])
-def test_v2_grpc_kserve_client_matches_onnxruntime(which, request, data, reference):
-    srv = request.getfixturevalue(which)
+def test_v2_grpc_kserve_client_matches_onnxruntime(server, data, reference):
+    srv = server
     X, _ = data
     rows = X[200:217]
     labels, proba = reference(rows)
@@ -171,21 +162,6 @@ def test_v2_grpc_kserve_client_matches_onnxruntime(which, request, data, referen
         )
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 30])]
     assert {t.name for t in meta.outputs} == {"label", "probabilities"}
-
-
-def test_v2_rest_stock_path_matches(stock_server, data, reference):
-    X, _ = data
-    rows = X[:3]
-    labels, proba = reference(rows)
-    body = {
-        "inputs": [{"name": "input", "shape": [3, 30], "datatype": "FP32", "data": rows.ravel().tolist()}]
-    }
-    r = _v2(stock_server, body)
-    assert r.status_code == 200, r.text
-    assert r.headers["x-model-version"] == stock_server.version
-    outs = {o["name"]: o for o in r.json()["outputs"]}
-    assert outs["label"]["data"] == labels.tolist()
-    np.testing.assert_allclose(np.reshape(outs["probabilities"]["data"], (3, 2)), proba, atol=1e-7)
 
 
 def test_grpc_answers_carry_version_metadata_and_bad_input_is_invalid_argument(server, data):
@@ -292,12 +268,12 @@ STOCK_CASES = [
 
 
 @pytest.mark.parametrize(("case", "body", "status", "message"), STOCK_CASES, ids=[c[0] for c in STOCK_CASES])
-def test_v2_bad_input_on_kserves_own_handler_is_400_not_500(stock_server, case, body, status, message):
-    """KServe turns numpy's ValueError (shape vs data) into a 500; the runtime's check answers 400."""
-    r = _v2(stock_server, body)
+def test_v2_bad_input_the_stock_handler_answered_500_is_400(server, case, body, status, message):
+    """KServe's own handler turns numpy's ValueError (shape vs data) into a 500; the runtime answers 400."""
+    r = _v2(server, body)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
-    assert r.headers["x-model-version"] == stock_server.version
+    assert r.headers["x-model-version"] == server.version
 
 
 def test_body_over_limit_is_refused_before_reading(server):
@@ -394,10 +370,13 @@ def test_sha256_mismatch_refuses_to_start(model_package, tmp_path):
 
 
 def test_fault_knob_answers_500_on_every_protocol_with_version(model_package):
-    with RuntimeServer(model_package, env={"MLROLLOUT_FAULT_ERROR_RATE": "1"}) as srv:
+    env = {"MLROLLOUT_FAULT_ERROR_RATE": "1"}
+    with RuntimeServer(model_package, env=env, args=["--enable_fault_injection"]) as srv:
         r = _v1(srv, {"instances": [ROW]})
         assert r.status_code == 500 and "injected fault" in r.json()["error"]
         assert r.headers["x-model-version"] == srv.version
+        assert r.headers["x-fault-injection"] == "error_rate=1; latency_ms=0"
+        assert _value(_metric_samples(srv), "mlrollout_fault_injection", setting="error_rate") == 1.0
         assert _v2(srv, _v2_body()).status_code == 500
         assert _v1(srv, {"instances": [[1.0]]}).status_code == 400  # bad input is still bad input
         with grpc.insecure_channel(srv.grpc_target) as channel:
@@ -507,12 +486,11 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize("body", MALFORMED, ids=range(len(MALFORMED)))
-def test_malformed_bodies_get_a_4xx_never_a_5xx(server, stock_server, body):
-    for srv, send in ((server, _v1), (server, _v2), (stock_server, _v1), (stock_server, _v2)):
-        r = send(srv, body, headers={"content-type": "application/json"})
+def test_malformed_bodies_get_a_4xx_never_a_5xx(server, body):
+    for send in (_v1, _v2):
+        r = send(server, body, headers={"content-type": "application/json"})
         assert 400 <= r.status_code < 500, (send.__name__, r.status_code, r.text[:300])
-        doc = r.json()  # KServe's own handler answers a body it cannot parse with FastAPI's {"detail"}
-        assert doc["error"] if srv is server else (doc.get("error") or doc.get("detail"))
+        assert r.json()["error"]
     assert _v1(server, {"instances": [ROW]}).status_code == 200
 
 

@@ -176,7 +176,9 @@ class LocalStack:
 
     # ----------------------------------------------------------------- lifecycle
     def _runtime(self, pkg: Path, env: dict[str, str], side: str) -> RuntimeServer:
-        srv = RuntimeServer(pkg, name=self.model, env=env)
+        # injected faults (the demo's bad canaries) need the runtime's explicit opt-in flag
+        args = ["--enable_fault_injection"] if any(k.startswith("MLROLLOUT_FAULT_") for k in env) else []
+        srv = RuntimeServer(pkg, name=self.model, env=env, args=args)
         srv.start()
         self.registry.track(f"runtime-{side}", srv.proc)
         return srv
