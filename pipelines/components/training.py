@@ -71,7 +71,8 @@ def validate_data(
     report_md: Output[Markdown],
     core: dsl.EmbeddedInput[dsl.Dataset],
 ):
-    """Schema, missing values, duplicates, outliers, label balance, row count: fail on any broken rule."""
+    """Schema, missing and infinite values, duplicates, outliers, label balance, row count: fail on any
+    broken rule."""
     import json
 
     from pipelines.core import data, validate
@@ -128,7 +129,7 @@ def train(
     model: Output[Model],
     core: dsl.EmbeddedInput[dsl.Dataset],
 ):
-    """Fit the inference pipeline (preprocessing + estimator); saves it with joblib."""
+    """Fit the inference pipeline (preprocessing + a registered estimator); saves it with joblib."""
     import json
 
     import joblib

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +42,19 @@ def load_dataset(source: str = "", label_column: str = DEFAULT_LABEL) -> pd.Data
         suffix = path.suffix.lower()
         if suffix == ".csv":
             df = pd.read_csv(path)
+            # pandas renames repeated header names (x, x.1, x.2, ...): check the header as written
+            header = pd.read_csv(path, header=None, nrows=1, dtype=str, na_filter=False)
+            _refuse_duplicate_columns(header.iloc[0].tolist() if len(header) else [], source)
         elif suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            # pyarrow allows repeated field names; pandas then fails with a multi-line ArrowInvalid
+            _refuse_duplicate_columns(pq.read_schema(path).names, source)
             df = pd.read_parquet(path)
         else:
             raise DataError(f"data file {source!r}: unsupported format {suffix!r} (use .csv or .parquet)")
         class_names = []
+    _refuse_duplicate_columns([str(c) for c in df.columns], source)
     if label_column not in df.columns:
         raise DataError(
             f"label column {label_column!r} is not in the data "
@@ -54,6 +64,20 @@ def load_dataset(source: str = "", label_column: str = DEFAULT_LABEL) -> pd.Data
     df.columns = [str(c) for c in df.columns]
     df.attrs = {"source": source, "label_column": label_column, "class_names": class_names}
     return df
+
+
+def _refuse_duplicate_columns(names: Iterable[str], source: str) -> None:
+    """One line naming every column name that appears more than once (empty names are left to
+    pandas, which calls them ``Unnamed: <i>``)."""
+    counts = Counter(n for n in names if n != "")
+    dups = [(n, c) for n, c in counts.items() if c > 1]
+    if dups:
+        shown = ", ".join(f"{n!r} ({c} times)" for n, c in dups[:10])
+        more = f" and {len(dups) - 10} more" if len(dups) > 10 else ""
+        raise DataError(
+            f"data file {source!r} has duplicate column names: {shown}{more}; "
+            "give every column a unique name (the names become the model's feature names)"
+        )
 
 
 def feature_columns(df: pd.DataFrame, label_column: str) -> list[str]:

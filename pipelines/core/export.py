@@ -40,8 +40,8 @@ def to_onnx(model: Any, n_features: int, target_opset: dict[str, int] | None = N
     except (MissingShapeCalculator, MissingConverter, RuntimeError, NotImplementedError) as e:
         raise ExportError(
             f"skl2onnx cannot convert estimator {type(est).__module__}.{type(est).__name__} to ONNX "
-            f"({type(e).__name__}): choose a convertible estimator (logistic_regression, random_forest, "
-            "hist_gradient_boosting) or register a skl2onnx converter for it"
+            f"({type(e).__name__}): use an estimator from the registry in pipelines/core/train.py "
+            "(each converts and passes parity) or register a skl2onnx converter for it"
         ) from e
     names = [o.name for o in onx.graph.output]
     if tuple(names) != OUTPUT_NAMES:

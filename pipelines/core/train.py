@@ -1,21 +1,58 @@
 """Build and fit the inference pipeline: one sklearn ``Pipeline`` (preprocessing + estimator).
 
-Preprocessing depends on the estimator family. Linear models get median imputation and
-standardisation. Tree ensembles get imputation only: they do not need scaling, and a float32
-ONNX graph of a scaled tree model can cross split thresholds differently from sklearn's float64
-scaling (|dp| ~ 2e-3 for HistGradientBoosting + StandardScaler), while without scaling trees compare
-float32 values in both runtimes and parity is exact to ~1e-7.
+The estimator is picked by name from :data:`REGISTRY`, a fixed table of classifiers that skl2onnx
+converts and whose ONNX graph passes the parity check (``tests/unit/test_pipeline_core.py`` trains,
+exports and checks every entry). Nothing is imported or called from a user-given path: an unknown
+name is refused before anything is constructed.
+
+Preprocessing depends on the estimator family (each entry's ``scale``). Linear models get median
+imputation and standardisation. Tree models get imputation only: they do not need scaling, and a
+float32 ONNX graph of a scaled tree model can cross split thresholds differently from sklearn's
+float64 scaling (|dp| ~ 2e-3 for HistGradientBoosting + StandardScaler), while without scaling trees
+compare float32 values in both runtimes and parity is exact to ~1e-6.
 """
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+from sklearn.base import ClassifierMixin
+from sklearn.ensemble import (
+    ExtraTreesClassifier,
+    GradientBoostingClassifier,
+    HistGradientBoostingClassifier,
+    RandomForestClassifier,
+)
+from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
+from sklearn.tree import DecisionTreeClassifier
 
-ESTIMATORS = ("logistic_regression", "random_forest", "hist_gradient_boosting")
+
+@dataclass(frozen=True)
+class Estimator:
+    """A registered classifier: its class, whether it gets a ``StandardScaler``, and the defaults
+    it is built with (``random_state`` is set to the run's seed)."""
+
+    cls: type[ClassifierMixin]
+    scale: bool
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+REGISTRY: Mapping[str, Estimator] = MappingProxyType(
+    {
+        "logistic_regression": Estimator(LogisticRegression, True, {"max_iter": 5000}),
+        "random_forest": Estimator(RandomForestClassifier, False, {"n_estimators": 100, "n_jobs": 1}),
+        "hist_gradient_boosting": Estimator(HistGradientBoostingClassifier, False),
+        "extra_trees": Estimator(ExtraTreesClassifier, False, {"n_estimators": 100, "n_jobs": 1}),
+        "gradient_boosting": Estimator(GradientBoostingClassifier, False),
+        "decision_tree": Estimator(DecisionTreeClassifier, False),
+    }
+)
+ESTIMATORS = tuple(REGISTRY)
 
 
 class TrainError(ValueError):
@@ -23,37 +60,14 @@ class TrainError(ValueError):
 
 
 def _defaults(estimator: str, seed: int) -> tuple[Any, bool]:
-    """Returns (estimator instance, needs_scaling)."""
-    if estimator == "logistic_regression":
-        from sklearn.linear_model import LogisticRegression
-
-        return LogisticRegression(max_iter=5000, random_state=seed), True
-    if estimator == "random_forest":
-        from sklearn.ensemble import RandomForestClassifier
-
-        return RandomForestClassifier(n_estimators=100, random_state=seed, n_jobs=1), False
-    if estimator == "hist_gradient_boosting":
-        from sklearn.ensemble import HistGradientBoostingClassifier
-
-        return HistGradientBoostingClassifier(random_state=seed), False
-    if estimator.startswith("sklearn.") and estimator.count(".") >= 2:
-        module, _, cls_name = estimator.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), cls_name)
-        except (ImportError, AttributeError) as e:
-            raise TrainError(f"estimator {estimator!r} cannot be imported: {e}") from e
-        from sklearn.base import is_classifier
-
-        est = cls()
-        if not is_classifier(est) or not hasattr(est, "predict_proba"):
-            raise TrainError(f"estimator {estimator!r} is not a classifier with predict_proba")
-        if "random_state" in est.get_params():
-            est.set_params(random_state=seed)
-        return est, True
-    raise TrainError(
-        f"unknown estimator {estimator!r}: use one of {', '.join(ESTIMATORS)} "
-        "or a scikit-learn classifier class path such as 'sklearn.ensemble.ExtraTreesClassifier'"
-    )
+    """Returns (estimator instance, needs_scaling) for a registered name."""
+    entry = REGISTRY.get(estimator) if isinstance(estimator, str) else None
+    if entry is None:
+        raise TrainError(f"unknown estimator {estimator!r}: use one of {', '.join(ESTIMATORS)}")
+    est = entry.cls(**entry.params)
+    if "random_state" in est.get_params(deep=False):
+        est.set_params(random_state=seed)
+    return est, entry.scale
 
 
 def build_pipeline(

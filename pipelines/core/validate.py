@@ -39,7 +39,8 @@ def outlier_fractions(X: pd.DataFrame, method: str = "iqr", k: float = 3.0) -> d
     robust z-score ``0.6745 * |x - median| / MAD`` above ``k``. Columns with zero spread are skipped."""
     out: dict[str, float] = {}
     for col in X.columns:
-        v = X[col].dropna().to_numpy(dtype=np.float64)
+        v = X[col].to_numpy(dtype=np.float64, na_value=np.nan)
+        v = v[np.isfinite(v)]  # NaN is missing_values' business, +inf/-inf finite_values'
         if v.size == 0:
             continue
         if method == "iqr":
@@ -134,6 +135,32 @@ def validate(df: pd.DataFrame, label_column: str, thresholds: Thresholds | None 
         )
     )
 
+    numeric = [c for c in features if c in df.columns and pd.api.types.is_numeric_dtype(df[c])]
+    infinite: dict[str, int] = {}  # sklearn refuses +inf/-inf at fit time; the imputer fills only NaN
+    for c in numeric:
+        if pd.api.types.is_complex_dtype(df[c]):
+            continue  # numeric_features already refuses it
+        n = int(np.isinf(df[c].to_numpy(dtype=np.float64, na_value=np.nan)).sum())
+        if n:
+            infinite[str(c)] = n
+    n_inf = sum(infinite.values())
+    rules.append(
+        _rule(
+            "finite_values",
+            not infinite,
+            {"cells": n_inf, "columns": infinite},
+            0,
+            (
+                f"{n_inf} infinite value(s) (+inf/-inf) in {len(infinite)} feature column(s): "
+                + ", ".join(f"{c}={n}" for c, n in sorted(infinite.items(), key=lambda kv: -kv[1])[:3])
+                + (" ..." if len(infinite) > 3 else "")
+                + "; replace them with a finite value or leave the cell empty (imputed)"
+            )
+            if infinite
+            else "no infinite feature values",
+        )
+    )
+
     dup = float(df.duplicated().mean()) if rows else 0.0
     rules.append(
         _rule(
@@ -148,7 +175,6 @@ def validate(df: pd.DataFrame, label_column: str, thresholds: Thresholds | None 
         )
     )
 
-    numeric = [c for c in features if c in df.columns and pd.api.types.is_numeric_dtype(df[c])]
     fractions = outlier_fractions(df[numeric], t.outlier_method, t.outlier_k) if numeric and rows else {}
     out_over = {c: f for c, f in fractions.items() if f > t.max_outlier_fraction}
     rules.append(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ import yaml
 
 from pipelines import compile as pcompile
 from pipelines.cli import main
-from pipelines.core import data, modelcard
+from pipelines.core import data, modelcard, train
+from pipelines.local import PipelineRunError, run_local
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -123,6 +125,13 @@ def test_packaged_model_matches_its_card(cli_run):
         "f1 >= baseline breast-cancer@0.9.0 0.9500 - 0.01",
         "roc_auc >= baseline breast-cancer@0.9.0 0.9900 - 0.01",
     ]
+
+
+def test_package_files_are_readable_by_other_uids(cli_run):
+    """0644, not mkstemp's 0600: the runtime image (UID 10001) reads a bind-mounted package."""
+    model_dir = cli_run["model_dir"]
+    for path in (model_dir / "1" / "model.onnx", model_dir / "model-card.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
 def test_onnx_outputs_are_plain_tensors(cli_run):
@@ -235,16 +244,21 @@ def _bad(tmp_path: Path, kind: str) -> tuple[list[str], str]:
     elif kind == "duplicates":
         df = pd.concat([df, df.head(120)], ignore_index=True)
         match = "duplicate_rows: 120 duplicate rows (0.174 of 689), over 0.050"
-    elif kind == "unconvertible":
-        args = ["--estimator", "sklearn.semi_supervised.LabelSpreading"]
-        match = "skl2onnx cannot convert estimator sklearn.semi_supervised._label_propagation.LabelSpreading"
+    elif kind == "infinite":  # one +inf cell: sklearn would fail at train, a rule names it first
+        df.loc[df.index[7], "mean smoothness"] = np.inf
+        match = "finite_values: 1 infinite value(s) (+inf/-inf) in 1 feature column(s): mean smoothness=1"
+    elif kind == "duplicate_columns":  # 30 columns all named x: pandas alone reads x, x.1, ..., x.29
+        path = tmp_path / f"{kind}.csv"
+        df.iloc[:, :30].assign(target=df["target"]).to_csv(path, index=False, header=["x"] * 30 + ["target"])
+        return ["--data", str(path)], "DataError: data file "
     path = tmp_path / f"{kind}.csv"
     df.to_csv(path, index=False)
     return ["--data", str(path), *args], match
 
 
 @pytest.mark.parametrize(
-    "kind", ["missing_column", "nans", "single_class", "too_few_rows", "duplicates", "unconvertible"]
+    "kind",
+    ["missing_column", "nans", "single_class", "too_few_rows", "duplicates", "infinite", "duplicate_columns"],
 )
 def test_bad_input_fails_the_run_with_its_own_message(tmp_path, capsys, kind):
     args, match = _bad(tmp_path, kind)
@@ -253,11 +267,51 @@ def test_bad_input_fails_the_run_with_its_own_message(tmp_path, capsys, kind):
     assert rc == 1
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: step ") and match in err, err
-    step = (
-        "train" if kind == "unconvertible" else "validate-data"
-    )  # convertibility is checked right after fitting
+    step = "load-data" if kind == "duplicate_columns" else "validate-data"
     assert f"step {step} failed" in err
+    if kind == "duplicate_columns":
+        assert "has duplicate column names: 'x' (30 times); give every column a unique name" in err
     assert not (tmp_path / "models").exists()  # nothing packaged
+
+
+def test_estimator_outside_the_registry_is_refused_before_the_run(tmp_path, capsys):
+    """A class path, even of a real sklearn classifier, is not a registered name: one line, exit 2,
+    before kfp.local starts (the unconvertible-estimator path is tested on export itself)."""
+    path = tmp_path / "d.csv"
+    data.load_dataset().to_csv(path, index=False)
+    argv = ["--data", str(path), "--estimator", "sklearn.semi_supervised.LabelSpreading"]
+    rc = main(["run", "--output", str(tmp_path / "models"), "--pipeline-root", str(tmp_path / "root"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == (
+        "error: unknown estimator 'sklearn.semi_supervised.LabelSpreading': "
+        f"use one of {', '.join(train.ESTIMATORS)}\n"
+    )
+    assert not (tmp_path / "root").exists() and not (tmp_path / "models").exists()
+
+
+def test_estimator_parameter_is_refused_by_the_train_step(tmp_path, monkeypatch):
+    """The KFP `estimator` parameter, bypassing the CLI's precheck (as a dashboard run does): the
+    train step refuses the name; `sklearn.datasets.clear_data_home` is not called (its folder stays)."""
+    from pipelines.training_pipeline import training_pipeline
+
+    home = tmp_path / "scikit_learn_data"
+    (home / "keep").mkdir(parents=True)
+    monkeypatch.setenv("SCIKIT_LEARN_DATA", str(home))  # inherited by kfp.local's step subprocesses
+    with pytest.raises(PipelineRunError) as e:
+        run_local(
+            training_pipeline,
+            {"estimator": "sklearn.datasets.clear_data_home"},
+            tmp_path / "root",
+            emit=lambda line: None,
+        )
+    assert e.value.step == "train"
+    assert (
+        "TrainError: unknown estimator 'sklearn.datasets.clear_data_home': "
+        f"use one of {', '.join(train.ESTIMATORS)}"
+    ) in str(e.value)
+    assert (home / "keep").is_dir()
+    assert not list((tmp_path / "root").rglob("model.onnx"))  # stopped at train
 
 
 # ---------------------------------------------------------------- hermetic: embedded code without the repo

@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.cli import main, pipeline_arguments
+from pipelines.cli import ESTIMATOR_NAMES, main, pipeline_arguments
 from pipelines.registry import PIPELINES
+
+VALID_ESTIMATORS = ", ".join(
+    (
+        "logistic_regression",
+        "random_forest",
+        "hist_gradient_boosting",
+        "extra_trees",
+        "gradient_boosting",
+        "decision_tree",
+    )
+)
 
 
 @pytest.mark.parametrize(
     ("argv", "rc", "message"),
     [
         (["--estimator", "svm"], 2, "error: unknown estimator 'svm': use one of logistic_regression"),
+        (
+            ["--estimator", "sklearn.semi_supervised.LabelSpreading"],
+            2,
+            "error: unknown estimator 'sklearn.semi_supervised.LabelSpreading': "
+            f"use one of {VALID_ESTIMATORS}\n",
+        ),
         (
             ["--estimator", "random_forest", "--hyperparameters", '{"n_trees": 3}'],
             2,
@@ -41,6 +58,40 @@ def test_run_refuses_bad_input_in_one_line(tmp_path, capsys, argv, rc, message):
     assert out.err.startswith(message), out.err
     assert len(out.err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()  # refused before kfp.local started
+
+
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_estimator_path_is_refused_without_being_called(tmp_path, capsys, monkeypatch, command):
+    """Hardening S9: `--estimator sklearn.datasets.clear_data_home` used to import and call it (deleting
+    $SCIKIT_LEARN_DATA) and then die with a traceback. Now: one line listing the names, exit 2, the
+    folder intact, and no pipeline work (run) or API call (submit: nothing listens on port 9)."""
+    home = tmp_path / "scikit_learn_data"
+    (home / "keep").mkdir(parents=True)
+    monkeypatch.setenv("SCIKIT_LEARN_DATA", str(home))
+    where = (
+        ["--output", str(tmp_path / "m"), "--pipeline-root", str(tmp_path / "r")]
+        if command == "run"
+        else ["--host", "http://127.0.0.1:9"]
+    )
+    assert main([command, *where, "--estimator", "sklearn.datasets.clear_data_home"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: unknown estimator 'sklearn.datasets.clear_data_home': use one of {VALID_ESTIMATORS}\n"
+    )
+    assert (home / "keep").is_dir()
+    assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_help_lists_exactly_the_registered_estimators(capsys, command):
+    from pipelines.core import train
+
+    assert train.ESTIMATORS == ESTIMATOR_NAMES  # --help spells them out without importing sklearn
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--estimator ESTIMATOR a registered classifier: " + " | ".join(train.ESTIMATORS) in text
+    assert "sklearn." not in text
 
 
 def test_pipeline_arguments_are_typed_from_the_pipeline_interface():

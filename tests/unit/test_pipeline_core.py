@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import onnx
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines.core import data, evaluate, export, modelcard, package, train, validate
@@ -60,6 +64,40 @@ def test_load_errors_name_the_problem(tmp_path):
         data.load_dataset(str(tmp_path / "d.csv"), "y")
 
 
+def test_duplicate_column_names_are_refused_at_load(frame, tmp_path):
+    """30 columns all named ``x``: pandas would read them as x, x.1, ..., x.29 and those names would
+    become the card's feature names. The raw CSV header (and the Parquet schema) is checked."""
+    path = tmp_path / "dup.csv"
+    frame.iloc[:, :30].assign(y=frame[LABEL]).to_csv(path, index=False, header=["x"] * 30 + ["y"])
+    assert list(pd.read_csv(path).columns[:3]) == ["x", "x.1", "x.2"]  # what pandas alone would keep
+    with pytest.raises(data.DataError) as e:
+        data.load_dataset(str(path), "y")
+    assert str(e.value) == (
+        f"data file {str(path)!r} has duplicate column names: 'x' (30 times); give every column a "
+        "unique name (the names become the model's feature names)"
+    )
+    # several repeats (the label among them) are all named, before the label column is looked up
+    (tmp_path / "two.csv").write_text("a,b,a,y,y\n1,2,3,0,1\n")
+    with pytest.raises(data.DataError, match=r"duplicate column names: 'a' \(2 times\), 'y' \(2 times\);"):
+        data.load_dataset(str(tmp_path / "two.csv"), "y")
+    # Parquet: pyarrow stores repeated field names (pandas alone fails with a multi-line ArrowInvalid)
+    table = pa.Table.from_arrays(
+        [pa.array([1.0, 2.0]), pa.array([3.0, 4.0]), pa.array([0, 1])], ["x", "x", "y"]
+    )
+    pq.write_table(table, tmp_path / "dup.parquet")
+    with pytest.raises(data.DataError, match=r"duplicate column names: 'x' \(2 times\);"):
+        data.load_dataset(str(tmp_path / "dup.parquet"), "y")
+    # names that merely look like pandas' renames, and unnamed columns, are not duplicates
+    (tmp_path / "ok.csv").write_text("x,x.1,,,y\n1,2,3,4,0\n")
+    assert list(data.load_dataset(str(tmp_path / "ok.csv"), "y").columns) == [
+        "x",
+        "x.1",
+        "Unnamed: 2",
+        "Unnamed: 3",
+        "y",
+    ]
+
+
 def test_split_is_stratified_and_seeded(frame):
     a_tr, a_te = data.split_dataset(frame, LABEL, 0.25, 3)
     _, b_te = data.split_dataset(frame, LABEL, 0.25, 3)
@@ -91,7 +129,7 @@ def _fails(df, rule, match, **kw):
 
 def test_clean_data_passes_every_rule(frame):
     report = validate.validate(frame, LABEL)
-    assert report["passed"] and len(report["rules"]) == 8
+    assert report["passed"] and len(report["rules"]) == 9
     validate.raise_for_report(report)
     assert "| min_rows | pass |" in validate.report_markdown(report)
 
@@ -151,6 +189,31 @@ def test_several_broken_rules_are_all_named(frame):
     assert "missing_values: missing values over 0.050 in 1 column(s): mean radius=0.200" in str(e.value)
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_infinite_value_is_refused_by_a_named_rule(frame, tmp_path, value):
+    """One +inf (or -inf) cell, read back from CSV as pandas parses it: sklearn would fail later at
+    fit time ("Input X contains infinity"); finite_values names it before training."""
+    df = frame.copy()
+    df.loc[df.index[5], "mean texture"] = value
+    df.to_csv(tmp_path / "inf.csv", index=False)
+    loaded = data.load_dataset(str(tmp_path / "inf.csv"))
+    r = _fails(
+        loaded,
+        "finite_values",
+        r"finite_values: 1 infinite value\(s\) \(\+inf/-inf\) in 1 feature column\(s\): mean texture=1; ",
+    )
+    rule = next(x for x in r["rules"] if x["rule"] == "finite_values")
+    assert rule["value"] == {"cells": 1, "columns": {"mean texture": 1}} and rule["threshold"] == 0
+    assert "| finite_values | **FAIL** |" in validate.report_markdown(r)
+    # several columns: counted per column, the worst first
+    df.loc[df.index[:4], "worst area"] = -np.inf
+    _fails(
+        df,
+        "finite_values",
+        r"5 infinite value\(s\) .* in 2 feature column\(s\): worst area=4, mean texture=1",
+    )
+
+
 def test_non_numeric_feature_is_refused(frame):
     df = frame.assign(colour="red")
     _fails(df, "numeric_features", r"non-numeric feature column\(s\): colour \(object\)")
@@ -164,6 +227,58 @@ def test_pipelines_per_estimator(fitted):
     # trees get no scaler: float32 ONNX and float64 sklearn then compare the same values
     assert [n for n, _ in fitted["random_forest"].steps] == ["impute", "model"]
     assert [n for n, _ in fitted["hist_gradient_boosting"].steps] == ["impute", "model"]
+    for name, entry in train.REGISTRY.items():
+        steps = [n for n, _ in fitted[name].steps]
+        assert steps == (["impute", "scale", "model"] if entry.scale else ["impute", "model"]), name
+        assert type(fitted[name].named_steps["model"]) is entry.cls
+
+
+def test_registry_is_a_fixed_table_of_classifiers():
+    from sklearn.base import is_classifier
+
+    assert set(train.REGISTRY) >= {
+        "logistic_regression",
+        "random_forest",
+        "hist_gradient_boosting",
+        "extra_trees",
+        "gradient_boosting",
+        "decision_tree",
+    }
+    assert tuple(train.REGISTRY) == train.ESTIMATORS
+    for name, entry in train.REGISTRY.items():
+        est = train.build_pipeline(name, seed=3).named_steps["model"]
+        assert isinstance(entry.cls, type) and is_classifier(est) and hasattr(est, "predict_proba"), name
+        assert est.get_params().get("random_state", 3) == 3, name  # seeded
+    # only the linear model is scaled
+    assert [n for n, e in train.REGISTRY.items() if e.scale] == ["logistic_regression"]
+    with pytest.raises(TypeError):
+        train.REGISTRY["mine"] = train.REGISTRY["random_forest"]  # read-only
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sklearn.datasets.clear_data_home",  # the reproduction: it used to be called, deleting a folder
+        "sklearn.ensemble.ExtraTreesClassifier",  # class paths are gone too, even of good classifiers
+        "sklearn.semi_supervised.LabelSpreading",
+        "os.system",
+        "Random_Forest",
+        "",
+    ],
+)
+def test_estimator_outside_the_registry_is_refused_without_calling_anything(tmp_path, monkeypatch, name):
+    home = tmp_path / "scikit_learn_data"
+    (home / "keep").mkdir(parents=True)
+    monkeypatch.setenv("SCIKIT_LEARN_DATA", str(home))
+    with pytest.raises(train.TrainError) as e:
+        train.build_pipeline(name)
+    assert str(e.value) == (
+        f"unknown estimator {name!r}: use one of logistic_regression, random_forest, "
+        "hist_gradient_boosting, extra_trees, gradient_boosting, decision_tree"
+    )
+    with pytest.raises(train.TrainError, match="unknown estimator"):
+        train.train(np.zeros((4, 2)), np.array([0, 1, 0, 1]), name)
+    assert (home / "keep").is_dir()  # clear_data_home was not called
 
 
 def test_hyperparameters_and_errors():
@@ -173,10 +288,9 @@ def test_hyperparameters_and_errors():
         train.build_pipeline("random_forest", {"n_trees": 7})
     with pytest.raises(train.TrainError, match="unknown estimator 'svm'"):
         train.build_pipeline("svm")
-    with pytest.raises(train.TrainError, match="not a classifier with predict_proba"):
-        train.build_pipeline("sklearn.linear_model.LinearRegression")
-    with pytest.raises(train.TrainError, match="cannot be imported"):
-        train.build_pipeline("sklearn.nope.Thing")
+    pipe = train.build_pipeline("extra_trees", {"n_estimators": 5}, seed=9)
+    assert pipe.named_steps["model"].get_params()["n_estimators"] == 5
+    assert pipe.named_steps["model"].random_state == 9
 
 
 # ---------------------------------------------------------------- export and parity
@@ -199,12 +313,22 @@ def test_onnx_contract_and_parity(fitted, split, est):
 
 
 def test_unconvertible_estimator_says_so(split):
+    """The registry holds only convertible estimators, so the export error path is exercised with a
+    fitted pipeline built here: skl2onnx has no converter for LabelSpreading."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+    from sklearn.semi_supervised import LabelSpreading
+
     X, y, _, _, features, _ = split
-    pipe = train.train(X, y, "sklearn.semi_supervised.LabelSpreading")
-    with pytest.raises(
-        export.ExportError, match=r"skl2onnx cannot convert estimator .*LabelSpreading to ONNX"
-    ):
+    pipe = Pipeline([("impute", SimpleImputer(strategy="median")), ("model", LabelSpreading())]).fit(X, y)
+    match = (
+        r"skl2onnx cannot convert estimator sklearn\.semi_supervised\._label_propagation\.LabelSpreading "
+        r"to ONNX \(MissingShapeCalculator\): use an estimator from the registry"
+    )
+    with pytest.raises(export.ExportError, match=match):
         export.to_onnx(pipe, len(features))
+    with pytest.raises(export.ExportError, match=match):  # what the train step runs right after fitting
+        export.check_convertible(pipe, len(features))
 
 
 def test_parity_failure_names_numbers():
@@ -305,6 +429,8 @@ def test_package_card_contract(tmp_path, fitted, split, model_package):
     factory_card = json.loads((model_package / "model-card.json").read_text())
     assert set(factory_card) <= set(written)
     assert "sha256" in package.summary(written)
+    for path in (model_dir / "1" / "model.onnx", model_dir / "model-card.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     with pytest.raises(modelcard.ModelPackageError, match="semantic"):
         package.build_card(
             name="bc",
@@ -314,3 +440,32 @@ def test_package_card_contract(tmp_path, fitted, split, model_package):
             class_names=names,
             training_data={},
         )
+
+
+def test_package_files_are_readable_by_other_uids(tmp_path, fitted, split):
+    """S14: mkstemp creates 0600 files, unreadable by the runtime image's UID 10001 when the package is
+    bind-mounted from another UID. Both files are 0644 whatever the umask, also when replacing."""
+    *_, features, names = split
+    blob = export.to_onnx(fitted["logistic_regression"], len(features))
+    card = package.build_card(
+        name="bc-mode",
+        version="1.0.0",
+        onnx_bytes=blob,
+        feature_names=features,
+        class_names=names,
+        training_data={},
+    )
+    old = os.umask(0o077)
+    try:
+        model_dir = modelcard.write_package(tmp_path, card, blob)
+        modelcard.write_package(tmp_path, dict(card, version="1.0.1"), blob)  # over the first
+    finally:
+        os.umask(old)
+    for path in (model_dir / "1" / "model.onnx", model_dir / "model-card.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert modelcard.verify_package(model_dir)["version"] == "1.0.1"
+    assert sorted(p.name for p in model_dir.rglob("*")) == [
+        "1",
+        "model-card.json",
+        "model.onnx",
+    ]  # no temp left
