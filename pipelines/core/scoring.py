@@ -13,7 +13,10 @@ One implementation shared by the command (``python -m serving.batch``) and the K
 * reading/converting, scoring and writing run in three threads joined by small bounded queues
   (pyarrow, numpy and onnxruntime release the GIL), so I/O overlaps with inference;
 * the output is written to a temporary file next to the destination and renamed into place only
-  when every row is written, so a failed or interrupted run leaves no partial output behind.
+  when every row is written, so a failed or interrupted run leaves no partial output behind; the
+  optional HTML report is written the same way and is complete before the output is renamed;
+* a successful run removes the ``.<output name>.<random>.partial`` files that killed (SIGKILL)
+  earlier runs of the same output left behind.
 
 Output columns: the id column (the input's ``id_column``, or ``row_number`` counting from 0),
 ``prediction`` (the model's ``label`` output, i.e. one of the card's ``classes``) and one
@@ -26,6 +29,7 @@ import contextlib
 import os
 import queue
 import re
+import stat
 import sys
 import tempfile
 import threading
@@ -71,6 +75,14 @@ class BatchScoringError(ValueError):
 
 class SchemaMismatchError(BatchScoringError):
     """The input table does not match the model card's input schema (missing or mistyped column)."""
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` with every run of whitespace and control characters (newlines included) collapsed to
+    one space, at most ``limit`` characters: for third-party messages (pyarrow's can span lines and
+    quote raw bytes) and for whole error lines."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
+    return flat if len(flat) <= limit else flat[: limit - 3].rstrip() + "..."
 
 
 # --------------------------------------------------------------------------- model
@@ -258,8 +270,12 @@ def _open_csv(path: Path, features: list[str], id_column: str | None, chunk_rows
                 f"input {str(path)!r} is empty (no header row): write a header with the model's "
                 "feature names, even for a table with no rows"
             ) from e
-        raise BatchScoringError(f"cannot parse CSV {str(path)!r}: {e}") from e
-    columns = list(probe.schema.names)
+        raise BatchScoringError(f"cannot parse CSV {str(path)!r}: {one_line(e)}") from e
+    try:
+        columns = list(probe.schema.names)
+    except UnicodeDecodeError as e:  # pyarrow keeps the header as bytes and decodes it here
+        probe.close()
+        raise BatchScoringError(_header_not_utf8(path, probe.schema, e)) from e
     try:
         first = probe.read_next_batch()
         probed = min(probe_bytes, path.stat().st_size)
@@ -300,6 +316,20 @@ def _open_csv(path: Path, features: list[str], id_column: str | None, chunk_rows
     return Source("csv", columns, id_col, None, batches(), reader.close, id_type)
 
 
+def _header_not_utf8(path: Path, schema: pa.Schema, e: UnicodeDecodeError) -> str:
+    where = ""
+    for i in range(len(schema)):
+        try:
+            _ = schema.field(i).name
+        except UnicodeDecodeError:
+            where = f"column #{i + 1} ({e.object.decode('utf-8', 'backslashreplace')}): "
+            break
+    return (
+        f"the header of CSV {str(path)!r} is not valid UTF-8 ({where}{e.reason}, byte "
+        f"0x{e.object[e.start]:02x}); save the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+    )
+
+
 def _csv_error(e: Exception, columns: list[str], path: Path) -> BatchScoringError:
     m = re.search(r"In CSV column #(\d+): .*?invalid value '(.*)'", str(e))
     if m and int(m.group(1)) < len(columns):
@@ -308,7 +338,7 @@ def _csv_error(e: Exception, columns: list[str], path: Path) -> BatchScoringErro
             f"column {name!r} in {str(path)!r} holds a value that is not a number: {m.group(2)!r}; "
             "the model needs every feature column castable to float32: clean or re-encode that column"
         )
-    return BatchScoringError(f"cannot parse CSV {str(path)!r}: {e}")
+    return BatchScoringError(f"cannot parse CSV {str(path)!r}: {one_line(e)}")
 
 
 def _open_parquet(path: Path, features: list[str], id_column: str | None, chunk_rows: int) -> Source:
@@ -316,8 +346,8 @@ def _open_parquet(path: Path, features: list[str], id_column: str | None, chunk_
         pf = pq.ParquetFile(path, memory_map=True)
     except (pa.ArrowInvalid, OSError) as e:
         raise BatchScoringError(
-            f"cannot read {str(path)!r} as Parquet ({e}); if it is CSV, name it *.csv or pass "
-            "--input-format csv"
+            f"cannot read {str(path)!r} as Parquet ({one_line(e)}); if it is CSV, name it *.csv or "
+            "pass --input-format csv"
         ) from e
     schema = pf.schema_arrow
     columns = list(schema.names)
@@ -331,12 +361,23 @@ def _open_parquet(path: Path, features: list[str], id_column: str | None, chunk_
             )
     id_col = _resolve_id_column(columns, id_column, path)
     wanted = list(dict.fromkeys([*features, *([id_col] if id_col else [])]))
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        # the footer was fine; a damaged data page only shows once it is read
+        try:
+            yield from pf.iter_batches(batch_size=chunk_rows, columns=wanted, use_threads=True)
+        except (pa.ArrowException, OSError) as e:
+            raise BatchScoringError(
+                f"cannot read the data of Parquet file {str(path)!r} ({one_line(e)}): the file is "
+                "damaged or truncated; write it again"
+            ) from e
+
     return Source(
         "parquet",
         columns,
         id_col,
         pf.metadata.num_rows,
-        pf.iter_batches(batch_size=chunk_rows, columns=wanted, use_threads=True),
+        batches(),
         pf.close,
         schema.field(id_col).type if id_col else None,
     )
@@ -460,16 +501,70 @@ def _umask() -> int:
     return mask
 
 
+def _partial_file(target: Path) -> Path:
+    """An empty ``.<name>.<random>.partial`` beside ``target`` (its folder is created if missing)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode of a new file
+    return Path(tmp)
+
+
+def _partial_pattern(target: Path) -> re.Pattern[str]:
+    # what ``_partial_file`` (tempfile.mkstemp: 8 characters of [a-z0-9_]) names for this target
+    return re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.partial")
+
+
+def remove_stale_partials(target: str | os.PathLike, older_than: float) -> list[Path]:
+    """Remove the partial files of ``target`` (``.<name>.<random>.partial`` beside it) last modified
+    before ``older_than`` (a ``time.time()``): what earlier runs killed with SIGKILL left behind.
+
+    Only regular files of exactly that name pattern are touched; a newer one may belong to a run
+    still writing the same output and is kept. Returns the removed paths; errors are ignored.
+    """
+    target = Path(target)
+    pattern = _partial_pattern(target)
+    removed = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_mtime < older_than:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+class _AtomicTextWriter:
+    """A text file (the HTML report) written to ``.<name>.<random>.partial``, renamed by ``commit``."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.tmp = _partial_file(target)
+
+    def write(self, text: str) -> None:
+        with open(self.tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.target)
+
+    def abort(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
 class _AtomicTableWriter:
     """Writes batches to ``.<name>.<random>.partial`` beside the target; ``commit`` renames it into place."""
 
     def __init__(self, target: Path, fmt: str, schema: pa.Schema):
         self.target = target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-        os.close(fd)
-        self.tmp = Path(tmp)
-        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode of a new file
+        self.tmp = _partial_file(target)
+        self._closed = False
         try:
             if fmt == "parquet":
                 # probabilities are high-entropy floats: dictionary encoding and compression cost
@@ -486,8 +581,14 @@ class _AtomicTableWriter:
     def write(self, batch: pa.RecordBatch) -> None:
         self._w.write_batch(batch)
 
+    def finish(self) -> None:
+        """Write the footer and close the partial file (where a full disk shows), not yet renamed."""
+        if not self._closed:
+            self._closed = True
+            self._w.close()
+
     def commit(self) -> None:
-        self._w.close()
+        self.finish()
         os.replace(self.tmp, self.target)
 
     def abort(self) -> None:
@@ -631,6 +732,74 @@ class _Stage(threading.Thread):
             self.stop.set()
 
 
+def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """One path once made absolute with symlinks resolved (relative paths and links included)."""
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """``_same_path``, or two existing names of one file (a hard link)."""
+    if _same_path(a, b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _check_creatable(path: Path, option: str) -> None:
+    ancestor = next(a for a in path.absolute().parents if a.exists())  # the filesystem root exists
+    if not ancestor.is_dir():
+        raise BatchScoringError(
+            f"{str(ancestor)!r} is a file, so {str(path)!r} cannot be created: fix {option}"
+        )
+
+
+def _check_report(report: Path, input_path: Path, out: Path) -> None:
+    for other, what in ((input_path, "input"), (out, "output")):
+        if _same_file(report, other):
+            raise BatchScoringError(
+                f"report {str(report)!r} is the {what} file {str(other)!r}: writing it would replace "
+                f"the {what}; choose another --report path (e.g. report.html)"
+            )
+    if report.is_dir():
+        raise BatchScoringError(f"report {str(report)!r} is a directory: give a file name (*.html)")
+    _check_creatable(report, "--report")
+
+
+def check_paths(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    output_fmt: str = "auto",
+    overwrite: bool = True,
+    report_path: str | os.PathLike | None = None,
+    chunk_rows: int | None = None,
+) -> str:
+    """The checks ``score_file`` makes before it loads the model or reads a row (output format,
+    overwrite, output or report == input, report == output, folders that cannot be created).
+    Returns the output format. The command also calls it before it loads the model."""
+    if chunk_rows is not None and chunk_rows < 1:
+        raise BatchScoringError(
+            f"chunk rows must be at least 1 (got {chunk_rows}); leave it out for automatic"
+        )
+    out = Path(output_path)
+    out_fmt = output_format(out, output_fmt)
+    if out.exists() and not overwrite:
+        raise BatchScoringError(
+            f"output {str(out)!r} already exists and overwriting is off (--no-overwrite): remove it or "
+            "choose another output path"
+        )
+    if out.exists() and out.is_dir():
+        raise BatchScoringError(f"output {str(out)!r} is a directory: give a file name (*.csv / *.parquet)")
+    if Path(input_path).exists() and out.exists() and _same_path(out, input_path):
+        raise BatchScoringError("output would overwrite the input file: choose another output path")
+    _check_creatable(out, "--output")
+    if report_path is not None:
+        _check_report(Path(report_path), Path(input_path), out)
+    return out_fmt
+
+
 def score_file(
     model_dir: str | os.PathLike | BatchModel,
     input_path: str | os.PathLike,
@@ -646,35 +815,31 @@ def score_file(
     progress: Callable[[int], None] | None = None,
     on_open: Callable[[Source], None] | None = None,
     pipelined: bool = True,
+    report_path: str | os.PathLike | None = None,
 ) -> ScoreSummary:
     """Score ``input_path`` into ``output_path`` (atomically).
 
     ``on_open(source)`` is called once the input is open and checked (``source.total_rows`` is the
     row count when the format records it), ``progress(n)`` after each chunk of ``n`` rows is written.
+    ``report_path``: also write ``summary_html`` there, atomically too, and complete before the
+    output is renamed into place (a report that cannot be written leaves the old output as it was).
+    After the rename, partial files that killed earlier runs left for the same output (or report)
+    are removed.
 
     Raises ``BatchScoringError`` (bad input/output), ``modelcard.ModelPackageError`` (bad package).
     """
     t0 = time.perf_counter()
-    if chunk_rows is not None and chunk_rows < 1:
-        raise BatchScoringError(
-            f"chunk rows must be at least 1 (got {chunk_rows}); leave it out for automatic"
-        )
+    started = time.time()  # partial files last written before this are leftovers of earlier runs
+    out_fmt = check_paths(
+        input_path,
+        output_path,
+        output_fmt=output_fmt,
+        overwrite=overwrite,
+        report_path=report_path,
+        chunk_rows=chunk_rows,
+    )
     out = Path(output_path)
-    out_fmt = output_format(out, output_fmt)
-    if out.exists() and not overwrite:
-        raise BatchScoringError(
-            f"output {str(out)!r} already exists and overwriting is off (--no-overwrite): remove it or "
-            "choose another output path"
-        )
-    if out.exists() and out.is_dir():
-        raise BatchScoringError(f"output {str(out)!r} is a directory: give a file name (*.csv / *.parquet)")
-    if Path(input_path).exists() and out.exists() and out.resolve() == Path(input_path).resolve():
-        raise BatchScoringError("output would overwrite the input file: choose another output path")
-    ancestor = next(a for a in out.absolute().parents if a.exists())  # the filesystem root exists
-    if not ancestor.is_dir():
-        raise BatchScoringError(
-            f"{str(ancestor)!r} is a file, so {str(out)!r} cannot be created: fix --output"
-        )
+    report = None if report_path is None else Path(report_path)
     model = model_dir if isinstance(model_dir, BatchModel) else load_model(model_dir, threads, spinning)
     chunk_rows = chunk_rows or auto_chunk_rows(len(model.features))
     src = open_source(input_path, model.features, id_column, chunk_rows, input_fmt)
@@ -689,6 +854,11 @@ def score_file(
             )
         schema = output_schema(model, src.id_type, id_name)
         writer = _AtomicTableWriter(out, out_fmt, schema)
+        try:  # an unwritable report folder shows now, before any row is scored
+            report_writer = None if report is None else _AtomicTextWriter(report)
+        except BaseException:
+            writer.abort()
+            raise
     except BaseException:
         src.close()
         raise
@@ -752,7 +922,7 @@ def score_file(
         _Stage("batch-score", stop, q_conv, score, q_scored),
         _Stage("batch-write", stop, q_scored, write_result, None),
     ]
-    committed = False
+    committed = report_done = False
     try:
         if not pipelined:  # one thread, stage after stage (kept for the benchmark's comparison)
             for batch in src.batches:
@@ -768,24 +938,37 @@ def score_file(
         for s in stages:
             if s.error is not None:
                 raise s.error
+        writer.finish()
+        names = (
+            model.class_names if len(model.class_names) == len(counts) else [str(c) for c in model.classes]
+        )
+        summary = ScoreSummary(
+            rows=offset[0],
+            seconds=time.perf_counter() - t0,
+            output=str(out),
+            input_format=src.format,
+            output_format=out_fmt,
+            id_column=id_name,
+            class_counts={str(n): int(c) for n, c in zip(names, counts.tolist(), strict=False)},
+            model=f"{model.name}:{model.version}",
+            score_histogram=hist.tolist(),
+        )
+        if report_writer is not None:
+            report_writer.write(summary_html(summary))  # complete before the output is renamed
         writer.commit()
         committed = True
+        if report_writer is not None:
+            report_writer.commit()  # a rename in the folder where its file was just written
+        report_done = True
     finally:
         if not committed:
             stop.set()
             for s in stages:
                 s.join(timeout=10)
             writer.abort()
+        if report_writer is not None and not report_done:
+            report_writer.abort()
         src.close()
-    names = model.class_names if len(model.class_names) == len(counts) else [str(c) for c in model.classes]
-    return ScoreSummary(
-        rows=offset[0],
-        seconds=time.perf_counter() - t0,
-        output=str(out),
-        input_format=src.format,
-        output_format=out_fmt,
-        id_column=id_name,
-        class_counts={str(n): int(c) for n, c in zip(names, counts.tolist(), strict=False)},
-        model=f"{model.name}:{model.version}",
-        score_histogram=hist.tolist(),
-    )
+    for target in (out, *([report] if report is not None else [])):
+        remove_stale_partials(target, started)
+    return summary

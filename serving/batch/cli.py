@@ -23,9 +23,30 @@ and renamed into place at the end: a failed or interrupted run leaves no output 
 exit status: 0 done, 2 bad arguments, input or model, 130/143 interrupted (SIGINT/SIGTERM), 1 other.
 """
 
+_MAX_LINE = 1000  # an error line quotes file names and third-party messages: keep it one readable line
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line that says what is wrong (not the whole usage block), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {scoring.one_line(message, _MAX_LINE)}; see {self.prog} --help\n")
+
+
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number, 0 or more (0: one thread per physical core), got {text!r}"
+        )
+    return n
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m serving.batch",
         description="Score a CSV or Parquet table with a packaged ONNX model "
         "(onnxruntime, streamed in chunks).",
@@ -66,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=_threads,
         default=0,
         help="onnxruntime intra-op threads (default 0: one per physical core)",
     )
@@ -79,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--report",
         default=None,
-        help="also write an HTML page with the score distribution and predicted-class counts",
+        help="also write an HTML page with the score distribution and predicted-class counts "
+        "(atomically, like the output; it may not be the input or the output file)",
     )
     p.add_argument(
         "--no-progress",
@@ -106,6 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     bar = None
     try:
+        # paths first: a wrong --output or --report is refused before the model is loaded
+        scoring.check_paths(
+            args.input,
+            args.output,
+            overwrite=args.overwrite,
+            report_path=args.report,
+            chunk_rows=args.chunk_rows,
+        )
         from tqdm import tqdm
 
         model = scoring.load_model(args.model_dir, args.threads)
@@ -126,25 +156,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=bar.update,
             on_open=lambda src: _set_total(bar, src.total_rows),
+            report_path=args.report,
         )
         bar.close()
-        if args.report:
-            with open(args.report, "w") as f:
-                f.write(scoring.summary_html(summary))
         shares = ", ".join(f"{k}={v}" for k, v in summary.class_counts.items())
         print(f"{summary.line()} [{shares}]", file=sys.stderr)
         return 0
     except (scoring.BatchScoringError, modelcard.ModelPackageError) as e:
         _close(bar)
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     except OSError as e:  # unreadable input, unwritable output folder, disk full...
         _close(bar)
         where = f" ({e.filename})" if e.filename else ""
-        print(
-            f"error: {e.strerror or e}{where}: check the path, its permissions and free space",
-            file=sys.stderr,
-        )
+        _error(f"{e.strerror or e}{where}: check the path, its permissions and free space")
         return 2
     except KeyboardInterrupt:
         _close(bar)
@@ -157,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _error(message: str) -> None:
+    print(f"error: {scoring.one_line(message, _MAX_LINE)}", file=sys.stderr)
 
 
 def _set_total(bar, total: int | None) -> None:

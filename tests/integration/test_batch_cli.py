@@ -102,3 +102,87 @@ def test_command_never_imports_pandas(tmp_path, model_package, big_input):
     )
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.stdout.split() == ["0", "False"], p.stderr
+
+
+_DEFAULT_SIGINT = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731 - see the test above
+
+# runs the command as ``python -m serving.batch`` does, but sends itself SIGINT when the command's first
+# heavy import (onnxruntime) starts: the interrupt lands inside the start-up imports every time
+_INTERRUPT_IN_IMPORT = """
+import os, runpy, signal, sys
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnxruntime":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.argv = ["serving.batch", *sys.argv[1:]]
+sys.meta_path.insert(0, Interrupt())
+runpy.run_module("serving.batch", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("when", ["after-0.2s", "inside-import"])
+def test_sigint_during_startup_imports_is_one_line(tmp_path, model_package, big_input, when):
+    """hardening.md 6: SIGINT 0.3 s after start (imports take ~0.25 s) printed a 45-line KeyboardInterrupt
+    traceback; now it is the same one line and exit 130 as an interrupt mid-run."""
+    inp, _ = big_input
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cmd = _cmd(model_package, inp, out_dir / "scored.csv", "--chunk-rows", "50", "--no-progress")
+    if when == "inside-import":
+        cmd = [sys.executable, "-c", _INTERRUPT_IN_IMPORT, *cmd[3:]]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_DEFAULT_SIGINT
+    )
+    try:
+        if when == "after-0.2s":
+            time.sleep(0.2)
+            os.kill(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 130, err
+    assert err.splitlines() == ["interrupted (SIGINT): no output written"]
+    assert out == "" and list(out_dir.iterdir()) == []
+
+
+def test_stale_partial_after_sigkill_is_removed_by_the_next_run(tmp_path, model_package, big_input):
+    """hardening.md 6: SIGKILL cannot be caught, so the killed run's '.<name>.XXXXXXXX.partial' stays;
+    the next successful run for the same output removes it (and leaves other files alone)."""
+    inp, Xb = big_input
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "bigout.parquet"
+    others = [out_dir / ".other.parquet.abcd1234.partial", out_dir / "notes.txt"]
+    for p in others:
+        p.write_text("not the command's")
+    proc = subprocess.Popen(
+        _cmd(model_package, inp, out, "--chunk-rows", "50", "--no-progress"),
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        partial = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            partial = [p for p in out_dir.iterdir() if p.name.startswith(".bigout.parquet.")]
+            if partial and partial[0].stat().st_size > 5_000:
+                break
+            time.sleep(0.005)
+        assert partial and proc.poll() is None, "the command finished or never started writing"
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL and partial[0].exists()  # the reproduction: it is left
+    p = subprocess.run(_cmd(model_package, inp, out, "--no-progress"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert not partial[0].exists() and pq.read_metadata(out).num_rows == len(Xb)
+    assert sorted(out_dir.iterdir()) == sorted([out, *others])

@@ -6,9 +6,13 @@ hard-coded numbers. The real-subprocess and signal tests are in tests/integratio
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -349,3 +353,235 @@ def test_score_histogram_and_reports(tmp_path, model_package, data, reference):
 def test_prob_column_names_are_safe_and_unique():
     assert scoring.prob_column_names(["no churn", "churn!"]) == ["prob_no_churn", "prob_churn"]
     assert scoring.prob_column_names(["a b", "a-b", "a/b"]) == ["prob_0", "prob_1", "prob_2"]
+
+
+def _argv(model_package, inp, out, *extra) -> list[str]:
+    return ["--model_dir", str(model_package), "--input", str(inp), "--output", str(out), *extra]
+
+
+def _snapshot(folder) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones too) with its sha256: what a refused run must not change."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(folder.rglob("*"))
+        if not p.is_symlink()
+    } | {str(p.relative_to(folder)): f"-> {os.readlink(p)}" for p in folder.rglob("*") if p.is_symlink()}
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the model was loaded: the refusal came after work had started")
+
+
+@pytest.mark.parametrize(
+    "alias",
+    ["input", "input-relative", "input-symlink", "input-hardlink",
+     "output", "output-relative", "output-symlink", "output-hardlink"],
+)  # fmt: skip
+def test_cli_report_must_not_be_the_input_or_the_output(
+    tmp_path, model_package, data, capsys, monkeypatch, alias
+):
+    """hardening.md S12: --report pointing at the input replaced the input Parquet with HTML (exit 0),
+    and --report == --output replaced the scored output. Both are refused now, before any work."""
+    X, features, _ = data
+    inp = write(table(X[:20], features), tmp_path / "in.parquet")
+    out = tmp_path / "o.parquet"
+    if alias == "output-hardlink":
+        out.write_bytes(b"previous results")  # a hard link needs an existing file
+    target, how = alias.split("-") if "-" in alias else (alias, "path")
+    named = inp if target == "input" else out
+    report = {
+        "path": named,
+        "relative": os.path.relpath(named, tmp_path / "sub"),  # ../in.parquet, from a working dir below
+        "symlink": tmp_path / "r.html",
+        "hardlink": tmp_path / "r.html",
+    }[how]
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    if how == "symlink":
+        os.symlink(named, report)  # dangling for the output, which does not exist yet
+    elif how == "hardlink":
+        os.link(named, report)
+    before = _snapshot(tmp_path)
+    monkeypatch.setattr(scoring, "load_model", _no_work)
+    rc = cli.main(_argv(model_package, inp, out, "--report", str(report)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: report {str(report)!r} is the {target} file")
+    assert "choose another --report" in err[0]
+    assert _snapshot(tmp_path) == before  # input, any previous output and the link untouched
+
+
+def test_cli_report_is_written_like_the_output(tmp_path, model_package, data, capsys):
+    """Atomic (a hidden partial renamed into place), with the usual file mode; a missing folder is
+    created, as the output's is."""
+    X, features, _ = data
+    inp = write(table(X, features), tmp_path / "in.parquet")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")
+    report = tmp_path / "new" / "deeper" / "r.html"
+    assert cli.main(_argv(model_package, inp, tmp_path / "o.parquet", "--report", str(report))) == 0
+    assert report.read_text().startswith("<!doctype html>") and report.stat().st_mode == plain.stat().st_mode
+    assert pq.read_table(tmp_path / "o.parquet").num_rows == len(X)
+    assert leftovers(tmp_path) == [] and os.listdir(report.parent) == ["r.html"]
+    assert capsys.readouterr().err.strip().endswith("]")  # the summary line still closes the run
+
+
+def test_cli_report_that_cannot_be_written_leaves_the_old_output(
+    tmp_path, model_package, data, capsys, monkeypatch
+):
+    """The failure was 'exit 2, but the output was already committed': the report is now complete
+    before the output is renamed, so a report that fails (here: a full disk) keeps the old output."""
+    X, features, _ = data
+    inp = write(table(X, features), tmp_path / "in.parquet")
+    out, report = tmp_path / "o.parquet", tmp_path / "r.html"
+    out.write_bytes(b"previous results")
+    report.write_text("previous report")
+
+    def full_disk(summary):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(report))
+
+    monkeypatch.setattr(scoring, "summary_html", full_disk)
+    rc = cli.main(_argv(model_package, inp, out, "--report", str(report)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "No space left on device" in err[0], err
+    assert out.read_bytes() == b"previous results" and report.read_text() == "previous report"
+    assert leftovers(tmp_path) == []
+
+
+def test_cli_report_that_cannot_be_created_is_refused_before_any_work(
+    tmp_path, model_package, data, capsys, monkeypatch
+):
+    X, features, _ = data
+    inp = write(table(X[:20], features), tmp_path / "in.parquet")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setattr(scoring, "load_model", _no_work)
+    for report in (blocker / "r.html", tmp_path):  # under a file; a directory
+        rc = cli.main(_argv(model_package, inp, tmp_path / "o.parquet", "--report", str(report)))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and str(report) in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "not-a-folder"]
+
+
+def test_report_folder_that_cannot_be_created_fails_before_scoring(
+    tmp_path, model_package, data, monkeypatch
+):
+    """mkdir of the report's folder fails (e.g. permissions): nothing is scored and no partial is left."""
+    X, features, _ = data
+    inp = write(table(X[:20], features), tmp_path / "in.parquet")
+    real_mkdir = scoring.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name == "denied":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(scoring.Path, "mkdir", mkdir)
+    seen = []
+    with pytest.raises(PermissionError):
+        scoring.score_file(
+            model_package, inp, tmp_path / "o.parquet", report_path=tmp_path / "denied" / "r.html",
+            progress=seen.append,
+        )  # fmt: skip
+    assert seen == [] and sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+
+
+def test_csv_header_that_is_not_utf8_is_one_line(tmp_path, model_package, data, capsys):
+    """hardening.md 6: a header cell 'n\\xe4me' (Latin-1) gave exit 1 and a UnicodeDecodeError traceback."""
+    X, features, _ = data
+    inp = tmp_path / "in.csv"
+    rows = "".join(",".join(["1", "x", *map(repr, map(float, r))]) + "\n" for r in X[:5])
+    inp.write_bytes(",".join(["id", "n\xe4me", *features]).encode("latin-1") + b"\n" + rows.encode())
+    rc = cli.main(_argv(model_package, inp, tmp_path / "o.csv"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: the header of CSV {str(inp)!r} is not valid UTF-8")
+    assert "column #2 (n\\xe4me)" in err[0] and "0xe4" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+def test_corrupt_parquet_data_page_is_one_line(tmp_path, model_package, data, capsys):
+    """hardening.md 6: flipped bytes in a data page: pyarrow's thrift error spans lines (and quotes a
+    control character); the command still prints exactly one line naming the file."""
+    X, features, _ = data
+    inp = write(table(X, features), tmp_path / "in.parquet")
+    page = pq.ParquetFile(inp).metadata.row_group(0).column(3).data_page_offset
+    raw = bytearray(inp.read_bytes())
+    raw[page : page + 16] = bytes(b ^ 0xFF for b in raw[page : page + 16])
+    inp.write_bytes(raw)
+    with pytest.raises(OSError, match="\n"):  # the reproduction: pyarrow's message has a newline
+        for _ in pq.ParquetFile(inp).iter_batches():
+            pass
+    rc = cli.main(_argv(model_package, inp, tmp_path / "o.csv"))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.rstrip("\n").isprintable()  # one line, no control bytes
+    assert err.startswith(f"error: cannot read the data of Parquet file {str(inp)!r}") and "damaged" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+
+
+def test_cli_error_line_is_one_bounded_line(tmp_path, model_package, capsys, monkeypatch):
+    def fail(*args, **kwargs):
+        raise scoring.BatchScoringError("line one\nline two\r\n\t" + "x" * 100_000)
+
+    monkeypatch.setattr(scoring, "load_model", fail)
+    assert cli.main(_argv(model_package, tmp_path / "in.csv", tmp_path / "o.csv")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: line one line two xxx") and len(err) <= 1010
+
+
+@pytest.mark.parametrize(
+    ("extra", "what"),
+    [
+        (["--chunk-rows", "abc"], "argument --chunk-rows/--chunk_rows: invalid int value: 'abc'"),
+        (["--input-format", "xml"], "argument --input-format: invalid choice: 'xml'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--threads", "-1"], "argument --threads: expected a whole number, 0 or more"),
+        (["--threads", "two"], "argument --threads: expected a whole number, 0 or more"),
+    ],
+)
+def test_cli_argument_errors_are_one_line(tmp_path, model_package, capsys, extra, what):
+    """hardening.md 6: argparse printed its 7-line usage block; now one 'error: <what>; see --help' line
+    (and --threads -1, once accepted silently, is refused)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(_argv(model_package, tmp_path / "in.csv", tmp_path / "o.csv", *extra))
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"python -m serving.batch: error: {what}")
+    assert err[0].endswith("; see python -m serving.batch --help")
+    assert cli.build_parser().parse_args(_argv(model_package, "i", "o.csv", "--threads", "0")).threads == 0
+
+
+def test_stale_partials_of_the_same_output_are_removed(tmp_path, model_package, data):
+    """hardening.md 6: a run killed with SIGKILL leaves '.<name>.XXXXXXXX.partial'; the next successful
+    run for the same output (or report) removes those older than itself, and nothing else."""
+    X, features, _ = data
+    inp = write(table(X[:20], features), tmp_path / "in.parquet")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    old, future = time.time() - 3600, time.time() + 3600
+    stale = [folder / ".o.parquet.k1ll3d_x.partial", folder / ".r.html.abcd1234.partial"]
+    kept = [
+        folder / ".o.parquet.st1llrun.partial",  # newer than the run: another run still writing
+        folder / ".other.parquet.abcd1234.partial",  # another output's
+        folder / "o.parquet.abcd1234.partial",  # not hidden: not ours
+        folder / ".o.parquet.abcd1234.partial.keep",
+        folder / ".o.parquet.notes",
+        folder / ".o.parquet.ABCD1234.partial",  # mkstemp never makes capitals
+    ]
+    for p in stale + kept:
+        p.write_bytes(b"PAR1 half written")
+        os.utime(p, (old, old))
+    os.utime(kept[0], (future, future))
+    (folder / ".o.parquet.adirxxxx.partial").mkdir()  # not a regular file
+    os.symlink(inp, folder / ".o.parquet.alinkxxx.partial")  # a link, not a file of ours
+    os.utime(folder / ".o.parquet.alinkxxx.partial", (old, old), follow_symlinks=False)
+    kept += [folder / ".o.parquet.adirxxxx.partial", folder / ".o.parquet.alinkxxx.partial"]
+    with pytest.raises(scoring.BatchScoringError):  # a failed run removes nothing
+        scoring.score_file(model_package, inp, folder / "o.parquet", chunk_rows=0)
+    assert all(p.exists() for p in stale)
+    scoring.score_file(model_package, inp, folder / "o.parquet", report_path=folder / "r.html")
+    assert not any(p.exists() for p in stale)
+    assert all(os.path.lexists(p) for p in kept) and inp.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["o.parquet", "r.html", *(p.name for p in kept)]
+    )
