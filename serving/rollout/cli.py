@@ -235,6 +235,8 @@ def gates_from_args(a: argparse.Namespace) -> list[Gate]:
 
 
 def cmd_start(a: argparse.Namespace) -> int:
+    # everything the flags say is checked first (one line, exit 2); then the store: ownership, the stored
+    # record, the router and the metrics backend, each refused before anything is written
     router_cfg, default_cm, owner = _router_cfg(a)
     spec = RolloutSpec(
         steps=a.steps, interval_s=a.interval, threshold=a.threshold, max_inconclusive=a.max_inconclusive
@@ -248,22 +250,16 @@ def cmd_start(a: argparse.Namespace) -> int:
         if a.metrics == "prometheus"
         else {"provider": "scrape"}
     )
-    store = _store(a, default_cm, owner)
-    record = ctl.new_record(spec, gates_from_args(a), stable, canary, router_cfg, metrics_cfg)
-    _, resumed = ctl.begin(store, record, force=a.force)
-    if resumed:
-        print("a live rollout of the same versions exists: resuming it")
-    c = ctl.Controller(store)
-    if not c.provider.online() and a.metrics == "prometheus":
-        print(
-            f"warning: prometheus at {a.prometheus_url} is not ready; analyses stay inconclusive until it is",
-            file=sys.stderr,
-        )
     try:
-        rec = c.run(max_seconds=a.max_seconds)
+        record = ctl.new_record(spec, gates_from_args(a), stable, canary, router_cfg, metrics_cfg)
+    except ctl.RecordError as e:
+        raise ValueError(_flag_hint(str(e))) from None
+    store = _store(a, default_cm, owner)
+    try:
+        rec = ctl.drive(store, record, force=a.force, max_seconds=a.max_seconds)
     except KeyboardInterrupt:
         print(
-            f"\ncontroller stopped; state kept in {store.describe()}. "
+            f"\ncontroller stopped; state kept in {store.where()}. "
             "Re-run the same command to resume, or abort.",
             file=sys.stderr,
         )
@@ -277,11 +273,24 @@ def cmd_start(a: argparse.Namespace) -> int:
     return 0 if phase == "Promoted" else (3 if phase in ("RolledBack", "Aborted") else 0)
 
 
+def _flag_hint(message: str) -> str:
+    """A record-field message in the words of the flags that set the field."""
+    for field, flag in (("canary.version", "--canary-version"), ("router: ", "")):
+        if message.startswith(field):
+            return message.replace(field, flag, 1)
+    return message
+
+
+def _loaded(store: StateStore) -> dict[str, Any]:
+    rec = ctl.load_record(store)
+    if rec is None or rec.get("state") is None:
+        raise StoreError(f"no rollout in {store.where()}")
+    return rec
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     store = _store(a)
-    rec = store.load()
-    if rec is None or rec.get("state") is None:
-        raise StoreError(f"no rollout in {store.describe()}")
+    rec = _loaded(store)
     if a.json:
         print(json.dumps(rec, indent=1))
         return 0
@@ -304,6 +313,17 @@ def cmd_status(a: argparse.Namespace) -> int:
         f"inconclusive in a row {st.inconclusive_checks}/{rec['spec']['max_inconclusive']}"
     )
     print(f"reason: {st.reason}")
+    if not st.phase.terminal:
+        try:
+            who = store.owner()
+        except Exception as e:  # the status of the rollout matters more than its owner's
+            print(f"controller: unknown ({type(e).__name__})")
+        else:
+            print(
+                f"controller: PID {who.get('pid', '?')} on {who.get('host', '?')}"
+                if who is not None
+                else "controller: none running (re-run the start command to resume)"
+            )
     last = next((h for h in reversed(st.history) if h.get("evidence")), None)
     if last:
         from serving.rollout.gates import GateResult
@@ -324,9 +344,7 @@ def cmd_verb(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from serving.rollout.report import write_report
 
-    rec = _store(a).load()
-    if rec is None or rec.get("state") is None:
-        raise StoreError("no rollout to report on")
+    rec = _loaded(_store(a))
     txt, png = write_report(rec, a.out)
     print(txt.read_text())
     print(f"report: {txt}\ntimeline: {png}")
@@ -356,9 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         InvalidTransition,
         StackError,
         ModelPackageError,
-        FileNotFoundError,
+        ctl.Unreachable,
+        OSError,
     ) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one line that says what to fix (an exception's text may span lines: join them)
+        print("error: " + (" ".join(str(e).split()) or type(e).__name__), file=sys.stderr)
         return 2
 
 

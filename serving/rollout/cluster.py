@@ -30,6 +30,38 @@ def state_configmap(fullname: str) -> str:
     return f"{fullname}-rollout"
 
 
+def deployer(fullname: str) -> str:
+    """The release's deploy identity (helm/mlrollout-model/templates/rbac.yaml)."""
+    return f"{fullname}-deployer"
+
+
+def as_deployer(api: Any, namespace: str, fullname: str, lifetime_s: float = 3600.0) -> Any:
+    """A CustomObjectsApi acting as ``<fullname>-deployer``, from a short-lived token the caller requests
+    (TokenRequest). The KFP pipeline's own account (pipeline-runner) may do only that in the model namespace,
+    so every change the steps make is the deployer's, bounded by its Role."""
+    from kubernetes import client
+
+    sa = deployer(fullname)
+    body = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=int(max(600, lifetime_s)))
+    )
+    try:
+        token = kube.core_api(api).create_namespaced_service_account_token(sa, namespace, body).status.token
+    except Exception as e:
+        if kube.status_of(e) in (403, 404):
+            raise RouterError(
+                f"cannot act as {namespace}/{sa} ({kube.status_of(e)}): install the release with "
+                "rbac.create=true and the pipeline's ServiceAccount in rbac.subjects"
+            ) from None
+        raise
+    cfg = copy.copy(api.api_client.configuration)
+    cfg.api_key = {"authorization": token}
+    cfg.api_key_prefix = {"authorization": "Bearer"}
+    cfg.refresh_api_key_hook = None  # the in-cluster hook would put the pod's own token back
+    cfg.cert_file = cfg.key_file = None  # a client certificate would authenticate as its owner instead
+    return client.CustomObjectsApi(client.ApiClient(cfg))
+
+
 def to_storage_uri(artifact_uri: str) -> str:
     """A KFP artifact URI as KServe's storage-initializer reads it (``minio://`` is S3)."""
     if artifact_uri.startswith("minio://"):
@@ -54,6 +86,7 @@ def deploy_canary(
     kserve_knative: set the single ISVC's storageUri with ``canaryTrafficPercent: 0`` (a new
     revision, dark) so progressive_rollout can raise the percentage.
     """
+    api = as_deployer(api, namespace, fullname, ready_timeout_s + 600)
     g, v, p = kube.ISVC
     if router == "gateway_api":
         name = f"{fullname}-canary"
@@ -153,7 +186,15 @@ def progressive_rollout(
     log=print,
     provider: Any = None,
 ) -> dict[str, Any]:
-    """Drive a rollout to its end with the controller; state in the ConfigMap ``<fullname>-rollout``."""
+    """Drive a rollout to its end with the controller; state in the ConfigMap ``<fullname>-rollout``.
+    Acts as ``<fullname>-deployer`` (a token for the whole run, ``max_seconds`` and the promotion wait)."""
+    if router not in ("gateway_api", "kserve_knative"):
+        raise ValueError(f"router must be gateway_api or kserve_knative, got {router!r}")
+    if router == "kserve_knative" and not prometheus_url:
+        raise ValueError(
+            "kserve_knative needs prometheus_url (revisions share one Service: nothing to scrape)"
+        )
+    # the spec, the gates and the versions refuse nonsense values (ValueError) before any API call
     spec = RolloutSpec(parse_steps(steps), interval_s, threshold, max_inconclusive)
     gates: list = [
         SuccessRateGate(min_success_rate, 20),
@@ -162,6 +203,9 @@ def progressive_rollout(
     ]
     if min_accuracy >= 0:
         gates.append(AccuracyGate(min_accuracy=min_accuracy))
+    if stable_version == canary_version:
+        raise ValueError(f"canary_version {canary_version!r} is also the stable version; a rollout needs two")
+    api = as_deployer(api, namespace, fullname, max_seconds + 900)
     if router == "gateway_api":
         r = GatewayApiRouter(
             fullname,
@@ -199,12 +243,11 @@ def progressive_rollout(
         Target(model, stable_version, urls[0], extra),
         Target(model, canary_version, urls[1], extra),
     )
-    store = ConfigMapStore(state_configmap(fullname), namespace, owner_isvc=owner, api=api)
     record = ctl.new_record(spec, gates, stable, canary, r.config(), metrics)
-    _, resumed = ctl.begin(store, record)
-    if resumed:
-        log("resuming the live rollout of the same versions")
+    store = ConfigMapStore(state_configmap(fullname), namespace, owner_isvc=owner, api=api)
+    # one controller per rollout (a retried step refuses while the first one's heartbeat is fresh), the
+    # stored record checked, router and metrics reachable; then the loop
     # provider: a MetricsProvider to use instead of the one `metrics` describes (tests script the traffic)
-    return ctl.Controller(store, router=r, provider=provider, log=log, poll_s=POLL_S).run(
-        max_seconds=max_seconds
+    return ctl.drive(
+        store, record, router=r, provider=provider, log=log, poll_s=POLL_S, max_seconds=max_seconds
     )

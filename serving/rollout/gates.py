@@ -7,6 +7,7 @@ samples is :attr:`Verdict.INCONCLUSIVE`: never a silent pass, never a promotion.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from enum import StrEnum
@@ -85,6 +86,37 @@ def _judge(ok: bool) -> Verdict:
     return Verdict.PASS if ok else Verdict.FAIL
 
 
+# Threshold checks shared by the gates' constructors, so the CLI, the KFP step and a stored record
+# all get the same refusal (a ValueError naming the field, and the CLI flag in parentheses).
+def _number(gate: str, field: str, flag: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ValueError(f"{gate} gate: {field} ({flag}) must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _in_range(gate: str, field: str, flag: str, v: Any, lo: float, hi: float, lo_open: bool) -> None:
+    x = _number(gate, field, flag, v)
+    if not ((lo < x if lo_open else lo <= x) and x <= hi):
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ValueError(f"{gate} gate: {field} ({flag}) must be in {interval}, got {v!r}")
+
+
+def _positive(gate: str, field: str, flag: str, v: Any) -> None:
+    if not _number(gate, field, flag, v) > 0:
+        raise ValueError(f"{gate} gate: {field} ({flag}) must be > 0, got {v!r}")
+
+
+def _count(gate: str, field: str, flag: str, v: Any, lo: int = 1, hi: int | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        want = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ValueError(f"{gate} gate: {field} ({flag}) must be a whole number {want}, got {v!r}")
+
+
+def _name(v: Any) -> None:
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"a gate's name must be a non-empty string, got {v!r}")
+
+
 class Gate(Protocol):
     name: str
 
@@ -101,9 +133,14 @@ class SuccessRateGate:
     min_requests: int = 20
     name: str = "success_rate"
 
+    def __post_init__(self) -> None:
+        _in_range("success_rate", "min_rate", "--min-success-rate", self.min_rate, 0.0, 1.0, lo_open=True)
+        _count("success_rate", "min_requests", "--min-requests", self.min_requests)
+        _name(self.name)
+
     def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
         n = int(canary.total_requests)
-        if n < self.min_requests:
+        if n < self.min_requests or n <= 0:  # n <= 0: never divide by zero, whatever min_requests says
             return GateResult(
                 self.name,
                 Verdict.INCONCLUSIVE,
@@ -126,9 +163,16 @@ class LatencyGate:
     min_requests: int = 20
     name: str = "latency_p99"
 
+    def __post_init__(self) -> None:
+        _positive("latency", "max_ms", "--max-p99-ms", self.max_ms)
+        _in_range("latency", "quantile", "quantile", self.quantile, 0.0, 1.0, lo_open=True)
+        _count("latency", "min_requests", "--min-requests", self.min_requests)
+        _name(self.name)
+
     def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
         n = int(canary.latency_count)
-        if n < self.min_requests:
+        q_ms = histogram_quantile(self.quantile, canary.latency) * 1000.0 if n > 0 else math.nan
+        if n < self.min_requests or math.isnan(q_ms):  # an empty histogram is no evidence, not a FAIL
             return GateResult(
                 self.name,
                 Verdict.INCONCLUSIVE,
@@ -139,7 +183,6 @@ class LatencyGate:
                 unit="ms",
                 detail=f"fewer than {self.min_requests} canary requests",
             )
-        q_ms = histogram_quantile(self.quantile, canary.latency) * 1000.0
         return GateResult(self.name, _judge(q_ms <= self.max_ms), q_ms, self.max_ms, "<=", n, unit="ms")
 
 
@@ -154,20 +197,31 @@ class DriftGate:
     max_drift: float = 0.15
     method: str = "js"  # "js" (Jensen-Shannon distance, base 2) or "psi"
     min_samples: int = 400
-    bins: int = 5  # score buckets merged into this many equal-width bins (0 = the runtime's 20)
+    bins: int = 5  # score buckets merged into this many equal-width bins (2..100)
     name: str = ""
 
     def __post_init__(self) -> None:
         if self.method not in ("js", "psi"):
             raise ValueError(f"drift method must be 'js' or 'psi', got {self.method!r}")
+        if self.method == "js":  # a Jensen-Shannon distance (base 2) lies in [0, 1]
+            _in_range("drift", "max_drift", "--max-drift", self.max_drift, 0.0, 1.0, lo_open=True)
+        else:
+            _positive("drift", "max_drift", "--max-drift", self.max_drift)
+        _count("drift", "min_samples", "--min-predictions", self.min_samples)
+        _count("drift", "bins", "--drift-bins", self.bins, lo=2, hi=100)
         if not self.name:
             object.__setattr__(self, "name", f"drift_{self.method}")
+        _name(self.name)
 
     def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
         n = int(canary.predictions)
         base = stable if stable.predictions >= self.min_samples else stable_ref
         m = int(base.predictions)
-        if n < self.min_samples or m < self.min_samples:
+        fn = js_distance if self.method == "js" else psi
+        d = math.nan
+        if min(n, m) >= max(self.min_samples, 1):
+            d = fn(coarsen(canary.scores, self.bins), coarsen(base.scores, self.bins))
+        if math.isnan(d):  # too few predictions on a side (or none at all): no evidence, never a FAIL
             return GateResult(
                 self.name,
                 Verdict.INCONCLUSIVE,
@@ -178,8 +232,6 @@ class DriftGate:
                 m,
                 detail=f"fewer than {self.min_samples} predictions on a side",
             )
-        fn = js_distance if self.method == "js" else psi
-        d = fn(coarsen(canary.scores, self.bins), coarsen(base.scores, self.bins))
         return GateResult(self.name, _judge(d <= self.max_drift), d, self.max_drift, "<=", n, m)
 
 
@@ -193,13 +245,20 @@ class AccuracyGate:
     min_labelled: int = 50
     name: str = "accuracy"
 
+    def __post_init__(self) -> None:
+        _in_range("accuracy", "min_accuracy", "--min-accuracy", self.min_accuracy, 0.0, 1.0, lo_open=False)
+        if self.max_drop is not None:
+            _in_range("accuracy", "max_drop", "--max-accuracy-drop", self.max_drop, 0.0, 1.0, lo_open=False)
+        _count("accuracy", "min_labelled", "--min-labelled", self.min_labelled)
+        _name(self.name)
+
     def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
         n = int(canary.labelled_total)
         m = int(stable_ref.labelled_total)
         threshold = self.min_accuracy
-        if self.max_drop is not None and m >= self.min_labelled:
+        if self.max_drop is not None and m >= max(self.min_labelled, 1):
             threshold = max(threshold, stable_ref.labelled_correct / m - self.max_drop)
-        if n < self.min_labelled:
+        if n < self.min_labelled or n <= 0:
             return GateResult(
                 self.name,
                 Verdict.INCONCLUSIVE,
@@ -228,11 +287,22 @@ _KINDS = {c.__name__: c for c in (SuccessRateGate, LatencyGate, DriftGate, Accur
 
 
 def gates_from_config(cfg: list[dict[str, Any]]) -> list[Gate]:
+    """Gates from their stored config; a ValueError naming the entry (``gates[i]``) for a bad one."""
+    if not isinstance(cfg, list):
+        raise ValueError(f"gates must be a list, got {type(cfg).__name__}")
     out = []
-    for c in cfg:
+    for i, c in enumerate(cfg):
+        if not isinstance(c, dict):
+            raise ValueError(f"gates[{i}] must be an object, got {type(c).__name__}")
         c = dict(c)
-        kind = c.pop("kind")
+        kind = c.pop("kind", None)
         if kind not in _KINDS:
-            raise ValueError(f"unknown gate kind {kind!r}; known: {sorted(_KINDS)}")
-        out.append(_KINDS[kind](**c))
+            raise ValueError(f"gates[{i}]: unknown gate kind {kind!r}; known: {sorted(_KINDS)}")
+        fields = {f.name for f in dataclasses.fields(_KINDS[kind])}
+        if unknown := sorted(set(c) - fields):
+            raise ValueError(f"gates[{i}] ({kind}): unknown fields {unknown}")
+        try:
+            out.append(_KINDS[kind](**c))
+        except ValueError as e:
+            raise ValueError(f"gates[{i}]: {e}") from None
     return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -66,7 +67,11 @@ class RolloutSpec:
     max_inconclusive: int = 5
 
     def __post_init__(self) -> None:
-        steps = tuple(int(s) for s in self.steps)
+        if isinstance(self.steps, str | bytes) or any(
+            isinstance(s, bool) or not isinstance(s, int) for s in self.steps
+        ):
+            raise ValueError(f"steps must be whole-number canary weights, got {self.steps!r}")
+        steps = tuple(self.steps)
         object.__setattr__(self, "steps", steps)
         if not steps:
             raise ValueError("steps must name at least one canary weight, e.g. 10,25,50,100")
@@ -74,12 +79,18 @@ class RolloutSpec:
             raise ValueError(f"steps must be canary weights between 1 and 100 percent, got {list(steps)}")
         if any(b <= a for a, b in itertools.pairwise(steps)):
             raise ValueError(f"steps must be strictly increasing, got {list(steps)}")
-        if not self.interval_s > 0:
-            raise ValueError(f"interval must be positive, got {self.interval_s}")
-        if self.threshold < 1:
-            raise ValueError(f"threshold (failed checks before rollback) must be >= 1, got {self.threshold}")
-        if self.max_inconclusive < 1:
-            raise ValueError(f"max_inconclusive must be >= 1, got {self.max_inconclusive}")
+        if (
+            isinstance(self.interval_s, bool)
+            or not isinstance(self.interval_s, int | float)
+            or not (self.interval_s > 0 and math.isfinite(self.interval_s))
+        ):
+            raise ValueError(f"interval must be a positive number of seconds, got {self.interval_s!r}")
+        for name, what in (("threshold", "failed checks before rollback"), ("max_inconclusive", "")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(
+                    f"{name}{f' ({what})' if what else ''} must be a whole number >= 1, got {v!r}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "steps": list(self.steps)}

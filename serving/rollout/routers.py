@@ -20,6 +20,8 @@ implementation per data plane. Weights are percentages ``stable + canary == 100`
 
 from __future__ import annotations
 
+import inspect
+import re
 import socket
 from typing import Any, Protocol
 
@@ -57,6 +59,19 @@ def _check(stable: int, canary: int) -> None:
 
 # --------------------------------------------------------------------------- local: HAProxy
 
+# HAProxy backend and server names as the runtime API receives them: a newline or `;` would start
+# another command on the admin socket (runtime-API command injection from a flag or a stored record).
+HAPROXY_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_haproxy_name(what: str, name: Any) -> str:
+    """``name`` when it is a safe HAProxy name (``^[A-Za-z0-9_.-]+$``, matched in full), else ValueError."""
+    if not isinstance(name, str) or not HAPROXY_NAME.fullmatch(name):
+        raise ValueError(
+            f"HAProxy {what} name {name!r} is not allowed: use only letters, digits, '_', '.' and '-'"
+        )
+    return name
+
 
 class HAProxyRuntimeAPI:
     """HAProxy's runtime API over its admin stats socket (one command per connection)."""
@@ -66,6 +81,8 @@ class HAProxyRuntimeAPI:
         self.timeout_s = timeout_s
 
     def command(self, cmd: str) -> str:
+        if any(c in cmd for c in "\n\r;") or not cmd.isprintable():
+            raise RouterError(f"refusing to send {cmd!r} to HAProxy: one command, printable, no ';'")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout_s)
         try:
@@ -93,6 +110,13 @@ class LocalProxyRouter:
         stable_server: str = "stable",
         canary_server: str = "canary",
     ):
+        if not isinstance(socket_path, str) or not socket_path:
+            raise ValueError(f"the HAProxy socket path must be a non-empty string, got {socket_path!r}")
+        check_haproxy_name("backend", backend)
+        check_haproxy_name("stable server", stable_server)
+        check_haproxy_name("canary server", canary_server)
+        if stable_server == canary_server:
+            raise ValueError(f"the stable and canary servers must differ, both are {stable_server!r}")
         self.api = HAProxyRuntimeAPI(socket_path)
         self.backend, self.stable_server, self.canary_server = backend, stable_server, canary_server
 
@@ -295,13 +319,62 @@ class KServeKnativeRouter:
         }
 
 
+_ROUTERS: dict[str, type] = {
+    "local_proxy": LocalProxyRouter,
+    "gateway_api": GatewayApiRouter,
+    "kserve_knative": KServeKnativeRouter,
+}
+# what a router config may carry: the constructors' arguments, less the live client and the waits
+_NOT_CONFIG = {"self", "api", "ready_timeout_s", "poll_s"}
+# Kubernetes object names (RFC 1123 subdomain, the loosest rule any of ours follows)
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def validate_config(cfg: Any) -> dict[str, Any]:
+    """Check a router config (as :meth:`TrafficRouter.config` writes it) without touching the data plane.
+
+    ValueError names what is wrong: an unknown router or field, a missing field, a value that is not
+    a string, an HAProxy name outside ``[A-Za-z0-9_.-]+``, a Kubernetes name that is not one.
+    """
+    if not isinstance(cfg, dict):
+        raise ValueError(f"must be an object, got {type(cfg).__name__}")
+    kind = cfg.get("router")
+    if kind not in _ROUTERS:
+        raise ValueError(f"unknown router {kind!r}; choose local_proxy, gateway_api or kserve_knative")
+    params = {
+        n: p for n, p in inspect.signature(_ROUTERS[kind].__init__).parameters.items() if n not in _NOT_CONFIG
+    }
+    if unknown := sorted(set(cfg) - set(params) - {"router"}):
+        raise ValueError(f"unknown {kind} fields {unknown}")
+    if missing := sorted(
+        n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in cfg
+    ):
+        raise ValueError(f"{kind} needs {missing}")
+    for k, v in cfg.items():
+        if not (isinstance(v, str) or (k == "kubeconfig" and v is None)):
+            raise ValueError(f"{k} must be a string, got {v!r}")
+    if kind == "local_proxy":
+        LocalProxyRouter(**{k: v for k, v in cfg.items() if k != "router"})  # checks names, sends nothing
+    else:
+        for k in (
+            "route",
+            "namespace",
+            "stable_backend",
+            "canary_backend",
+            "stable_isvc",
+            "canary_isvc",
+            "isvc",
+        ):
+            v = cfg.get(k)
+            if v and not _K8S_NAME.fullmatch(v):
+                raise ValueError(f"{k} {v!r} is not a Kubernetes object name")
+    return cfg
+
+
 def build_router(cfg: dict[str, Any], api: Any = None) -> TrafficRouter:
+    validate_config(cfg)
     cfg = dict(cfg)
     kind = cfg.pop("router")
     if kind == "local_proxy":
         return LocalProxyRouter(**cfg)
-    if kind == "gateway_api":
-        return GatewayApiRouter(**cfg, api=api)
-    if kind == "kserve_knative":
-        return KServeKnativeRouter(**cfg, api=api)
-    raise ValueError(f"unknown router {kind!r}; choose local_proxy, gateway_api or kserve_knative")
+    return _ROUTERS[kind](**cfg, api=api)

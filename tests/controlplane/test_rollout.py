@@ -199,6 +199,35 @@ def test_state_configmap_is_garbage_collected_with_the_release(k):
     k.wait("state ConfigMap gone", lambda: k.get("configmap", cluster.state_configmap(full)) is None, 30)
 
 
+def test_one_controller_owns_a_rollout_and_a_stale_one_is_taken_over(k, release):
+    """Two controllers on one release: the second is refused while the first's heartbeat is fresh, takes
+    over once it is stale, and the first then learns it lost the rollout, all through the real ConfigMap
+    (its annotation, written with the conflict-retrying merge patch)."""
+    from serving.rollout.store import OWNER_ANNOTATION, OwnershipError
+
+    api, now = k.api(), [1000.0]
+    name, stable = cluster.state_configmap(release), f"{release}-stable"
+    a = ConfigMapStore(name, NS, owner_isvc=stable, api=api, clock=lambda: now[0])
+    b = ConfigMapStore(name, NS, owner_isvc=stable, api=api, clock=lambda: now[0])
+    a.acquire("controller-a", interval_s=2)
+    held = json.loads(k.get("configmap", name)["metadata"]["annotations"][OWNER_ANNOTATION])
+    assert held["holder"] == "controller-a"
+    with pytest.raises(OwnershipError, match="holds the rollout"):
+        b.acquire("controller-b", interval_s=2)
+    now[0] += 1
+    a.heartbeat()
+    now[0] += held["ttl_s"] + 1  # a stops beating
+    b.acquire("controller-b", interval_s=2)
+    with pytest.raises(OwnershipError, match="took over"):
+        a.heartbeat()
+    a.release()  # not the holder: must leave b's claim alone
+    assert json.loads(k.get("configmap", name)["metadata"]["annotations"][OWNER_ANNOTATION])["holder"] == (
+        "controller-b"
+    )
+    b.release()
+    assert OWNER_ANNOTATION not in (k.get("configmap", name)["metadata"].get("annotations") or {})
+
+
 # --------------------------------------------------------------------------- waits
 
 

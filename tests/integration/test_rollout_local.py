@@ -52,6 +52,7 @@ def packages(tmp_path_factory):
         "drift": build_swapped_package(v2, root / "drift", "2.3.0"),
         "restart": with_version(v2, root / "restart", "2.4.0"),
         "outage": with_version(v2, root / "outage", "2.5.0"),
+        "owner": with_version(v2, root / "owner", "2.6.0"),
     }
 
 
@@ -332,3 +333,81 @@ def test_metrics_backend_outage_pauses_never_promotes_and_resumes(stack, package
         time.sleep(0.5)
     assert rec["state"]["phase"] == "Promoted", "\n".join(logs)
     assert tg.result().failures() == []  # the outage cost no client request
+
+
+def test_start_with_prometheus_down_is_one_line_and_leaves_nothing(stack, tmp_path):
+    """Section 8: a reachable router, an unreachable Prometheus: exit 2 with one line (there was also a
+    contradicting warning), no stub state file, and the data plane untouched."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    before = stack.router().get_weights()
+    state_file = tmp_path / "state" / "rollout.json"
+    cmd = _cli(stack, state_file, "2.0.0")
+    i = cmd.index("--metrics")
+    assert cmd[i + 2] == "--stable-metrics-url" and cmd[i + 4] == "--canary-metrics-url"
+    cmd[i : i + 6] = ["--metrics", "prometheus", "--prometheus-url", down]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "metrics prometheus" in lines[0] and "unreachable" in lines[0], res.stderr
+    assert "router" not in lines[0] and "warning" not in res.stderr.lower()
+    assert list((tmp_path / "state").iterdir()) == []  # no stub state file (state: null), no lock file
+    assert stack.router().get_weights() == before
+
+
+def test_a_second_controller_is_refused_and_a_new_one_takes_over_after_kill_9(stack, packages, tmp_path):
+    """Section 8's two controllers, on the real stack: the second `start` refuses naming the first one's
+    PID (it co-drove the rollout before), pause/resume work while the first one runs, and after a SIGKILL
+    the same command takes the rollout over and promotes it."""
+    stack.replace_canary(packages["owner"], {})
+    state_file = tmp_path / "state.json"
+    cmd = _cli(stack, state_file, "2.6.0")
+    cli = [sys.executable, "-m", "serving.rollout"]
+    tg = TrafficGenerator(
+        stack.proxy_url, stack.model, X, Y, rps=120, concurrency=24, batch=16, max_seconds=120
+    )
+    with tg:
+        time.sleep(INTERVAL)
+        first = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                s = _state(state_file)
+                if s and s.get("state") and not s.get("pending"):
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the first controller never started")
+            second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+            assert second.returncode == 2, second.stdout + second.stderr
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"controller PID {first.pid} " in lines[0], second.stderr
+            assert "resume rollout" not in second.stdout  # it did not co-drive
+            for verb in ("pause", "resume"):
+                res = subprocess.run(
+                    [*cli, verb, "--state-file", str(state_file)],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert res.returncode == 0, res.stderr
+            assert first.poll() is None, "the first controller stopped"
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(10)
+        assert _state(state_file)["state"]["phase"] == "Progressing"
+        third = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90)
+        time.sleep(0.5)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "resume rollout breast-cancer:2.6.0 at step" in third.stdout, third.stdout
+    final = _state(state_file)["state"]
+    assert final["phase"] == "Promoted"
+    assert [h["event"] for h in final["history"]].count("start") == 1
+    assert tg.result().failures() == []
+    assert not (tmp_path / "state.json.owner").exists()

@@ -136,3 +136,35 @@ def test_progressive_rollout_step_refuses_knative_without_prometheus():
             canary_version="2.0.0",
             router="kserve_knative",
         )
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"min_success_rate": 2.0}, "min-success-rate"),
+        ({"min_success_rate": -1.0}, "min-success-rate"),
+        ({"max_p99_ms": -5.0}, "max-p99-ms"),
+        ({"min_predictions": -1}, "min-predictions"),
+        ({"min_predictions": 0}, "min-predictions"),
+        ({"max_drift": 0.0}, "max-drift"),
+        ({"min_accuracy": 1.5}, "min-accuracy"),
+        ({"steps": "10,5"}, "strictly increasing"),
+        ({"interval_s": 0.0}, "interval"),
+        ({"canary_version": "1.0.0"}, "also the stable version"),
+    ],
+)
+def test_progressive_rollout_step_refuses_nonsense_values_before_any_api_call(kw, message):
+    """The KFP step gets the CLI's refusals, as a ValueError, before it touches the cluster (api=object())."""
+    from serving.rollout import cluster
+
+    args = {
+        "namespace": "models",
+        "fullname": "m",
+        "model": "m",
+        "stable_version": "1.0.0",
+        "canary_version": "2.0.0",
+        "prometheus_url": "http://prometheus:9090",
+        **kw,
+    }
+    with pytest.raises(ValueError, match=message):
+        cluster.progressive_rollout(object(), **args)

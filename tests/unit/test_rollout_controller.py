@@ -7,9 +7,19 @@ loop, the gates and the state machine run exactly as they do against HAProxy and
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import math
+import os
+import re
+import shutil
+import socket
+import tempfile
 import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,8 +30,9 @@ from serving.rollout.gates import DriftGate, LatencyGate, SuccessRateGate
 from serving.rollout.machine import RolloutSpec
 from serving.rollout.metrics import MetricsError, Target
 from serving.rollout.report import plot_timeline, text_report
+from serving.rollout.routers import HAProxyRuntimeAPI, LocalProxyRouter, RouterError
 from serving.rollout.stats import Snapshot
-from serving.rollout.store import FileStateStore, StoreError
+from serving.rollout.store import OWNER_ANNOTATION, ConfigMapStore, FileStateStore, OwnershipError, StoreError
 
 GOOD = (0.35, 0.02, 0.02, 0.02, 0.59)
 STABLE, CANARY = Target("m", "1.0.0"), Target("m", "2.0.0")
@@ -95,17 +106,28 @@ class World:
 
 
 GATES = [SuccessRateGate(0.99, 20), LatencyGate(250, min_requests=20), DriftGate(0.15, "js", 400)]
+DEAD_ROUTER = {"router": "local_proxy", "socket_path": "/nonexistent"}
+SCRAPE = {"provider": "scrape"}
 
 
-def make(tmp_path, world, steps=(10, 25, 50, 100), interval=10.0, threshold=2, max_inconclusive=3):
-    store = FileStateStore(tmp_path / "state.json")
+def make(
+    tmp_path,
+    world,
+    steps=(10, 25, 50, 100),
+    interval=10.0,
+    threshold=2,
+    max_inconclusive=3,
+    router_cfg=DEAD_ROUTER,
+    store=None,
+):
+    store = store or FileStateStore(tmp_path / "state.json")
     rec = ctl.new_record(
         RolloutSpec(steps, interval, threshold, max_inconclusive),
         GATES,
         STABLE,
         CANARY,
-        {"router": "local_proxy", "socket_path": "/nonexistent"},
-        {"provider": "scrape"},
+        router_cfg,
+        SCRAPE,
     )
     ctl.begin(store, rec)
     logs: list[str] = []
@@ -232,12 +254,10 @@ def test_begin_refuses_a_second_live_rollout_of_other_versions(tmp_path):
     w = World()
     store, c, _ = make(tmp_path, w)
     c.run(stop=lambda: True)
-    other = ctl.new_record(
-        RolloutSpec(), GATES, STABLE, Target("m", "3.0.0"), {"router": "fake"}, {"provider": "x"}
-    )
+    other = ctl.new_record(RolloutSpec(), GATES, STABLE, Target("m", "3.0.0"), DEAD_ROUTER, SCRAPE)
     with pytest.raises(StoreError, match="abort it first"):
         ctl.begin(store, other)
-    same = ctl.new_record(RolloutSpec(), GATES, STABLE, CANARY, {"router": "fake"}, {"provider": "x"})
+    same = ctl.new_record(RolloutSpec(), GATES, STABLE, CANARY, DEAD_ROUTER, SCRAPE)
     rec, resumed = ctl.begin(store, same)
     assert resumed and rec["state"] is not None
 
@@ -371,3 +391,623 @@ def test_cli_argument_errors_are_one_line(capsys, argv, message):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "--help" in err
+
+
+# --------------------------------------------------------------------------- fakes of the data plane
+
+
+class FakeHAProxy:
+    """HAProxy's runtime API on a Unix socket: answers ``get weight``/``set weight``, and keeps every
+    byte it receives (``received``), so a test can show that nothing reached the socket."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.received: list[bytes] = []
+        self.weights = {"stable": 100, "canary": 0}
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(path)
+        self._sock.listen(16)
+        self._sock.settimeout(0.02)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                with contextlib.suppress(OSError):
+                    while not data.endswith(b"\n") and (chunk := conn.recv(4096)):
+                        data += chunk
+                self.received.append(data)
+                cmd = data.decode(errors="replace").strip()
+                answer = "Unknown command.\n"
+                if m := re.fullmatch(r"get weight be_model/(stable|canary)", cmd):
+                    answer = f"{self.weights[m[1]]} (initial 1)\n"
+                elif m := re.fullmatch(r"set weight be_model/(stable|canary) (\d+)", cmd):
+                    self.weights[m[1]], answer = int(m[2]), ""
+                with contextlib.suppress(OSError):
+                    conn.sendall(answer.encode())
+
+    @property
+    def commands(self) -> list[str]:
+        return [d.decode(errors="replace") for d in self.received]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+
+@pytest.fixture
+def haproxy():
+    d = tempfile.mkdtemp(prefix="hap")  # a short path: Unix socket paths are limited to 107 bytes
+    fake = FakeHAProxy(os.path.join(d, "admin.sock"))
+    try:
+        yield fake
+    finally:
+        fake.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class _EmptyMetrics(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def metrics_url():
+    """A runtime /metrics that answers with no samples yet (a quiet canary: analyses are inconclusive)."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EmptyMetrics)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def start_argv(sock: str, metrics: str | None, state, *extra: str) -> list[str]:
+    """A quick real `start`: scrape metrics (or Prometheus when ``metrics`` is None), 100 ms interval."""
+    m = (
+        [
+            "--metrics",
+            "scrape",
+            "--stable-metrics-url",
+            f"{metrics}/s",
+            "--canary-metrics-url",
+            f"{metrics}/c",
+        ]
+        if metrics
+        else []
+    )
+    return [
+        "start", "--router", "local_proxy", "--haproxy-socket", sock, *m,
+        "--model", "m", "--stable-version", "1.0.0", "--canary-version", "2.0.0",
+        "--interval", "100ms", "--max-seconds", "0.5", "--no-report", "--state-file", str(state), *extra,
+    ]  # fmt: skip
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+# --------------------------------------------------------------------------- 1. values
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--min-success-rate", "2"], "min_rate (--min-success-rate) must be in (0, 1]"),
+        (["--min-success-rate", "-1"], "--min-success-rate"),
+        (["--min-success-rate", "0"], "--min-success-rate"),
+        (["--min-success-rate", "nan"], "--min-success-rate"),
+        (["--max-p99-ms", "-5"], "max_ms (--max-p99-ms) must be > 0"),
+        (["--max-p99-ms", "0"], "--max-p99-ms"),
+        (["--max-p99-ms", "inf"], "--max-p99-ms"),
+        (["--drift-bins", "0"], "bins (--drift-bins) must be a whole number between 2 and 100"),
+        (["--drift-bins", "-3"], "--drift-bins"),
+        (["--drift-bins", "1"], "--drift-bins"),
+        (["--min-predictions", "-1"], "min_samples (--min-predictions) must be a whole number >= 1"),
+        (["--min-predictions", "0"], "--min-predictions"),
+        (["--min-requests", "0"], "min_requests (--min-requests) must be a whole number >= 1"),
+        (["--min-requests", "-5"], "--min-requests"),
+        (["--max-drift", "-0.1"], "--max-drift"),
+        (["--max-drift", "1.5"], "--max-drift"),
+        (["--min-accuracy", "1.5"], "--min-accuracy"),
+        (["--min-accuracy", "-0.2"], "--min-accuracy"),
+        (["--min-accuracy", "0.9", "--max-accuracy-drop", "2"], "--max-accuracy-drop"),
+        (["--min-accuracy", "0.9", "--min-labelled", "0"], "--min-labelled"),
+        (["--canary-version", "1.0.0"], "--canary-version: '1.0.0' is also the stable version"),
+        (["--backend", "be_model\nshow info"], "HAProxy backend name"),
+        (["--stable-server", "stable;show info"], "HAProxy stable server name"),
+        (["--canary-server", "can ary"], "HAProxy canary server name"),
+    ],
+)
+def test_cli_refuses_nonsense_gate_and_spec_values(tmp_path, capsys, haproxy, flags, message):
+    """Section 8: each was accepted (and rolled back for sure, passed for sure, or crashed)."""
+    state = tmp_path / "dir" / "s.json"
+    assert cli_main(start_argv(haproxy.path, "http://127.0.0.1:9", state, *flags)) == 2
+    assert message in one_error_line(capsys)
+    assert tree(tmp_path) == [] and haproxy.received == []  # refused before anything is written or sent
+
+
+def test_a_quiet_canary_is_inconclusive_at_the_smallest_min_requests(tmp_path):
+    """--min-requests 0 and a quiet canary was a ZeroDivisionError; at 1 (the least allowed) it holds."""
+    w = World(rps=0.0)
+    store = FileStateStore(tmp_path / "state.json")
+    rec = ctl.new_record(
+        RolloutSpec((10, 100), 10.0, 2, 2),
+        [SuccessRateGate(0.99, 1), LatencyGate(250, min_requests=1), DriftGate(0.15, "js", 1)],
+        STABLE,
+        CANARY,
+        DEAD_ROUTER,
+        SCRAPE,
+    )
+    ctl.begin(store, rec)
+    c = ctl.Controller(store, router=w, provider=w, clock=w.clock, sleep=w.sleep, log=lambda _m: None)
+    c.run(stop=lambda: store.load()["state"]["phase"] == "Paused", max_seconds=30)
+    st = store.load()["state"]
+    assert st["phase"] == "Paused" and st["failed_checks"] == 0
+    assert {e["verdict"] for e in st["history"][-1]["evidence"]} == {"inconclusive"}
+
+
+def test_new_record_refuses_equal_versions_as_a_value_error():
+    with pytest.raises(ValueError, match=r"canary\.version: '1\.0\.0' is also the stable version"):
+        ctl.new_record(RolloutSpec(), GATES, STABLE, Target("m", "1.0.0"), DEAD_ROUTER, SCRAPE)
+
+
+# --------------------------------------------------------------------------- 2. 3. 4. files and reachability
+
+
+@pytest.mark.parametrize("verb", ["status", "pause", "report", "start"])
+def test_a_state_file_that_is_a_directory_is_one_line(tmp_path, capsys, haproxy, verb):
+    argv = {
+        "status": ["status", "--state-file", str(tmp_path)],
+        "pause": ["pause", "--state-file", str(tmp_path)],
+        "report": ["report", "--state-file", str(tmp_path), "--out", str(tmp_path / "r")],
+        "start": start_argv(haproxy.path, "http://127.0.0.1:9", tmp_path),
+    }[verb]
+    assert cli_main(argv) == 2
+    assert "is a directory" in one_error_line(capsys)
+    assert tree(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "router, metrics, named, not_named",
+    [
+        ("missing", "prometheus-down", ["router local_proxy", "HAProxy", "metrics prometheus"], []),
+        ("fake", "prometheus-down", ["metrics prometheus", "unreachable"], ["router", "warning"]),
+        ("missing", "scrape-up", ["router local_proxy", "HAProxy"], ["metrics"]),
+    ],
+)
+def test_start_with_an_unreachable_router_or_metrics_is_one_line_and_leaves_nothing(
+    tmp_path, capsys, haproxy, metrics_url, router, metrics, named, not_named
+):
+    sock = haproxy.path if router == "fake" else str(tmp_path / "no.sock")
+    extra = ["--prometheus-url", closed_port_url()] if metrics == "prometheus-down" else []
+    state = tmp_path / "state" / "s.json"
+    argv = start_argv(sock, metrics_url if metrics == "scrape-up" else None, state, *extra)
+    assert cli_main(argv) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("error: cannot start the rollout: ")
+    for word in named:
+        assert word in line
+    for word in not_named:
+        assert word not in line
+    assert not state.exists() and tree(tmp_path / "state") == []  # no stub (state: null), no lock file
+    assert all(c.startswith("get weight") for c in haproxy.commands)  # it only looked
+
+
+def test_a_metrics_outage_at_the_first_tick_leaves_no_stub_record(tmp_path):
+    w = World(metrics_down=True)
+    store, c, _ = make(tmp_path, w)
+    with pytest.raises(MetricsError):
+        c.run(max_seconds=5)
+    assert store.load() is None and not (tmp_path / "state.json").exists() and w.calls == []
+
+
+def test_read_only_commands_create_nothing(tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "dir" / "s.json"
+    for argv in (
+        ["status", "--state-file", str(missing)],
+        ["status", "--state-file", str(missing), "--json"],
+        ["report", "--state-file", str(missing), "--out", str(tmp_path / "out")],
+    ):
+        assert cli_main(argv) == 2
+        assert "no rollout in" in one_error_line(capsys)
+    assert tree(tmp_path) == []
+    # and on a stored rollout: no .lock file either (readers need none: writers replace the file atomically)
+    _, c, _ = make(tmp_path, World())
+    c.run(stop=lambda: True)
+    before = tree(tmp_path)
+    assert cli_main(["status", "--state-file", str(tmp_path / "state.json")]) == 0
+    assert "controller: none running" in capsys.readouterr().out
+    assert tree(tmp_path) == before and "state.json.owner" not in before
+
+
+# --------------------------------------------------------------------------- 5. corrupt records
+
+
+def _stored_rollout(tmp_path, sock: str) -> Path:
+    """A live rollout (after one analysis) whose record names the fake HAProxy socket."""
+    w = World()
+    store, c, _ = make(
+        tmp_path, w, router_cfg={"router": "local_proxy", "socket_path": sock}, max_inconclusive=100
+    )
+    c.run(stop=lambda: store.load()["state"]["analyses"] >= 1, max_seconds=30)
+    return tmp_path / "state.json"
+
+
+def _set(path: str, value):
+    def fn(rec):
+        *parents, last = path.split(".")
+        node = rec
+        for k in parents:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        node[int(last) if isinstance(node, list) else last] = value
+        return rec
+
+    return fn
+
+
+CORRUPTIONS = {
+    "list": ("[]", "the record must be a JSON object, got a list"),
+    "empty": ("{}", "kind: missing, not 'mlrollout.io/v1alpha1 RolloutRecord'"),
+    "state-5-only": ('{"state": 5}', "kind: missing"),
+    "other-kind": ('{"kind": "x", "state": {}}', "kind: 'x', not"),
+    "state-5": (_set("state", 5), "state: must be an object or null, got a int"),
+    "history-string": (_set("state.history", "oops"), "state.history: must be a list, got a string"),
+    "history-evidence": (_set("state.history.1.evidence", [{"gate": 1}]), "state.history[1].evidence[0]"),
+    "gate-kind": (_set("gates.0.kind", "Bogus"), "gates[0]: unknown gate kind 'Bogus'"),
+    "gate-no-kind": (lambda r: {**r, "gates": [{"min_rate": 0.9}]}, "gates[0]: unknown gate kind None"),
+    "gate-value": (_set("gates.0.min_rate", 2), "gates[0]: success_rate gate: min_rate"),
+    "step-99": (_set("state.step_index", 99), "state.step_index: 99 is out of range for 4 steps"),
+    "weight-500": (_set("state.weight", 500), "state.weight: 500% is impossible"),
+    "phase": (_set("state.phase", "Bogus"), "state.phase: 'Bogus' is not one of"),
+    "pending-explode": (_set("pending", {"action": "explode", "weight": 10}), "pending.action: 'explode'"),
+    "steps": (_set("spec.steps", [10, 5]), "spec: steps must be strictly increasing"),
+    "baselines": (_set("baselines", []), "baselines: must be an object"),
+    "versions": (_set("canary.version", "1.0.0"), "canary.version: '1.0.0' is also the stable version"),
+    "backend-newline": (_set("router.backend", "be_model\nshow info"), "router: HAProxy backend name"),
+    "server-semicolon": (_set("router.stable_server", "stable;show info"), "router: HAProxy stable server"),
+    "router-kind": (_set("router.router", "nginx"), "router: unknown router 'nginx'"),
+}
+
+
+@pytest.mark.parametrize("verb", ["status", "pause", "resume", "start"])
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corrupt_records_are_refused_with_one_line_naming_the_field(
+    tmp_path, capsys, haproxy, metrics_url, corruption, verb
+):
+    """Section 8's corrupted state files: every verb refuses in one line, changes nothing, sends nothing."""
+    sf = _stored_rollout(tmp_path, haproxy.path)
+    change, message = CORRUPTIONS[corruption]
+    if isinstance(change, str):
+        sf.write_text(change)
+    else:
+        sf.write_text(json.dumps(change(json.loads(sf.read_text()))))
+    before = sf.read_bytes()
+    argv = [verb, "--state-file", str(sf)] if verb != "start" else start_argv(haproxy.path, metrics_url, sf)
+    assert cli_main(argv) == 2
+    line = one_error_line(capsys)
+    assert f"error: corrupt rollout record in {sf}: " in line and message in line, line
+    assert ("pass --force" in line) == (verb == "start")
+    assert sf.read_bytes() == before and haproxy.received == []
+    assert not FileStateStore(sf).owner_path.exists()
+
+
+def test_start_force_replaces_a_corrupt_record(tmp_path, capsys, haproxy, metrics_url):
+    sf = tmp_path / "s.json"
+    sf.write_text('{"state": 5}')
+    assert cli_main(start_argv(haproxy.path, metrics_url, sf, "--force")) == 0
+    rec = ctl.validate_record(json.loads(sf.read_text()))
+    assert rec["state"]["phase"] in ("Progressing", "Paused") and rec["state"]["weight"] == 10
+    assert haproxy.weights == {"stable": 90, "canary": 10}
+
+
+# --------------------------------------------------------------------------- 6. S10: HAProxy names
+
+
+def test_haproxy_names_are_checked_before_anything_reaches_the_socket(tmp_path, capsys, haproxy):
+    for bad in ("be_model\nshow info", "be;show info", "be model", "", "be_model\n"):
+        with pytest.raises(ValueError, match="HAProxy backend name"):
+            LocalProxyRouter(haproxy.path, backend=bad)
+    with pytest.raises(RouterError, match="refusing to send"):
+        HAProxyRuntimeAPI(haproxy.path).command("set weight be_model/stable 100\nshow info")
+    assert haproxy.received == []
+    # a tampered record: the controller and every operator command refuse it before sending a byte
+    sf = _stored_rollout(tmp_path, haproxy.path)
+    sf.write_text(json.dumps(_set("router.backend", "be_model\nshow info")(json.loads(sf.read_text()))))
+    with pytest.raises(StoreError, match="router: HAProxy backend name"):
+        ctl.Controller(FileStateStore(sf))
+    for verb in ("status", "pause", "resume", "promote", "abort"):
+        assert cli_main([verb, "--state-file", str(sf)]) == 2
+        assert "HAProxy backend name" in one_error_line(capsys)
+    assert haproxy.received == []
+    # the names that are allowed go through, one command per connection
+    LocalProxyRouter(haproxy.path, backend="be_model").set_weights(90, 10)
+    assert haproxy.commands == [
+        "get weight be_model/canary\n",
+        "set weight be_model/canary 10\n",
+        "set weight be_model/stable 90\n",
+    ]
+
+
+# --------------------------------------------------------------------------- 7. ownership: state file
+
+
+def test_a_second_controller_is_refused_while_the_first_runs(tmp_path, capsys, haproxy, metrics_url):
+    w = World(rps=0.0)  # a quiet canary: the first controller keeps holding (inconclusive)
+    w.on_sleep = lambda _w: time.sleep(0.002)
+    store, c, _ = make(tmp_path, w, max_inconclusive=10_000)
+    sf = tmp_path / "state.json"
+    done: dict = {}
+    first = threading.Thread(target=lambda: done.update(rec=c.run(max_seconds=30)))
+    first.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (store.owner() and (store.load() or {}).get("state")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        owner = json.loads(store.owner_path.read_text())
+        assert owner["pid"] == os.getpid() and store.owner()["pid"] == os.getpid()
+        # a second `start` (the same command) refuses, naming the holder's PID
+        assert cli_main(start_argv(haproxy.path, metrics_url, sf)) == 2
+        assert f"controller PID {os.getpid()} (host " in one_error_line(capsys)
+        other = ctl.Controller(FileStateStore(sf), router=w, provider=w, clock=w.clock, sleep=w.sleep)
+        with pytest.raises(OwnershipError, match=f"PID {os.getpid()}"):
+            other.run(max_seconds=1)
+        assert cli_main(["status", "--state-file", str(sf)]) == 0
+        assert f"controller: PID {os.getpid()} on " in capsys.readouterr().out
+        # operator commands only update the record: they work while the controller holds the rollout
+        assert cli_main(["pause", "--state-file", str(sf)]) == 0
+        assert cli_main(["resume", "--state-file", str(sf)]) == 0
+        ctl.command(FileStateStore(sf), "abort", router=w, clock=w.clock)
+        first.join(30)
+    finally:
+        if first.is_alive():
+            ctl.command(FileStateStore(sf), "abort", router=w, clock=w.clock)
+            first.join(30)
+    assert done["rec"]["state"]["phase"] == "Aborted"
+    assert haproxy.received == []  # the refused start sent nothing
+    # the first one is gone: its lock file went with it, and a new controller may take over
+    assert store.owner() is None and not store.owner_path.exists()
+    store.acquire("next")
+    store.release()
+
+
+def test_file_ownership_is_a_flock_that_a_fresh_store_cannot_take(tmp_path):
+    a, b = FileStateStore(tmp_path / "s.json"), FileStateStore(tmp_path / "s.json")
+    a.acquire("a")
+    a.acquire("a")  # idempotent for its holder
+    with pytest.raises(OwnershipError, match=rf"controller PID {os.getpid()} \(host .*, since "):
+        b.acquire("b")
+    assert b.owner()["holder"] == "a" and not b.held
+    a.release()
+    b.acquire("b")
+    assert b.owner()["holder"] == "b"
+    b.release()
+    assert tree(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- 7. ownership: ConfigMap
+
+
+class FakeCoreV1:
+    """The three CoreV1Api calls ConfigMapStore makes, over one in-memory ConfigMap, with the API server's
+    rules that matter here: 404 when absent, 409 on a stale resourceVersion, merge patches (null deletes)."""
+
+    def __init__(self):
+        self.obj: dict | None = None
+        self.calls: list[tuple] = []
+
+    @staticmethod
+    def _error(status: int):
+        from kubernetes.client.exceptions import ApiException
+
+        return ApiException(status=status, reason={404: "Not Found", 409: "Conflict"}[status])
+
+    def read_namespaced_config_map(self, name, namespace):
+        self.calls.append(("read", name))
+        if self.obj is None:
+            raise self._error(404)
+        m = self.obj["metadata"]
+        return SimpleNamespace(
+            data=dict(self.obj.get("data") or {}) or None,
+            metadata=SimpleNamespace(
+                name=m["name"],
+                namespace=m["namespace"],
+                resource_version=m["resourceVersion"],
+                annotations=dict(m.get("annotations") or {}) or None,
+            ),
+        )
+
+    def create_namespaced_config_map(self, namespace, body, field_manager=None):
+        self.calls.append(("create", body["metadata"]["name"]))
+        if self.obj is not None:
+            raise self._error(409)
+        self.obj = json.loads(json.dumps(body))
+        self.obj["metadata"]["resourceVersion"] = "1"
+
+    def patch_namespaced_config_map(self, name, namespace, body, field_manager=None):
+        self.calls.append(("patch", name, json.loads(json.dumps(body))))
+        if self.obj is None:
+            raise self._error(404)
+        meta = body.get("metadata", {})
+        if meta.get("resourceVersion") != self.obj["metadata"]["resourceVersion"]:
+            raise self._error(409)
+        for key, target in ((body.get("data"), "data"), (meta.get("annotations"), "annotations")):
+            node = self.obj.setdefault("data", {}) if target == "data" else self.obj["metadata"]
+            if target == "annotations":
+                node = node.setdefault("annotations", {})
+            for k, v in (key or {}).items():
+                if v is None:
+                    node.pop(k, None)
+                else:
+                    node[k] = v
+        self.obj["metadata"]["resourceVersion"] = str(int(self.obj["metadata"]["resourceVersion"]) + 1)
+
+    def owner(self) -> dict | None:
+        raw = ((self.obj or {}).get("metadata", {}).get("annotations") or {}).get(OWNER_ANNOTATION)
+        return json.loads(raw) if raw else None
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def cm_store(core, clock) -> ConfigMapStore:
+    return ConfigMapStore("m-rollout", "models", core=core, clock=clock)
+
+
+def test_configmap_ownership_refuses_a_fresh_heartbeat_and_takes_over_a_stale_one():
+    core, clock = FakeCoreV1(), Clock()
+    a, b = cm_store(core, clock), cm_store(core, clock)
+    a.acquire("host-a:1:aa", interval_s=5)  # the ConfigMap does not exist yet: created with the owner
+    assert core.calls[1][0] == "create" and core.obj["metadata"]["labels"]
+    owner = core.owner()
+    assert owner["holder"] == "host-a:1:aa" and owner["pid"] == os.getpid() and owner["host"]
+    assert owner["heartbeat"] == clock.t and owner["ttl_s"] == 30  # max(3 x 5 s, 30 s)
+    clock.t += 29
+    with pytest.raises(OwnershipError, match=rf"controller PID {os.getpid()} .*heartbeat 29s ago"):
+        b.acquire("host-b:2:bb", interval_s=5)
+    a.heartbeat()  # renewed: fresh again for 30 s
+    assert core.owner()["heartbeat"] == clock.t
+    clock.t += 29
+    with pytest.raises(OwnershipError):
+        b.acquire("host-b:2:bb", interval_s=5)
+    assert b.owner()["holder"] == "host-a:1:aa"
+    clock.t += 2  # 31 s without a heartbeat: the owner is gone (killed -9, node lost)
+    assert b.owner() is None
+    b.acquire("host-b:2:bb", interval_s=5)
+    assert core.owner()["holder"] == "host-b:2:bb"
+    with pytest.raises(OwnershipError, match="took over"):
+        a.heartbeat()
+    a.release()  # not ours any more: leaves b's annotation alone
+    assert core.owner()["holder"] == "host-b:2:bb"
+    b.release()
+    assert core.owner() is None
+    a.acquire("host-a:3:cc", interval_s=5)  # released: taken at once
+    assert core.owner()["holder"] == "host-a:3:cc"
+
+
+def test_configmap_owner_ttl_is_three_intervals():
+    core, clock = FakeCoreV1(), Clock()
+    cm_store(core, clock).acquire("a", interval_s=60)
+    assert core.owner()["ttl_s"] == 180
+    clock.t += 150
+    with pytest.raises(OwnershipError, match="taken over after 180s"):
+        cm_store(core, clock).acquire("b", interval_s=1)
+    clock.t += 31
+    cm_store(core, clock).acquire("b", interval_s=1)
+
+
+def test_configmap_controller_heartbeats_and_operators_command_while_it_holds():
+    """The controller's loop on the real ConfigMapStore code (over a fake CoreV1Api): it owns the rollout,
+    renews its heartbeat from a thread, a second controller is refused, operator commands still work."""
+    core, clock = FakeCoreV1(), Clock()
+    store = cm_store(core, clock)
+    w = World(rps=0.0)
+    w.on_sleep = lambda _w: time.sleep(0.005)
+    make(None, w, store=store, max_inconclusive=10_000)
+    c = ctl.Controller(
+        store, router=w, provider=w, clock=w.clock, sleep=w.sleep, log=lambda _m: None, heartbeat_s=0.02
+    )
+    done: dict = {}
+    first = threading.Thread(target=lambda: done.update(rec=c.run(max_seconds=30)))
+    first.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (core.owner() and (store.load() or {}).get("state")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first_beat = core.owner()["heartbeat"]
+        clock.t += 5
+        while core.owner()["heartbeat"] == first_beat and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert core.owner()["heartbeat"] == first_beat + 5  # renewed by the heartbeat thread
+        other = ctl.Controller(cm_store(core, clock), router=w, provider=w, clock=w.clock, sleep=w.sleep)
+        with pytest.raises(OwnershipError, match=f"PID {os.getpid()}"):
+            other.run(max_seconds=1)
+        ctl.command(cm_store(core, clock), "pause", router=w, clock=w.clock)
+        assert json.loads(core.obj["data"]["state"])["state"]["phase"] == "Paused"
+        assert core.owner()["holder"] == c.holder  # a state write keeps the owner annotation
+        ctl.command(cm_store(core, clock), "abort", router=w, clock=w.clock)
+        first.join(30)
+    finally:
+        if first.is_alive():
+            ctl.command(cm_store(core, clock), "abort", router=w, clock=w.clock)
+            first.join(30)
+    assert done["rec"]["state"]["phase"] == "Aborted" and w.weights == (100, 0)
+    assert core.owner() is None  # released when the controller ended
+
+
+def test_configmap_update_to_none_removes_the_state_key():
+    core, clock = FakeCoreV1(), Clock()
+    store = cm_store(core, clock)
+    store.update(lambda _r: {"n": 1})
+    assert store.load() == {"n": 1}
+    assert store.update(lambda _r: None) is None
+    assert store.load() is None and "state" not in core.obj.get("data", {})
+
+
+def test_a_controller_whose_configmap_rollout_was_taken_over_stops():
+    core, clock = FakeCoreV1(), Clock()
+    store = cm_store(core, clock)
+    w = World(rps=0.0)
+    w.on_sleep = lambda _w: time.sleep(0.005)
+    make(None, w, store=store, max_inconclusive=10_000)
+    c = ctl.Controller(
+        store, router=w, provider=w, clock=w.clock, sleep=w.sleep, log=lambda _m: None, heartbeat_s=0.02
+    )
+    errors: list[Exception] = []
+
+    def run():
+        try:
+            c.run(max_seconds=30)
+        except Exception as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not (core.owner() and (store.load() or {}).get("state")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # another controller took the rollout over (say, ours was stuck past its time to live)
+    intruder = {"holder": "other:1:x", "pid": 1, "host": "other", "since": clock.t, "heartbeat": clock.t}
+    core.obj["metadata"]["annotations"][OWNER_ANNOTATION] = json.dumps({**intruder, "ttl_s": 30})
+    t.join(30)
+    assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], OwnershipError)
+    assert "lost the rollout: controller PID 1 (host other" in str(errors[0])
+    assert core.owner()["holder"] == "other:1:x"  # our release left the new owner alone

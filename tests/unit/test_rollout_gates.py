@@ -148,6 +148,71 @@ def test_accuracy_gate_relative_to_stable():
     assert gate.evaluate(snap(labelled=(9, 10)), snap(), stable).verdict is Verdict.INCONCLUSIVE
 
 
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: SuccessRateGate(min_rate=2), r"min_rate \(--min-success-rate\) must be in \(0, 1\], got 2"),
+        (lambda: SuccessRateGate(min_rate=-1), "--min-success-rate"),
+        (lambda: SuccessRateGate(min_rate=0), "--min-success-rate"),
+        (lambda: SuccessRateGate(min_rate=math.nan), "must be a finite number"),
+        (
+            lambda: SuccessRateGate(min_requests=0),
+            r"min_requests \(--min-requests\) must be a whole number >= 1",
+        ),
+        (lambda: SuccessRateGate(min_requests=-5), "--min-requests"),
+        (lambda: SuccessRateGate(min_requests=2.5), "--min-requests"),
+        (lambda: LatencyGate(max_ms=-5), r"max_ms \(--max-p99-ms\) must be > 0, got -5"),
+        (lambda: LatencyGate(max_ms=math.inf), "--max-p99-ms"),
+        (lambda: LatencyGate(min_requests=0), "--min-requests"),
+        (lambda: LatencyGate(quantile=1.5), "quantile"),
+        (lambda: DriftGate(bins=0), r"bins \(--drift-bins\) must be a whole number between 2 and 100, got 0"),
+        (lambda: DriftGate(bins=-3), "--drift-bins"),
+        (lambda: DriftGate(bins=1), "--drift-bins"),
+        (lambda: DriftGate(min_samples=-1), r"min_samples \(--min-predictions\)"),
+        (lambda: DriftGate(max_drift=0), "--max-drift"),
+        (lambda: DriftGate(max_drift=1.5, method="js"), r"must be in \(0, 1\]"),
+        (lambda: DriftGate(max_drift=-0.1, method="psi"), "--max-drift"),
+        (lambda: AccuracyGate(min_accuracy=1.5), r"min_accuracy \(--min-accuracy\) must be in \[0, 1\]"),
+        (lambda: AccuracyGate(min_accuracy=-0.1), "--min-accuracy"),
+        (lambda: AccuracyGate(max_drop=2), "--max-accuracy-drop"),
+        (lambda: AccuracyGate(min_labelled=0), "--min-labelled"),
+        (lambda: SuccessRateGate(name=""), "name"),
+    ],
+)
+def test_gates_refuse_values_that_make_no_sense(make, message):
+    """The CLI, the KFP step and a stored record all build gates here, so all get this refusal."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_gates_never_divide_by_zero_on_a_quiet_canary():
+    """--min-requests 0 with no canary traffic was a ZeroDivisionError (and min_samples -1 a drift FAIL on
+    zero data). The constructors refuse such values now; the gates also hold when they are bypassed."""
+    gates = [SuccessRateGate(), LatencyGate(), DriftGate(), AccuracyGate(0.5)]
+    for g, field in zip(gates, ("min_requests", "min_requests", "min_samples", "min_labelled"), strict=True):
+        object.__setattr__(g, field, 0)  # what a record written before the checks could hold
+        r = g.evaluate(Snapshot(), Snapshot(), Snapshot())
+        assert r.verdict is Verdict.INCONCLUSIVE and r.value is None, (g, r)
+        object.__setattr__(g, field, -5)
+        assert g.evaluate(Snapshot(), Snapshot(), Snapshot()).verdict is Verdict.INCONCLUSIVE
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ([{"kind": "Bogus"}], r"gates\[0\]: unknown gate kind 'Bogus'"),
+        ([{"min_rate": 0.9}], r"gates\[0\]: unknown gate kind None"),
+        ([{"kind": "SuccessRateGate", "x": 1}], r"gates\[0\] \(SuccessRateGate\): unknown fields \['x'\]"),
+        ([{"kind": "SuccessRateGate"}, {"kind": "DriftGate", "bins": 0}], r"gates\[1\]: drift gate: bins"),
+        (["SuccessRateGate"], r"gates\[0\] must be an object"),
+        ({"kind": "SuccessRateGate"}, "gates must be a list"),
+    ],
+)
+def test_gates_from_config_names_the_bad_entry(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        gates_from_config(cfg)
+
+
 def test_overall_verdict_and_config_round_trip():
     p = GateResult("a", Verdict.PASS, 1, 1, ">=", 1)
     f = GateResult("b", Verdict.FAIL, 0, 1, ">=", 1)

@@ -31,6 +31,12 @@ SPEC = RolloutSpec(steps=(10, 25, 50, 100), interval_s=30, threshold=2, max_inco
         ({"interval_s": 0}, "interval"),
         ({"threshold": 0}, "threshold"),
         ({"max_inconclusive": 0}, "max_inconclusive"),
+        ({"interval_s": float("inf")}, "interval"),
+        ({"interval_s": float("nan")}, "interval"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"threshold": True}, "threshold"),
+        ({"steps": (10.5, 50)}, "whole-number"),
+        ({"steps": "10,50"}, "whole-number"),
     ],
 )
 def test_spec_rejects_bad_values_with_a_clear_message(kwargs, message):
