@@ -18,6 +18,7 @@ from tests.chart.conftest import CHART, NAMESPACE, ROOT, versions_env
 from tests.chart.validators import (
     KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS,
     InvalidObject,
+    assert_deployer_rbac,
     assert_restricted,
     check_httproute,
     check_knative_admissible,
@@ -48,6 +49,12 @@ def one(objs: list[dict], kind: str) -> dict:
     found = kinds(objs, kind)
     assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
     return found[0]
+
+
+def predictor_sa(objs: list[dict]) -> dict:
+    """The predictors' ServiceAccount (the release also renders its deployer's, <fullname>-deployer)."""
+    (sa,) = [o for o in kinds(objs, "ServiceAccount") if not o["metadata"]["name"].endswith("-deployer")]
+    return sa
 
 
 def by_name(objs: list[dict], kind: str, name: str) -> dict:
@@ -144,7 +151,7 @@ def test_validators_catch_what_they_must(render):
     route["spec"]["rules"][0]["backendRefs"][0]["weight"] = -1
     with pytest.raises(InvalidObject, match="weight"):
         check_httproute(route)
-    sa = json.loads(json.dumps(one(objs, "ServiceAccount")))
+    sa = json.loads(json.dumps(predictor_sa(objs)))
     sa["automountToken"] = False
     with pytest.raises(InvalidObject, match="automountToken"):
         check_object(sa)
@@ -455,7 +462,7 @@ def test_long_release_names_fit_kserve_predictor_label(render, values_file):
     objs = render(f"ci/{values_file}", release=LONG_RELEASE)
     isvcs = kinds(objs, "InferenceService")
     assert isvcs
-    full = one(objs, "ServiceAccount")["metadata"]["name"]
+    full = predictor_sa(objs)["metadata"]["name"]
     assert full.startswith("averyveryverylongreleasename-for-models-p")
     for isvc in isvcs:
         name = isvc["metadata"]["name"]
@@ -592,26 +599,18 @@ def test_every_controlled_container_is_restricted(render, values_file):
 @pytest.mark.parametrize("values_file", CI_FILES)
 def test_rbac_is_least_privilege(render, values_file):
     objs = render(f"ci/{values_file}")
-    assert not kinds(objs, "ClusterRole") and not kinds(objs, "ClusterRoleBinding")
-    for role in kinds(objs, "Role"):
-        for rule in role["rules"]:
-            for field in ("apiGroups", "resources", "verbs"):
-                assert "*" not in rule[field], f"wildcard in {field}: {rule}"
-            assert "secrets" not in rule["resources"]
-            assert "deletecollection" not in rule["verbs"]
-            assert set(rule["resources"]) <= {"inferenceservices", "httproutes", "deployments", "configmaps"}
-            if set(rule["resources"]) & {"deployments", "configmaps"} and rule["verbs"] != ["create"]:
-                assert rule.get("resourceNames"), (
-                    f"reads of Deployments/ConfigMaps are limited by name: {rule}"
-                )
-            if "deployments" in rule["resources"]:
-                assert rule["verbs"] == ["get"]
-    if kinds(objs, "Role"):
-        binding = one(objs, "RoleBinding")
-        assert binding["subjects"] == [
-            {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}
-        ]
-        assert binding["roleRef"]["name"] == one(objs, "Role")["metadata"]["name"]
+    if not kinds(objs, "Role"):
+        return  # rbac.create=false (triton-pvc)
+    runner = {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}
+    assert_deployer_rbac(objs, f"{FULL}-deployer", runner)
+
+
+def test_rbac_subjects_can_be_emptied_and_delete_is_opt_in(render):
+    objs = render(CANARY, sets=("rbac.subjects=null",))
+    assert_deployer_rbac(objs, f"{FULL}-deployer", None)
+    objs = render(CANARY, sets=("rbac.allowDelete=true",))
+    role = by_name(objs, "Role", f"{FULL}-deployer")
+    assert "delete" in role["rules"][0]["verbs"]
 
 
 def test_network_policy_allows_only_gateway_prometheus_dns_and_storage(render):
@@ -689,7 +688,7 @@ def test_pdb_per_inference_service(render):
 def test_storage_wiring_uses_an_existing_secret_only(render, values_file):
     objs = render(f"ci/{values_file}")
     assert not kinds(objs, "Secret"), "the chart must never render credentials"
-    sa = one(objs, "ServiceAccount")
+    sa = predictor_sa(objs)
     for isvc in kinds(objs, "InferenceService"):
         assert isvc["spec"]["predictor"]["serviceAccountName"] == sa["metadata"]["name"]
     ann = sa["metadata"]["annotations"]
@@ -855,3 +854,68 @@ def test_knative_notes_use_the_knative_ingress(tools):
     assert "The ClusterServingRuntime mlrollout-onnx-knative must exist" in notes
     assert f"get inferenceservice {FULL} -o jsonpath='{{.status.url}}'" in notes
     assert "port-forward" not in notes  # Knative's <isvc>-predictor Service is an ExternalName
+
+
+ROUTED = [
+    ("Exact", "/v1/models/breast-cancer:predict"),
+    ("Exact", "/v1/models/breast-cancer"),
+    ("PathPrefix", "/v2/models/breast-cancer"),
+    ("Exact", "/v2/health/ready"),
+    ("Exact", "/v2/health/live"),
+    ("Exact", "/v2"),
+]
+
+
+def _matches(route: dict) -> list[tuple[str, str]]:
+    (rule,) = route["spec"]["rules"]
+    return [(m["path"]["type"], m["path"]["value"]) for m in rule["matches"]]
+
+
+def _routed(matches: list[tuple[str, str]], path: str) -> bool:
+    """Gateway API path matching: Exact, or PathPrefix element by element."""
+    for kind, value in matches:
+        if kind == "Exact" and path == value:
+            return True
+        if kind == "PathPrefix" and (path == value or path.startswith(value.rstrip("/") + "/")):
+            return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "values_file", ["canary-values.yaml", "blue-green-values.yaml", "rolling-values.yaml"]
+)
+def test_route_forwards_only_inference_metadata_and_health(render, values_file):
+    """hardening.md S1/S8: the route forwarded every path, /metrics and the model-repository API included."""
+    matches = _matches(one(render(f"ci/{values_file}"), "HTTPRoute"))
+    assert matches == ROUTED
+    for path in (
+        "/v1/models/breast-cancer:predict",
+        "/v2/models/breast-cancer/infer",
+        "/v2/models/breast-cancer/ready",
+        "/v2/health/ready",
+    ):
+        assert _routed(matches, path), path
+    for path in (
+        "/metrics",
+        "/v2/repository/models/breast-cancer/unload",
+        "/v2/repository/index",
+        "/docs",
+        "/",
+        "/v2/models/breast-cancerX/infer",
+        "/v1/models/breast-cancer:explain",
+    ):
+        assert not _routed(matches, path), path
+
+
+def test_route_paths_follow_the_model_name(render):
+    matches = _matches(one(render(CANARY, sets=("model.name=fraud",)), "HTTPRoute"))
+    assert ("Exact", "/v1/models/fraud:predict") in matches and ("PathPrefix", "/v2/models/fraud") in matches
+
+
+def test_fault_injection_env_is_refused_in_a_release(tools):
+    proc = tools.run(
+        tools.helm, "template", "bc", CHART, "-n", NAMESPACE, "-f", CHART / CANARY,
+        "--set", "model.env[0].name=MLROLLOUT_FAULT_ERROR_RATE", "--set-string", "model.env[0].value=1",
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "MLROLLOUT_FAULT_ERROR_RATE is the runtime's test-only fault injection" in proc.stderr

@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from tests.chart.conftest import MANIFESTS, NAMESPACE, load_docs
-from tests.chart.test_chart import by_name, kinds, one
+from tests.chart.test_chart import by_name, kinds, one, predictor_sa
 from tests.chart.validators import (
     KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS,
+    assert_deployer_rbac,
     assert_restricted,
     check_knative_admissible,
     check_object,
@@ -87,16 +88,10 @@ def test_no_deprecated_kustomize_fields():
 def test_security_and_rbac(build, target):
     objs = build(target)
     assert assert_restricted(objs) >= 2
-    for role in kinds(objs, "Role"):
-        for rule in role["rules"]:
-            assert all("*" not in rule[f] for f in ("apiGroups", "resources", "verbs")), rule
-            assert "secrets" not in rule["resources"]
-    (binding,) = kinds(objs, "RoleBinding")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}
-    ]
+    runner = {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}
+    assert_deployer_rbac(objs, "mlrollout-model-deployer", runner, by_name=False)
     assert not kinds(objs, "Secret")
-    sa = one(objs, "ServiceAccount")
+    (sa,) = [o for o in kinds(objs, "ServiceAccount") if not o["metadata"]["name"].endswith("-deployer")]
     for isvc in kinds(objs, "InferenceService"):
         assert isvc["spec"]["predictor"]["serviceAccountName"] == sa["metadata"]["name"]
 
@@ -247,13 +242,18 @@ def test_configurations_carry_names_images_and_labels_into_inferenceservice(buil
     )
     objs = build(tmp_path)
     isvc = one(objs, "InferenceService")
-    sa = one(objs, "ServiceAccount")
+    sa = predictor_sa(objs)
     assert isvc["metadata"]["name"] == "team-mlrollout-model"
     assert sa["metadata"]["name"] == "team-mlrollout-model"
     assert isvc["spec"]["predictor"]["serviceAccountName"] == "team-mlrollout-model"
     assert isvc["spec"]["predictor"]["model"]["image"] == "registry.local/custom-runtime:2.0"
     assert isvc["spec"]["predictor"]["labels"]["team"] == "fraud"
-    assert one(objs, "RoleBinding")["roleRef"]["name"] == one(objs, "Role")["metadata"]["name"]
+    # the prefix reaches the deployer everywhere it is named, the token Role's resourceNames included
+    assert by_name(objs, "RoleBinding", "team-mlrollout-model-deployer")["roleRef"]["name"] == (
+        "team-mlrollout-model-deployer"
+    )
+    token = by_name(objs, "Role", "team-mlrollout-model-deployer-token")
+    assert token["rules"][0]["resourceNames"] == ["team-mlrollout-model-deployer"]
 
 
 def test_overlay_images_reach_the_runtime(build, tmp_path):
@@ -302,3 +302,10 @@ def test_chart_and_kustomize_ship_the_same_runtimes(build, render):
     assert sorted(chart) == sorted(kustomize) == RUNTIMES
     for name in RUNTIMES:
         assert chart[name] == kustomize[name], name
+
+
+@pytest.mark.parametrize("overlay", ["canary", "blue-green", "rolling"])
+def test_overlay_routes_forward_what_the_chart_forwards(build, overlay):
+    from tests.chart.test_chart import ROUTED, _matches
+
+    assert _matches(one(build(f"overlays/{overlay}"), "HTTPRoute")) == ROUTED

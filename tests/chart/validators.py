@@ -345,3 +345,46 @@ def check_knative_admissible(isvc: dict, runtime: dict) -> None:
         raise InvalidObject(
             f"{where}: {len(ports)} container ports across the containers; Knative allows only one"
         )
+
+
+# ---------------------------------------------------------------- RBAC of a release (the deploy identity)
+
+
+def assert_deployer_rbac(objs: list[dict], deployer: str, runner: dict | None, by_name: bool = True) -> None:
+    """The release's RBAC is the deployer pattern (helm/mlrollout-model/templates/rbac.yaml): the
+    ServiceAccount ``deployer`` holds the only write Role; ``runner`` (KFP's pipeline-runner) may only request
+    a token for that one account; no wildcards, Secrets, delete or deletecollection anywhere. ``by_name``: the
+    state ConfigMap is named in the Role (the chart; kustomize overlays cannot rename such a name)."""
+    assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    roles = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Role"}
+    bindings = {o["metadata"]["name"]: o for o in objs if o["kind"] == "RoleBinding"}
+    for role in roles.values():
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], f"wildcard in {field}: {rule}"
+            assert "secrets" not in rule["resources"] and "deletecollection" not in rule["verbs"], rule
+            assert "delete" not in rule["verbs"], f"the deploy step never deletes: {rule}"
+    sa = [o for o in objs if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == deployer]
+    assert sa and sa[0].get("automountServiceAccountToken") is False
+    write = roles[deployer]
+    resources = {r for rule in write["rules"] for r in rule["resources"]}
+    assert resources == {"inferenceservices", "httproutes", "deployments", "configmaps"}
+    for rule in write["rules"]:
+        if "deployments" in rule["resources"]:
+            assert rule["verbs"] == ["get"], rule
+        if by_name and "configmaps" in rule["resources"] and rule["verbs"] != ["create"]:
+            assert rule.get("resourceNames") == [deployer.removesuffix("-deployer") + "-rollout"], rule
+    assert [s["name"] for s in bindings[deployer]["subjects"]] == [deployer]
+    if runner is None:
+        assert f"{deployer}-token" not in roles
+        return
+    token_rules = roles[f"{deployer}-token"]["rules"]
+    assert token_rules == [
+        {
+            "apiGroups": [""],
+            "resources": ["serviceaccounts/token"],
+            "resourceNames": [deployer],
+            "verbs": ["create"],
+        }
+    ]
+    assert bindings[f"{deployer}-token"]["subjects"] == [runner]

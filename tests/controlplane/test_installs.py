@@ -302,3 +302,67 @@ def test_kustomize_overlay_applies_and_reconciles(k, overlay: Path):
                 ),
                 60,
             )
+
+
+def test_admission_policy_pins_what_an_inferenceservice_may_run(k):
+    """hardening.md S6: whoever can write InferenceServices can start any pod spec. With admissionPolicy on,
+    the API server's own CEL admission (ValidatingAdmissionPolicy) refuses anything but the pinned runtime,
+    image prefix and ServiceAccount; the release's own InferenceServices pass."""
+    release = "pinned"
+    k.helm(
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        NS,
+        "-f",
+        str(CHART / "ci" / "canary-values.yaml"),
+        "--set",
+        "admissionPolicy.enabled=true",
+    )
+    try:
+        full = f"{release}-mlrollout-model"
+        wait_ready(k, [f"{full}-stable", f"{full}-canary"])
+        good = k.get("inferenceservice", f"{full}-canary")
+        base = {
+            "apiVersion": "serving.kserve.io/v1beta1",
+            "kind": "InferenceService",
+            "metadata": {
+                "name": "intruder",
+                "namespace": NS,
+                "annotations": {"serving.kserve.io/deploymentMode": "Standard"},
+            },
+            "spec": {"predictor": json.loads(json.dumps(good["spec"]["predictor"]))},
+        }
+        cases = {
+            "another runtime": (
+                lambda p: p["model"].update(runtime="kserve-sklearnserver"),
+                "runtime kserve-sklearnserver is not one of",
+            ),
+            "another image": (
+                lambda p: p["model"].update(image="docker.io/evil/miner:1"),
+                "image docker.io/evil/miner:1 does not start with",
+            ),
+            "another ServiceAccount": (
+                lambda p: p.update(serviceAccountName="default"),
+                "serviceAccountName default is not one of",
+            ),
+            "its own containers": (
+                lambda p: p.update(
+                    containers=[{"name": "x", "image": "ghcr.io/mlrollout/onnx-runtime:0.1.0"}]
+                ),
+                "may not bring their own predictor containers",
+            ),
+        }
+        for what, (change, message) in cases.items():
+            obj = json.loads(json.dumps(base))
+            change(obj["spec"]["predictor"])
+            proc = k.run("apply", "--dry-run=server", "-f", "-", input=json.dumps(obj), check=False)
+            assert proc.returncode != 0 and message in proc.stderr, (what, proc.stderr)
+            assert "ValidatingAdmissionPolicy" in proc.stderr, proc.stderr
+        # the release's own shape passes (a server-side dry run of a copy)
+        ok = k.run("apply", "--dry-run=server", "-f", "-", input=json.dumps(base), check=False)
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        k.helm("uninstall", release, "-n", NS, "--wait", "--timeout", "60s")
+    assert not k.run("get", "validatingadmissionpolicy", "-o", "name").stdout.count("pinned-mlrollout-model")

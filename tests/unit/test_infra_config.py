@@ -380,10 +380,8 @@ def test_workloads_are_hardened_and_rbac_is_least_privilege():
     peer = policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]
     assert peer == {"kubernetes.io/metadata.name": "models"}
     assert [p["port"] for p in policy["spec"]["ingress"][0]["ports"]] == [8333]
-    binding = next(d for d in ns_docs if d["kind"] == "RoleBinding")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}
-    ]
+    # no namespace-wide Role for pipeline-runner: each release renders its own deployer identity
+    assert not [d for d in ns_docs if d["kind"] in ("Role", "RoleBinding")]
 
 
 def test_prometheus_config_passes_promtool(tmp_path):

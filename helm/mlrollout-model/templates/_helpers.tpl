@@ -59,6 +59,24 @@ app.kubernetes.io/part-of: mlrollout
 {{- default (include "mlrollout-model.fullname" .) .Values.model.name }}
 {{- end }}
 
+{{/*
+The paths the HTTPRoute forwards: this model's inference, metadata and readiness, and the server's health
+and metadata. Nothing else: not /metrics (prediction scores, classes, traffic), not KServe's model-repository
+API, not /docs. Gateway API PathPrefix matches whole path segments, so V1's "<name>:predict" needs its own
+Exact match (a PathPrefix /v1/models/<name> would not match it).
+*/}}
+{{- define "mlrollout-model.routeMatches" -}}
+{{- $m := include "mlrollout-model.modelName" . }}
+{{- $matches := list
+    (dict "type" "Exact" "value" (printf "/v1/models/%s:predict" $m))
+    (dict "type" "Exact" "value" (printf "/v1/models/%s" $m))
+    (dict "type" "PathPrefix" "value" (printf "/v2/models/%s" $m))
+    (dict "type" "Exact" "value" "/v2/health/ready")
+    (dict "type" "Exact" "value" "/v2/health/live")
+    (dict "type" "Exact" "value" "/v2") }}
+{{- toJson $matches }}
+{{- end }}
+
 {{- define "mlrollout-model.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "mlrollout-model.fullname" .) .Values.serviceAccount.name }}
@@ -184,10 +202,20 @@ Checks JSON schema cannot express (it cannot compare two values); fail with one 
 {{- fail (printf "InferenceService name %q is %d characters, over the limit of %d (KServe labels its pods app: isvc.<name>-predictor, a label value of at most 63): shorten fullnameOverride or the release name" $t.name (len $t.name) $max) }}
 {{- end }}
 {{- end }}
+{{- range $i, $e := .Values.model.env }}
+{{- if hasPrefix "MLROLLOUT_FAULT_" (toString $e.name) }}
+{{- fail (printf "model.env[%d].name %s is the runtime's test-only fault injection: it never belongs in a release" $i $e.name) }}
+{{- end }}
+{{- end }}
 {{- if lt (int .Values.replicas.max) (int .Values.replicas.min) }}
 {{- fail (printf "replicas.max (%v) must be >= replicas.min (%v)" .Values.replicas.max .Values.replicas.min) }}
 {{- end }}
 {{- if and (eq .Values.strategy.type "blueGreen") (eq .Values.strategy.blueGreen.blue.active .Values.strategy.blueGreen.green.active) }}
 {{- fail "strategy.blueGreen: exactly one of blue.active / green.active must be true" }}
 {{- end }}
+{{- end }}
+
+{{/* A list of strings as a CEL list literal: ['a', 'b'] (the schema keeps quotes and backslashes out). */}}
+{{- define "mlrollout-model.celList" -}}
+[{{ range $i, $v := . }}{{ if $i }}, {{ end }}'{{ $v }}'{{ end }}]
 {{- end }}
