@@ -363,6 +363,19 @@ def test_admission_policy_pins_what_an_inferenceservice_may_run(k):
         # the release's own shape passes (a server-side dry run of a copy)
         ok = k.run("apply", "--dry-run=server", "-f", "-", input=json.dumps(base), check=False)
         assert ok.returncode == 0, ok.stderr
+        # a copy with a foreign ServiceAccount: refused now, admitted once the release is gone (below)
+        foreign = json.loads(json.dumps(base))
+        foreign["spec"]["predictor"]["serviceAccountName"] = "default"
     finally:
         k.helm("uninstall", release, "-n", NS, "--wait", "--timeout", "60s")
     assert not k.run("get", "validatingadmissionpolicy", "-o", "name").stdout.count("pinned-mlrollout-model")
+    # the API server's policy cache refreshes about once a second after a delete: the next test's installs
+    # must not meet a policy that is already gone from the API
+    k.wait(
+        "the admission policy to stop applying",
+        lambda: (
+            k.run("apply", "--dry-run=server", "-f", "-", input=json.dumps(foreign), check=False).returncode
+            == 0
+        ),
+        30,
+    )

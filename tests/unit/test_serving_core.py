@@ -173,7 +173,8 @@ def test_cli_accepts_the_cluster_serving_runtime_args():
     )
     defaults = build_parser().parse_args([])
     assert defaults.model_name is None and defaults.model_dir == "/mnt/models"
-    assert defaults.workers == 1 and defaults.fast_path is True and defaults.enable_latency_logging is False
+    assert defaults.workers == 1 and defaults.enable_latency_logging is False
+    assert not hasattr(defaults, "fast_path"), "KServe's fast path bypassed the client-error handling (S3)"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--max_batch_size", "0"])
 
