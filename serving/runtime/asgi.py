@@ -26,6 +26,7 @@ per-request logging, which cost ~3/4 of KServe's CPU per request on a tiny model
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -240,8 +241,12 @@ class RuntimeMiddleware:
         try:
             hold(declared)
             # the first receive() waits for the first body byte: a client that declares a body and never
-            # sends it must not hold the connection (and its budget) forever
-            async with asyncio.timeout(self.body_timeout_s):
+            # sends it must not hold the connection (and its budget) forever. When uvicorn's request cycle
+            # (the receive callable's owner) already holds the whole body, nothing can wait: skip the timer
+            # (one per request was measurable at 6,000 req/s on one core).
+            cycle = getattr(receive, "__self__", None)
+            whole = getattr(cycle, "more_body", True) is False
+            async with contextlib.nullcontext() if whole else asyncio.timeout(self.body_timeout_s):
                 chunks: list[bytes] = []
                 total = 0
                 while True:

@@ -57,6 +57,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         self._awaiting = True  # the headers of the connection's next request are not complete yet
+        self._began = False  # a byte of that request has arrived (its headers are in progress)
         self._header_bytes = 0  # bytes fed to the parser since that request began
         self._header_size = 0
         self._header_count = 0
@@ -90,6 +91,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _is_idle(self) -> bool:
         return (
             self._awaiting
+            and not self._began
             and self._header_bytes == 0
             and not self._in_request()
             and not self.transport.is_closing()
@@ -119,22 +121,32 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if not self._awaiting:
             return self._feed(data)
-        # While headers are incomplete feed small slices, so the header bytes are counted exactly enough and
-        # a flood is refused after max_header_bytes, never after the whole of it is buffered.
-        view, i = memoryview(data), 0
-        while i < len(data):
-            if not self._awaiting:
-                return self._feed(bytes(view[i:]))
-            if self._header_bytes == 0 and not self._in_request():
-                self._arm_deadline()  # the first byte of a request starts its header deadline
-            piece = bytes(view[i : i + _SLICE])
-            i += len(piece)
-            self._header_bytes += len(piece)
-            if self._header_bytes > self.max_header_bytes + _SLICE:
-                return self._reject(431, f"request headers are over {self.max_header_bytes} bytes")
-            self._feed(piece)
-            if self.transport.is_closing():
-                return None
+        if self._header_bytes == 0 and len(data) <= _SLICE:
+            # The common case: a whole small request in one read. Parse it without slicing; the parser's
+            # own callbacks (_count) still enforce the size and count limits.
+            self._feed(data)
+            if self._began:
+                self._header_bytes = len(data)
+        else:
+            # While headers are incomplete feed small slices, so the header bytes are counted exactly
+            # enough and a flood is refused after max_header_bytes, never after the whole of it is buffered.
+            view, i = memoryview(data), 0
+            while i < len(data):
+                if not self._awaiting:
+                    return self._feed(bytes(view[i:]))
+                piece = bytes(view[i : i + _SLICE])
+                i += len(piece)
+                self._header_bytes += len(piece)
+                if self._header_bytes > self.max_header_bytes + _SLICE:
+                    return self._reject(431, f"request headers are over {self.max_header_bytes} bytes")
+                self._feed(piece)
+                if self.transport.is_closing():
+                    return None
+        # Headers still incomplete after this read: their deadline runs from now (or from the connection's
+        # start, which armed it already). Never re-armed while armed, so trickled bytes cannot extend it;
+        # a request that arrives whole in one read never costs a timer.
+        if self._began and self._deadline is None and not self.transport.is_closing():
+            self._arm_deadline()
         return None
 
     def _feed(self, data: bytes) -> None:
@@ -145,6 +157,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._awaiting = True
+        self._began = True
         self._too_large = ""
         self._header_count = 0
         self._header_size = 0
@@ -172,6 +185,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._too_large:
             return  # _feed answers 431 once the parser returns
         self._awaiting = False
+        self._began = False
         self._header_bytes = 0
         self._disarm_deadline()
         super().on_headers_complete()

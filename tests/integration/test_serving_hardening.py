@@ -277,6 +277,34 @@ def test_slow_headers_and_idle_connections_are_closed_at_the_header_deadline(ser
     assert 1.5 < time.monotonic() - start < 6  # the server runs with --header_timeout 2
 
 
+def test_the_header_deadline_holds_on_a_kept_alive_connection(server):
+    """The deadline is armed only when a read leaves headers incomplete (no timer per whole request): a
+    request that trickles in after a served one, or arrives half-way behind a pipelined one, still meets
+    it, and trickling a byte every 0.4 s does not extend it."""
+    whole = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    for first, rest in ((whole, b"GET /v2/health/live HTTP/1.1\r\n"), (whole + b"GET /v2/he", b"")):
+        start = time.monotonic()
+        with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
+            sock.sendall(first)
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += sock.recv(1000)
+            assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+            sock.sendall(rest)
+            sock.settimeout(0.4)
+            answer = b""
+            while time.monotonic() - start < 8 and b"HTTP/1.1 408 " not in answer:
+                try:
+                    sock.send(b"x")  # one more header byte, never the end of the headers
+                    answer += sock.recv(1000)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+            assert b"HTTP/1.1 408 " in answer, (first, answer[:300])
+        assert time.monotonic() - start < 5  # --header_timeout 2, not extended by the trickle
+
+
 def test_a_declared_body_that_never_starts_is_408(server):
     start = time.monotonic()
     answer = _raw_http(
