@@ -12,7 +12,7 @@ export PATH := $(abspath $(TOOLS))/bin:$(BIN):$(PATH)
 # Debian packages the local stack and the tests need (the demo and `make test` install them)
 APT_PACKAGES := haproxy prometheus shellcheck
 
-.PHONY: help venv sysdeps tools demo test test-fast chart-test lint fmt compile bench bench-serving bench-runtime bench-batch lock cluster cluster-down e2e controlplane-build controlplane controlplane-down controlplane-test clean
+.PHONY: help venv sysdeps tools demo test test-fast chart-test lint fmt compile bench bench-serving bench-soak wrk-tool bench-runtime bench-batch lock lock-runtime cluster cluster-down e2e controlplane-build controlplane controlplane-down controlplane-test clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -68,11 +68,16 @@ fmt: venv ## format with ruff
 bench: venv ## pipeline and predict-latency benchmarks (prints ratios)
 	$(BIN)/python -m pipelines.bench
 
-bench-serving: venv ## serving benchmark (wrk): runtime V1/V2 vs FastAPI floor, KServe, MLServer; ~10 min, ARGS=--quick
+wrk-tool:
 	@command -v wrk >/dev/null 2>&1 || { echo ">> apt-get install wrk (the load generator)"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
+
+bench-serving: venv wrk-tool ## serving benchmark (wrk): runtime V1/V2 vs FastAPI floor, KServe, MLServer; ~10 min, ARGS=--quick
 	$(BIN)/python -m serving.bench $(ARGS)
+
+bench-soak: venv wrk-tool ## 5-minute soak at c=32 (errors, p99, RSS growth), vs the runtime of BASELINE=<git ref> if given; ~5 min (10 with a baseline)
+	$(BIN)/python -m serving.bench.soak --check $(if $(BASELINE),--baseline $(BASELINE)) $(ARGS)
 
 bench-runtime: venv ## runtime request path in-process vs the bare onnxruntime call (batch 1, ratios)
 	$(BIN)/python -m serving.bench_runtime $(ARGS)
@@ -84,6 +89,9 @@ lock: ## regenerate requirements.lock from requirements.in in a scratch venv
 	rm -rf /tmp/mlrollout-lock && $(PYTHON) -m venv /tmp/mlrollout-lock
 	/tmp/mlrollout-lock/bin/pip install --quiet -r requirements.in
 	/tmp/mlrollout-lock/bin/pip freeze | grep -v '^-e' > requirements.lock
+
+lock-runtime: ## regenerate serving/requirements-runtime.lock (the image's pins + wheel hashes; needs python3.11, PyPI)
+	$(PYTHON) serving/lock_runtime.py
 
 cluster: ## kind cluster with cert-manager, Envoy Gateway, KServe, KFP, Prometheus (needs docker + kind; PROFILE=knative adds Knative)
 	@bash infra/cluster-up.sh --preflight-only

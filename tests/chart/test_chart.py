@@ -452,6 +452,42 @@ def test_knative_validator_catches_what_knative_rejects(render):
         check_knative_admissible(bad, one_port)
 
 
+# Idle RSS of the runtime serving the breast-cancer package, with headroom: 230 MiB measured in
+# `make bench-soak` (python + onnxruntime + kserve imported, one session open).
+IDLE_RSS_MIB = 300
+
+
+def _mib(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_documented_request_maxima_fit_the_memory_limit(render):
+    """Memory bounded for concurrent uploads (hardening.md area 2): at every limit the runtime enforces,
+    with the flags the ClusterServingRuntime passes and the defaults of the rest, the worst case stays
+    under the predictor's memory limit: every connection holding a full header buffer and a body's free
+    allowance, plus the in-flight body budget, on top of the idle process."""
+    from serving.runtime import asgi, protocol
+    from serving.runtime.server import build_parser
+
+    objs = render(CANARY, sets=("clusterServingRuntime.create=true",))
+    runtime = by_name(objs, "ClusterServingRuntime", "mlrollout-onnx")["spec"]["containers"][0]
+
+    def worst_mib(args: list[str]) -> float:
+        flags = build_parser().parse_known_args(args)[0]
+        per_conn = flags.max_header_bytes + protocol._SLICE + asgi.BodyBudget(1).free_bytes
+        connections = flags.max_connections or protocol.LimitedHttpToolsProtocol.max_connections
+        held = max(flags.max_inflight_body_bytes, flags.max_body_bytes) + connections * per_conn
+        return IDLE_RSS_MIB + held / 2**20
+
+    assert worst_mib(runtime["args"]) < _mib(runtime["resources"]["limits"]["memory"])
+    for isvc in kinds(objs, "InferenceService"):
+        model = isvc["spec"]["predictor"]["model"]
+        worst = worst_mib(runtime["args"] + model.get("args", []))
+        limit = model["resources"]["limits"]["memory"]
+        assert worst < _mib(limit), f"{isvc['metadata']['name']}: worst case {worst:.0f} MiB vs {limit}"
+
+
 # ------------------------------------------------------------------------------------------- names
 
 
