@@ -1,5 +1,10 @@
 """Offline (batch) scoring: ``python -m serving.batch --model_dir DIR --input FILE --output FILE``.
 
-The scoring itself lives in ``pipelines.core.scoring`` so the KFP batch component embeds the very
-same code; this package is the command-line shell around it (arguments, progress, signals, errors).
+``engine`` (``score_file``: the read -> score -> write stages), ``source`` (CSV/Parquet input),
+``sink`` (the atomic output writers), ``report`` (the run summary), ``model`` (the verified package
+and its onnxruntime session), ``errors``; ``cli`` is the command-line shell around them (arguments,
+progress, signals, errors). The KFP batch component embeds this very code
+(``pipelines/components/batch.py``).
+
+Nothing is imported here: ``python -m serving.batch`` handles SIGINT before the heavy imports.
 """

@@ -8,7 +8,10 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from pipelines.core import modelcard, scoring
+from pipelines.core import modelcard
+from serving.batch import engine
+from serving.batch.errors import BatchScoringError, one_line
+from serving.batch.source import FORMATS
 
 EPILOG = """\
 input columns are matched to the model card's feature names by name, not position; columns the
@@ -30,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
     """Bad arguments: one line that says what is wrong (not the whole usage block), exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {scoring.one_line(message, _MAX_LINE)}; see {self.prog} --help\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message, _MAX_LINE)}; see {self.prog} --help\n")
 
 
 def _threads(text: str) -> int:
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--input-format",
-        choices=["auto", *scoring.FORMATS],
+        choices=["auto", *FORMATS],
         default="auto",
         help="input format (default: from the extension, else sniffed)",
     )
@@ -129,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bar = None
     try:
         # paths first: a wrong --output or --report is refused before the model is loaded
-        scoring.check_paths(
+        engine.check_paths(
             args.input,
             args.output,
             overwrite=args.overwrite,
@@ -138,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         from tqdm import tqdm
 
-        model = scoring.load_model(args.model_dir, args.threads)
+        model = engine.load_model(args.model_dir, args.threads)
         bar = tqdm(
             desc=f"scoring {model.name}:{model.version}",
             unit=" rows",
@@ -146,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
             disable=not show,
         )
-        summary = scoring.score_file(
+        summary = engine.score_file(
             model,
             args.input,
             args.output,
@@ -162,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shares = ", ".join(f"{k}={v}" for k, v in summary.class_counts.items())
         print(f"{summary.line()} [{shares}]", file=sys.stderr)
         return 0
-    except (scoring.BatchScoringError, modelcard.ModelPackageError) as e:
+    except (BatchScoringError, modelcard.ModelPackageError) as e:
         _close(bar)
         _error(str(e))
         return 2
@@ -185,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error(message: str) -> None:
-    print(f"error: {scoring.one_line(message, _MAX_LINE)}", file=sys.stderr)
+    print(f"error: {one_line(message, _MAX_LINE)}", file=sys.stderr)
 
 
 def _set_total(bar, total: int | None) -> None:

@@ -1,4 +1,4 @@
-"""Batch scoring (``pipelines.core.scoring`` + the ``serving.batch`` command), in-process.
+"""Batch scoring (the ``serving.batch`` engine + the ``serving.batch`` command), in-process.
 
 Every comparison is against onnxruntime (and sklearn) run here on the same rows, never against
 hard-coded numbers. The real-subprocess and signal tests are in tests/integration/test_batch_cli.py.
@@ -21,8 +21,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.core import modelcard, scoring
-from serving.batch import cli
+from pipelines.core import modelcard
+from serving.batch import cli, engine
+from serving.batch.errors import BatchScoringError, SchemaMismatchError
+from serving.batch.model import prob_column_names
+from serving.batch.report import summary_markdown
 from tests.modelfactory import breast_cancer
 
 
@@ -85,7 +88,7 @@ def test_scores_match_in_process_onnxruntime(tmp_path, model_package, data, refe
     inp = write(table(X, features), tmp_path / f"in.{in_fmt}")
     out = tmp_path / f"out.{out_fmt}"
     chunks = []
-    summary = scoring.score_file(
+    summary = engine.score_file(
         model_package, inp, out, chunk_rows=100, id_column="customer", progress=chunks.append
     )
     assert len(chunks) > 1 and sum(chunks) == len(X) == summary.rows
@@ -113,7 +116,7 @@ def test_scores_agree_with_sklearn(tmp_path, data):
     model_dir, pipe = build_package(tmp_path / "models", estimator="random_forest")
     X, features, class_names = data
     out = tmp_path / "out.parquet"
-    scoring.score_file(model_dir, write(table(X, features), tmp_path / "in.parquet"), out, chunk_rows=64)
+    engine.score_file(model_dir, write(table(X, features), tmp_path / "in.parquet"), out, chunk_rows=64)
     got = read(out)
     np.testing.assert_array_equal(got.column("prediction").to_numpy(), pipe.predict(X))
     probs = np.column_stack([got.column(f"prob_{c}").to_numpy() for c in class_names])
@@ -126,14 +129,14 @@ def test_output_gets_the_usual_file_mode(tmp_path, model_package, data):
     plain = tmp_path / "plain.txt"
     plain.write_text("")
     out = tmp_path / "out.parquet"
-    scoring.score_file(model_package, write(table(X[:10], features), tmp_path / "in.parquet"), out)
+    engine.score_file(model_package, write(table(X[:10], features), tmp_path / "in.parquet"), out)
     assert out.stat().st_mode == plain.stat().st_mode
 
 
 def test_row_numbers_when_no_id_column(tmp_path, model_package, data):
     X, features, _ = data
     inp = write(table(X[:300], features, ids=False), tmp_path / "in.parquet")
-    scoring.score_file(model_package, inp, tmp_path / "out.csv", chunk_rows=64)
+    engine.score_file(model_package, inp, tmp_path / "out.csv", chunk_rows=64)
     got = read(tmp_path / "out.csv")
     assert got.column_names[0] == "row_number"
     assert got.column("row_number").to_pylist() == list(range(300))
@@ -142,7 +145,7 @@ def test_row_numbers_when_no_id_column(tmp_path, model_package, data):
 def test_parquet_id_keeps_its_type(tmp_path, model_package, data):
     X, features, _ = data
     t = table(X[:50], features, ids=False).append_column("id", pa.array(np.arange(1000, 1050)))
-    scoring.score_file(model_package, write(t, tmp_path / "in.parquet"), tmp_path / "out.parquet")
+    engine.score_file(model_package, write(t, tmp_path / "in.parquet"), tmp_path / "out.parquet")
     got = read(tmp_path / "out.parquet")
     assert got.schema.field("id").type == pa.int64()  # 'id' is picked up by default
     assert got.column("id").to_pylist() == list(range(1000, 1050))
@@ -154,8 +157,8 @@ def test_missing_column_stops_before_output(tmp_path, model_package, data, fmt):
     t = table(X[:20], features)
     t = t.drop_columns([features[3]])
     inp = write(t, tmp_path / f"in.{fmt}")
-    with pytest.raises(scoring.SchemaMismatchError, match=rf"lacks 1 column\(s\).*'{features[3]}'"):
-        scoring.score_file(model_package, inp, tmp_path / "out.parquet")
+    with pytest.raises(SchemaMismatchError, match=rf"lacks 1 column\(s\).*'{features[3]}'"):
+        engine.score_file(model_package, inp, tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists()
     assert leftovers(tmp_path) == []
 
@@ -168,8 +171,8 @@ def test_mistyped_column_names_column_and_value(tmp_path, model_package, data, f
     bad[7] = "12,5 mm"
     t = t.set_column(t.schema.get_field_index(features[5]), features[5], pa.array(bad))
     inp = write(t, tmp_path / f"in.{fmt}")
-    with pytest.raises(scoring.SchemaMismatchError, match=rf"'{features[5]}'.*'12,5 mm'"):
-        scoring.score_file(model_package, inp, tmp_path / "out.csv")
+    with pytest.raises(SchemaMismatchError, match=rf"'{features[5]}'.*'12,5 mm'"):
+        engine.score_file(model_package, inp, tmp_path / "out.csv")
     assert list(tmp_path.iterdir()) == [inp]
 
 
@@ -179,7 +182,7 @@ def test_numeric_strings_are_accepted(tmp_path, model_package, data, reference):
     t = table(X[:30], features)
     i = t.schema.get_field_index(features[0])
     t = t.set_column(i, features[0], pa.array([repr(float(v)) for v in X[:30, 0]]))
-    scoring.score_file(model_package, write(t, tmp_path / "in.parquet"), tmp_path / "out.parquet")
+    engine.score_file(model_package, write(t, tmp_path / "in.parquet"), tmp_path / "out.parquet")
     np.testing.assert_array_equal(read(tmp_path / "out.parquet").column("prediction"), reference(X[:30])[0])
 
 
@@ -188,8 +191,8 @@ def test_uncastable_parquet_type_is_refused_up_front(tmp_path, model_package, da
     t = table(X[:10], features)
     i = t.schema.get_field_index(features[2])
     t = t.set_column(i, features[2], pa.array(np.arange(10).astype("datetime64[s]")))
-    with pytest.raises(scoring.SchemaMismatchError, match=rf"'{features[2]}'.*timestamp\[m?s\].*float32"):
-        scoring.score_file(model_package, write(t, tmp_path / "in.parquet"), tmp_path / "out.csv")
+    with pytest.raises(SchemaMismatchError, match=rf"'{features[2]}'.*timestamp\[m?s\].*float32"):
+        engine.score_file(model_package, write(t, tmp_path / "in.parquet"), tmp_path / "out.csv")
 
 
 @pytest.mark.parametrize("value", [None, float("nan"), float("inf")])
@@ -199,8 +202,8 @@ def test_missing_or_non_finite_value_names_column_and_row(tmp_path, model_packag
     col = X[:200, 9].astype(np.float64).tolist()
     col[150] = value
     t = t.set_column(t.schema.get_field_index(features[9]), features[9], pa.array(col, pa.float64()))
-    with pytest.raises(scoring.SchemaMismatchError, match=rf"'{features[9]}'.*row 150"):
-        scoring.score_file(
+    with pytest.raises(SchemaMismatchError, match=rf"'{features[9]}'.*row 150"):
+        engine.score_file(
             model_package, write(t, tmp_path / "in.parquet"), tmp_path / "o.parquet", chunk_rows=64
         )
     assert leftovers(tmp_path) == [] and not (tmp_path / "o.parquet").exists()
@@ -219,8 +222,8 @@ def test_failure_in_a_late_chunk_keeps_the_previous_output(tmp_path, model_packa
     out = tmp_path / f"out.{out_fmt}"
     out.write_bytes(b"previous results")
     seen = []
-    with pytest.raises(scoring.SchemaMismatchError, match="oops"):
-        scoring.score_file(model_package, inp, out, chunk_rows=100, progress=seen.append)
+    with pytest.raises(SchemaMismatchError, match="oops"):
+        engine.score_file(model_package, inp, out, chunk_rows=100, progress=seen.append)
     assert sum(seen) >= 100  # chunks had been scored and written before the failure
     assert out.read_bytes() == b"previous results"
     assert leftovers(tmp_path) == []
@@ -231,7 +234,7 @@ def test_header_only_csv_gives_an_empty_result(tmp_path, model_package, data):
     inp = tmp_path / "in.csv"
     inp.write_text(",".join(["id", *features]) + "\n")
     for out in (tmp_path / "out.csv", tmp_path / "out.parquet"):
-        summary = scoring.score_file(model_package, inp, out)
+        summary = engine.score_file(model_package, inp, out)
         got = read(out)
         assert summary.rows == 0 and got.num_rows == 0
         assert got.column_names == ["id", "prediction", *[f"prob_{c}" for c in class_names]]
@@ -240,7 +243,7 @@ def test_header_only_csv_gives_an_empty_result(tmp_path, model_package, data):
 def test_zero_row_parquet_gives_an_empty_result(tmp_path, model_package, data):
     X, features, _ = data
     inp = write(table(X[:0], features), tmp_path / "in.parquet")
-    scoring.score_file(model_package, inp, tmp_path / "out.parquet")
+    engine.score_file(model_package, inp, tmp_path / "out.parquet")
     assert read(tmp_path / "out.parquet").num_rows == 0
 
 
@@ -336,7 +339,7 @@ def test_score_histogram_and_reports(tmp_path, model_package, data, reference):
          "--chunk-rows", "100", "--report", str(tmp_path / "r.html")]
     )  # fmt: skip
     assert rc == 0
-    summary = scoring.score_file(model_package, inp, tmp_path / "o2.parquet", chunk_rows=100)
+    summary = engine.score_file(model_package, inp, tmp_path / "o2.parquet", chunk_rows=100)
     _, proba = reference(X)
     expected = np.bincount(np.minimum((proba[:, 1] * 20).astype(int), 19), minlength=20)
     assert summary.score_histogram == expected.tolist() and sum(summary.score_histogram) == len(X)
@@ -346,13 +349,13 @@ def test_score_histogram_and_reports(tmp_path, model_package, data, reference):
     assert len(rects) == 20
     heights = [float(r.get("height")) for r in rects]
     assert heights.index(max(heights)) == int(np.argmax(expected))  # tallest bar = fullest bin
-    md = scoring.summary_markdown(summary)
+    md = summary_markdown(summary)
     assert f"| 0.95-1.00 | {expected[19]:,} |" in md
 
 
 def test_prob_column_names_are_safe_and_unique():
-    assert scoring.prob_column_names(["no churn", "churn!"]) == ["prob_no_churn", "prob_churn"]
-    assert scoring.prob_column_names(["a b", "a-b", "a/b"]) == ["prob_0", "prob_1", "prob_2"]
+    assert prob_column_names(["no churn", "churn!"]) == ["prob_no_churn", "prob_churn"]
+    assert prob_column_names(["a b", "a-b", "a/b"]) == ["prob_0", "prob_1", "prob_2"]
 
 
 def _argv(model_package, inp, out, *extra) -> list[str]:
@@ -402,7 +405,7 @@ def test_cli_report_must_not_be_the_input_or_the_output(
     elif how == "hardlink":
         os.link(named, report)
     before = _snapshot(tmp_path)
-    monkeypatch.setattr(scoring, "load_model", _no_work)
+    monkeypatch.setattr(engine, "load_model", _no_work)
     rc = cli.main(_argv(model_package, inp, out, "--report", str(report)))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
@@ -440,7 +443,7 @@ def test_cli_report_that_cannot_be_written_leaves_the_old_output(
     def full_disk(summary):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(report))
 
-    monkeypatch.setattr(scoring, "summary_html", full_disk)
+    monkeypatch.setattr(engine, "summary_html", full_disk)
     rc = cli.main(_argv(model_package, inp, out, "--report", str(report)))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "No space left on device" in err[0], err
@@ -455,7 +458,7 @@ def test_cli_report_that_cannot_be_created_is_refused_before_any_work(
     inp = write(table(X[:20], features), tmp_path / "in.parquet")
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    monkeypatch.setattr(scoring, "load_model", _no_work)
+    monkeypatch.setattr(engine, "load_model", _no_work)
     for report in (blocker / "r.html", tmp_path):  # under a file; a directory
         rc = cli.main(_argv(model_package, inp, tmp_path / "o.parquet", "--report", str(report)))
         err = capsys.readouterr().err.strip().splitlines()
@@ -469,17 +472,17 @@ def test_report_folder_that_cannot_be_created_fails_before_scoring(
     """mkdir of the report's folder fails (e.g. permissions): nothing is scored and no partial is left."""
     X, features, _ = data
     inp = write(table(X[:20], features), tmp_path / "in.parquet")
-    real_mkdir = scoring.Path.mkdir
+    real_mkdir = engine.Path.mkdir
 
     def mkdir(self, *args, **kwargs):
         if self.name == "denied":
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
         return real_mkdir(self, *args, **kwargs)
 
-    monkeypatch.setattr(scoring.Path, "mkdir", mkdir)
+    monkeypatch.setattr(engine.Path, "mkdir", mkdir)
     seen = []
     with pytest.raises(PermissionError):
-        scoring.score_file(
+        engine.score_file(
             model_package, inp, tmp_path / "o.parquet", report_path=tmp_path / "denied" / "r.html",
             progress=seen.append,
         )  # fmt: skip
@@ -521,9 +524,9 @@ def test_corrupt_parquet_data_page_is_one_line(tmp_path, model_package, data, ca
 
 def test_cli_error_line_is_one_bounded_line(tmp_path, model_package, capsys, monkeypatch):
     def fail(*args, **kwargs):
-        raise scoring.BatchScoringError("line one\nline two\r\n\t" + "x" * 100_000)
+        raise BatchScoringError("line one\nline two\r\n\t" + "x" * 100_000)
 
-    monkeypatch.setattr(scoring, "load_model", fail)
+    monkeypatch.setattr(engine, "load_model", fail)
     assert cli.main(_argv(model_package, tmp_path / "in.csv", tmp_path / "o.csv")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: line one line two xxx") and len(err) <= 1010
@@ -576,10 +579,10 @@ def test_stale_partials_of_the_same_output_are_removed(tmp_path, model_package, 
     os.symlink(inp, folder / ".o.parquet.alinkxxx.partial")  # a link, not a file of ours
     os.utime(folder / ".o.parquet.alinkxxx.partial", (old, old), follow_symlinks=False)
     kept += [folder / ".o.parquet.adirxxxx.partial", folder / ".o.parquet.alinkxxx.partial"]
-    with pytest.raises(scoring.BatchScoringError):  # a failed run removes nothing
-        scoring.score_file(model_package, inp, folder / "o.parquet", chunk_rows=0)
+    with pytest.raises(BatchScoringError):  # a failed run removes nothing
+        engine.score_file(model_package, inp, folder / "o.parquet", chunk_rows=0)
     assert all(p.exists() for p in stale)
-    scoring.score_file(model_package, inp, folder / "o.parquet", report_path=folder / "r.html")
+    engine.score_file(model_package, inp, folder / "o.parquet", report_path=folder / "r.html")
     assert not any(p.exists() for p in stale)
     assert all(os.path.lexists(p) for p in kept) and inp.exists()
     assert sorted(p.name for p in folder.iterdir()) == sorted(
