@@ -10,12 +10,13 @@ two URIs the KFP launcher can read: ``model_uri``, a model package folder (for e
 from kfp import dsl
 from kfp.dsl import Dataset, Model
 
+from pipelines.components._env import pipeline
 from pipelines.components.batch import batch_score
 
 PIPELINE_NAME = "batch-scoring-pipeline"
 
 
-@dsl.pipeline(
+@pipeline(
     name=PIPELINE_NAME,
     description="Score a CSV/Parquet table with a packaged ONNX model (sha256-checked, schema-checked, "
     "streamed through onnxruntime) and store the predictions as a Dataset artifact.",
@@ -28,6 +29,21 @@ def batch_scoring_pipeline(
     input_format: str = "auto",
     output_format: str = "parquet",
 ) -> Dataset:
+    """Score one table with one model package into a predictions Dataset.
+
+    Args:
+        model_uri: URI of a model package folder the KFP launcher can read, e.g. the ``package``
+            output of a training-pipeline run (``minio://mlpipeline/v2/artifacts/...``).
+        dataset_uri: URI of one CSV or Parquet file; re-imported on every run (never cached).
+        id_column: Input column copied to the output as the row id; empty = ``id`` if the input has
+            one, else row numbers (``row_number`` from 0).
+        chunk_rows: Rows per chunk; 0 = automatic (about 2 MB of float32 features per chunk).
+        input_format: ``auto`` (by extension, else the Parquet magic bytes), ``csv`` or ``parquet``.
+        output_format: ``parquet`` or ``csv``.
+
+    Returns:
+        The predictions: the id column, ``prediction`` and one ``prob_<class>`` column per class.
+    """
     model = dsl.importer(artifact_uri=model_uri, artifact_class=Model, reimport=False)
     model.set_display_name("model package")
     # a table path is often rewritten in place (e.g. a daily export): re-import it and never serve

@@ -71,9 +71,13 @@ def load(path: str | Path) -> list[Any]:
 
 
 def compile_one(pipeline_func: Any, path: str | Path) -> None:
+    """Compile one pipeline (or component); a deferred one (``components._env``) is built, and its
+    components' code staged, here."""
     from kfp import compiler
 
-    compiler.Compiler().compile(pipeline_func, str(path))
+    from pipelines.components._env import built
+
+    compiler.Compiler().compile(built(pipeline_func), str(path))
 
 
 def compile_all(out_dir: Path = COMPILED_DIR) -> dict[str, str]:

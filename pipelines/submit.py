@@ -67,6 +67,8 @@ def submit(
     import kfp
     from kfp import compiler
 
+    from pipelines.components._env import built
+
     cron = check_cron(recurring) if recurring else None
     check_reachable(host, min(timeout, 10.0))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
@@ -74,7 +76,7 @@ def submit(
     run_name = run_name or f"{pipeline_name} {stamp}"
     with tempfile.TemporaryDirectory() as tmp:
         package = str(Path(tmp) / "pipeline.yaml")
-        compiler.Compiler().compile(pipeline_func, package)
+        compiler.Compiler().compile(built(pipeline_func), package)
         try:
             client = kfp.Client(host=host, namespace=namespace)
         except Exception as e:

@@ -9,6 +9,7 @@ from kfp import dsl
 from kfp.dsl import Model
 
 from pipelines.components import rollout
+from pipelines.components._env import pipeline
 from pipelines.components.training import (
     evaluate,
     export_onnx,
@@ -23,7 +24,7 @@ from pipelines.components.training import (
 PIPELINE_NAME = "training-pipeline"
 
 
-@dsl.pipeline(
+@pipeline(
     name=PIPELINE_NAME,
     description="Train a scikit-learn classifier, gate it, export it to verified ONNX and package it "
     "(model.onnx + model-card.json, a Triton/KServe model repository); with deploy=true, roll it out "
@@ -71,6 +72,53 @@ def training_pipeline(
     prometheus_url: str = "http://prometheus.monitoring.svc.cluster.local:9090",
     max_drift: float = 0.15,
 ) -> Model:
+    """Train, gate, export, verify and package a classifier; with ``deploy``, roll it out.
+
+    Args:
+        data_source: CSV/Parquet path or URI; empty = sklearn's bundled breast_cancer data.
+        label_column: Name of the label column.
+        expected_columns: Comma-separated columns that must be present; empty = no such check.
+        min_rows: Fewest rows the data may have.
+        max_missing_fraction: Largest share of missing values in any one column.
+        max_duplicate_fraction: Largest share of rows that repeat an earlier row.
+        max_outlier_fraction: Largest share of outliers in any one column.
+        outlier_method: ``iqr`` (Tukey fences) or ``robust_z`` (median/MAD).
+        outlier_k: The IQR multiplier (``iqr``) or the z limit (``robust_z``).
+        min_class_fraction: Smallest share the rarest class may have.
+        test_size: Share of rows held out for evaluation and the ONNX parity check.
+        seed: Seed of the split and of the estimator.
+        estimator: A name from ``ESTIMATORS`` in ``pipelines/core/train.py`` (``logistic_regression``,
+            ``random_forest``, ``hist_gradient_boosting``, ``extra_trees``, ``gradient_boosting``,
+            ``decision_tree``); nothing is imported from this parameter.
+        hyperparameters: JSON object of estimator parameters, e.g. ``{"C": 0.5}``.
+        slice_feature: Feature to slice the evaluation on (at or below / above its median); empty =
+            the first feature.
+        min_accuracy: Evaluation gate: least held-out accuracy.
+        min_f1: Evaluation gate: least held-out F1.
+        min_roc_auc: Evaluation gate: least held-out ROC AUC.
+        baseline_card: The serving model's card (JSON text, or a ``model-card.json``/package path in
+            local runs); empty = no comparison.
+        max_regression: Largest drop allowed against the baseline card (accuracy, F1, ROC AUC).
+        max_abs_prob_diff: ONNX parity: largest absolute probability difference to sklearn.
+        min_label_agreement: ONNX parity: least share of rows where ONNX and sklearn agree.
+        model_name: Model name, a DNS-1123 label.
+        model_version: Model version, a semantic version X.Y.Z.
+        deploy: Roll the package out after packaging (deploy-canary, progressive-rollout).
+        deploy_namespace: Namespace of the model's Helm release.
+        release_fullname: The release's fullname, ``<release>-mlrollout-model`` (required with deploy).
+        rollout_router: ``gateway_api`` (chart strategy ``canary``) or ``kserve_knative`` (strategy
+            ``knativeCanary``).
+        stable_version: Version the stable side serves now, as in its model card (required with
+            deploy).
+        rollout_steps: Comma-separated canary weights in percent, e.g. ``10,25,50,100``.
+        rollout_interval_s: Seconds between analyses (one per step, after the weight is set).
+        prometheus_url: Prometheus the gates query; empty = scrape the predictors' ``/metrics``
+            directly (``gateway_api`` only).
+        max_drift: Drift gate: largest Jensen-Shannon distance between canary and stable predictions.
+
+    Returns:
+        The model package: ``<name>/1/model.onnx`` + ``<name>/model-card.json``.
+    """
     data = load_data(
         source=data_source, label_column=label_column, model_name=model_name, model_version=model_version
     )
@@ -139,16 +187,16 @@ def training_pipeline(
     )
     # deploy=True: deploy-canary -> progressive-rollout inside one dsl.If; skipped otherwise
     rollout.rollout_steps(
-        packaged.outputs["package"],
-        deploy,
-        deploy_namespace,
-        release_fullname,
-        rollout_router,
-        model_name,
-        stable_version,
-        rollout_steps,
-        rollout_interval_s,
-        prometheus_url,
-        max_drift,
+        package=packaged.outputs["package"],
+        enabled=deploy,
+        namespace=deploy_namespace,
+        release_fullname=release_fullname,
+        router=rollout_router,
+        model_name=model_name,
+        stable_version=stable_version,
+        steps=rollout_steps,
+        interval_s=rollout_interval_s,
+        prometheus_url=prometheus_url,
+        max_drift=max_drift,
     )
     return packaged.outputs["package"]

@@ -1,24 +1,18 @@
-"""KFP v2 component for offline (batch) scoring: a thin, hermetic wrapper over ``pipelines.core.scoring``.
+"""KFP v2 component for offline (batch) scoring: a thin, hermetic wrapper over ``serving.batch``.
 
-The same scoring code as ``python -m serving.batch`` reaches the cluster embedded in the compiled
-YAML (``embedded_artifact_path``, only ``scoring`` and the ``modelcard`` it imports); the step
-installs the pinned onnxruntime/pyarrow/numpy it imports at start-up. The ``core`` parameter is
-that embedded tree: kfp injects it at run time and it is not part of the component's interface.
+The same engine as ``python -m serving.batch`` reaches the cluster embedded in the compiled YAML
+(``_env.component``: ``serving.batch.engine`` and what it imports); the step installs the pinned
+onnxruntime/pyarrow/numpy it imports at start-up. The ``core`` parameter is that embedded tree:
+kfp injects it at run time and it is not part of the component's interface.
 """
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
-from pipelines.components.runtime import BASE_IMAGE, requirements, stage_core
-
-_staged = stage_core("scoring")
+from pipelines.components._env import component
 
 
-@dsl.component(
-    base_image=BASE_IMAGE,
-    packages_to_install=requirements("onnxruntime", "pyarrow", "numpy"),
-    embedded_artifact_path=_staged.name,
-)
+@component("onnxruntime", "pyarrow", "numpy")
 def batch_score(
     model: Input[Model],
     dataset: Input[Dataset],
@@ -34,24 +28,36 @@ def batch_score(
 ):
     """Score a CSV/Parquet table with a packaged ONNX model (sha256-checked) into ``predictions``.
 
-    ``model``: a package folder (``<name>/1/model.onnx`` + ``<name>/model-card.json``, e.g. the
-    training pipeline's ``package`` output). ``id_column``: "" = ``id`` if present, else row numbers.
-    ``chunk_rows``: 0 = automatic (about 2 MB of features per chunk).
+    Args:
+        model: A model package folder (``<name>/1/model.onnx`` + ``<name>/model-card.json``), e.g.
+            the training pipeline's ``package`` output.
+        dataset: One CSV or Parquet file (or a folder artifact holding exactly one).
+        id_column: Input column copied to the output as the row id; "" = ``id`` if the input has
+            one, else row numbers (``row_number`` from 0).
+        chunk_rows: Rows per chunk; 0 = automatic (about 2 MB of float32 features per chunk).
+        input_format: ``auto`` (by extension, else the Parquet magic bytes), ``csv`` or ``parquet``.
+        output_format: ``parquet`` or ``csv``; "" = ``parquet``.
+        predictions: The id column, ``prediction`` and one ``prob_<class>`` column per class.
+        summary: Rows, seconds, rows per second and the count of each predicted class.
+        report: A Markdown summary for the run page (volume, speed, class shares, score bins).
+        score_plot: The score distribution as an HTML page (inline SVG).
     """
     import os
 
-    from pipelines.core import scoring
+    from serving.batch import engine
+    from serving.batch import report as batch_report
+    from serving.batch.errors import BatchScoringError
 
     src = dataset.path
     if os.path.isdir(src):  # a folder artifact holding exactly one table
         files = sorted(f for f in os.listdir(src) if not f.startswith("."))
         if len(files) != 1:
-            raise scoring.BatchScoringError(
+            raise BatchScoringError(
                 f"dataset folder {src!r} holds {len(files)} files; point dataset_uri at one CSV/Parquet file"
             )
         src = os.path.join(src, files[0])
     fmt = output_format or "parquet"
-    result = scoring.score_file(
+    result = engine.score_file(
         model.path,
         src,
         predictions.path,
@@ -74,10 +80,7 @@ def batch_score(
     for name, n in result.class_counts.items():
         summary.log_metric(f"predicted_{name}", n)
     with open(report.path, "w") as f:
-        f.write(scoring.summary_markdown(result))
+        f.write(batch_report.summary_markdown(result))
     with open(score_plot.path, "w") as f:
-        f.write(scoring.summary_html(result))
+        f.write(batch_report.summary_html(result))
     print(result.line())
-
-
-_staged.cleanup()  # kfp archived the tree when the decorator ran

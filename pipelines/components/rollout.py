@@ -1,61 +1,23 @@
 """KFP v2 components that end a training run by rolling its model out: ``deploy_canary`` then
 ``progressive_rollout``. Thin, hermetic wrappers over ``serving.rollout.cluster``.
 
-The rollout controller's code reaches the cluster embedded in the compiled YAML (kfp's
-``embedded_artifact_path``: a scratch ``serving/rollout`` tree with only the modules the cluster
-path imports); the step installs the pinned kubernetes/httpx/prometheus-client/matplotlib it
+The rollout controller's code reaches the cluster embedded in the compiled YAML (``_env.component``:
+the ``serving.rollout`` modules the steps import, and what those import, nothing else: no local
+stack, no runtime, no CLI); the step installs the pinned kubernetes/httpx/prometheus-client/matplotlib it
 needs. Both steps talk to the Kubernetes API with the pod's in-cluster config, as the Helm
 chart's ``<fullname>-deployer`` Role allows (InferenceServices and HTTPRoutes in one namespace, the
 predictor Deployments read-only, the rollout's state ConfigMap).
 """
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 from kfp import dsl
 from kfp.dsl import Input, Markdown, Model, Output
 
-from pipelines.components.runtime import BASE_IMAGE, requirements
+from pipelines.components._env import component
 
-_ROLLOUT_DIR = Path(__file__).resolve().parents[2] / "serving" / "rollout"
-# what the cluster path imports (no local stack, no runtime, no CLI)
-_EMBEDDED = (
-    "__init__",
-    "machine",
-    "gates",
-    "stats",
-    "metrics",
-    "kube",
-    "targets",
-    "routers",
-    "store",
-    "controller",
-    "cluster",
-    "report",
-)
-_FIXED_MTIME = 315532800
+_PACKAGES = ("kubernetes", "httpx", "prometheus-client", "matplotlib")
 
 
-def stage_rollout() -> tempfile.TemporaryDirectory:
-    """A scratch ``serving/rollout`` tree for ``embedded_artifact_path`` (only .py, fixed mtimes)."""
-    tmp = tempfile.TemporaryDirectory(prefix="mlrollout-rollout-")
-    pkg = Path(tmp.name) / "serving"
-    (pkg / "rollout").mkdir(parents=True)
-    (pkg / "__init__.py").write_text('"""Embedded copy of mlrollout\'s rollout controller."""\n')
-    for name in _EMBEDDED:
-        shutil.copyfile(_ROLLOUT_DIR / f"{name}.py", pkg / "rollout" / f"{name}.py")
-    for p in sorted(Path(tmp.name).rglob("*")):
-        os.utime(p, (_FIXED_MTIME, _FIXED_MTIME))
-    return tmp
-
-
-_staged = stage_rollout()
-_PACKAGES = requirements("kubernetes", "httpx", "prometheus-client", "matplotlib")
-
-
-@dsl.component(base_image=BASE_IMAGE, packages_to_install=_PACKAGES, embedded_artifact_path=_staged.name)
+@component(*_PACKAGES)
 def deploy_canary(
     model: Input[Model],
     namespace: str,
@@ -66,10 +28,16 @@ def deploy_canary(
 ) -> str:
     """Serve the trained package as the canary (no traffic yet) and wait until its pods serve it.
 
-    ``release_fullname``: the Helm release's fullname (``<release>-mlrollout-model``).
-    ``router``: ``gateway_api`` (chart strategy ``canary``: patches ``<fullname>-canary``) or
-    ``kserve_knative`` (chart strategy ``knativeCanary``: a new revision at 0%).
-    Returns the canary's model version (from the package's model card).
+    Args:
+        model: The model package (``<name>/1/model.onnx`` + ``<name>/model-card.json``).
+        namespace: Namespace of the model's Helm release.
+        release_fullname: The Helm release's fullname (``<release>-mlrollout-model``).
+        router: ``gateway_api`` (chart strategy ``canary``: patches ``<fullname>-canary``) or
+            ``kserve_knative`` (chart strategy ``knativeCanary``: a new revision at 0%).
+        ready_timeout_s: Seconds to wait for the canary's pods to serve the new model.
+
+    Returns:
+        The canary's model version (from the package's model card).
     """
     import json
     import os
@@ -102,7 +70,7 @@ def deploy_canary(
     return version
 
 
-@dsl.component(base_image=BASE_IMAGE, packages_to_install=_PACKAGES, embedded_artifact_path=_staged.name)
+@component(*_PACKAGES)
 def progressive_rollout(
     namespace: str,
     release_fullname: str,
@@ -122,13 +90,34 @@ def progressive_rollout(
     report: Output[Markdown],
     rollout: dsl.EmbeddedInput[dsl.Dataset],
 ) -> str:
-    """Shift traffic step by step on measured gates (success rate, p99, prediction drift); returns
-    the final phase (Promoted, RolledBack, Aborted, or the phase when ``max_seconds`` ran out).
+    """Shift traffic step by step on measured gates (success rate, p99, prediction drift).
 
     State persists in the ConfigMap ``<release_fullname>-rollout``, so a retried step resumes the
-    same rollout. With ``fail_on_rollback`` a rollback fails the run.
+    same rollout.
+
+    Args:
+        namespace: Namespace of the model's Helm release.
+        release_fullname: The Helm release's fullname (``<release>-mlrollout-model``).
+        router: ``gateway_api`` or ``kserve_knative``, as for ``deploy_canary``.
+        model_name: The model's name (the metrics' ``model`` label).
+        stable_version: Version the stable side serves now.
+        canary_version: Version the canary serves (``deploy_canary``'s output).
+        steps: Comma-separated canary weights in percent, e.g. ``10,25,50,100``.
+        interval_s: Seconds between analyses (one per step, after the weight is set).
+        threshold: Failed analyses in a row that roll the canary back.
+        prometheus_url: Prometheus the gates query; empty = scrape the predictors' ``/metrics``.
+        min_success_rate: Success-rate gate: least share of non-5xx canary responses.
+        max_p99_ms: Latency gate: largest canary p99 in milliseconds.
+        max_drift: Drift gate: largest Jensen-Shannon distance between canary and stable predictions.
+        max_seconds: Seconds after which the step stops waiting (the rollout keeps its state).
+        fail_on_rollback: Fail the run when the canary is rolled back or aborted.
+        report: The rollout's timeline plot and text report.
+
+    Returns:
+        The final phase: Promoted, RolledBack, Aborted, or the phase when ``max_seconds`` ran out.
     """
     import base64
+    import os
     import tempfile
 
     from kubernetes import client, config
@@ -167,6 +156,7 @@ def progressive_rollout(
 
 
 def rollout_steps(
+    *,
     package,
     enabled,
     namespace,
@@ -189,9 +179,12 @@ def rollout_steps(
 
     Call it inside a ``@dsl.pipeline`` function with the packaged model and pipeline parameters::
 
-        rollout_steps(packaged.outputs["package"], deploy, namespace, release_fullname, rollout_router,
-                      model_name, stable_version, rollout_steps_csv, rollout_interval_s, prometheus_url,
-                      max_drift)
+        rollout_steps(package=packaged.outputs["package"], enabled=deploy, namespace=namespace,
+                      release_fullname=release_fullname, router=rollout_router, model_name=model_name,
+                      stable_version=stable_version, steps=rollout_steps_csv,
+                      interval_s=rollout_interval_s, prometheus_url=prometheus_url, max_drift=max_drift)
+
+    Every argument is keyword-only (17 of them: a positional call would mix them up silently).
 
     Returns the ``progressive_rollout`` task (its output is the final phase).
     """

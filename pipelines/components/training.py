@@ -1,32 +1,21 @@
 """KFP v2 lightweight components of the training pipeline: thin wrappers over ``pipelines.core``.
 
 Each component is hermetic: imports sit inside the function, the base image is explicit, the
-packages it imports are pinned (``runtime.requirements``), and the plain-function core travels
-inside the compiled YAML (``embedded_artifact_path``). The ``core`` parameter is that embedded
-tree; kfp injects it at run time and it is not part of the component's interface.
+packages it imports are pinned, and the core modules it imports (and theirs) travel inside the
+compiled YAML (``_env.component``). The ``core`` parameter is that embedded tree; kfp injects it
+at run time and it is not part of the component's interface.
 """
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
-from pipelines.components.runtime import BASE_IMAGE, requirements, stage_core
+from pipelines.components._env import component
 
 _DATA = ("pandas", "pyarrow", "scikit-learn")
-_staged: list = []
+_ONNX = (*_DATA, "skl2onnx", "onnxruntime")
 
 
-def _opts(*core_modules: str, packages: tuple[str, ...] = _DATA) -> dict:
-    """Decorator options: base image, pinned packages, and the core modules this step imports."""
-    staged = stage_core(*core_modules)
-    _staged.append(staged)
-    return {
-        "base_image": BASE_IMAGE,
-        "packages_to_install": requirements(*packages),
-        "embedded_artifact_path": staged.name,
-    }
-
-
-@dsl.component(**_opts("data", "modelcard"))
+@component(*_DATA)
 def load_data(
     source: str,
     label_column: str,
@@ -35,7 +24,15 @@ def load_data(
     dataset: Output[Dataset],
     core: dsl.EmbeddedInput[dsl.Dataset],
 ):
-    """Load sklearn's bundled breast_cancer data (empty source) or a CSV/Parquet file."""
+    """Load sklearn's bundled breast_cancer data (empty source) or a CSV/Parquet file.
+
+    Args:
+        source: CSV/Parquet path or URI; empty = sklearn's bundled breast_cancer data.
+        label_column: Name of the label column.
+        model_name: The model's name, checked here (a DNS-1123 label) before any training.
+        model_version: The model's version, checked here (semantic version X.Y.Z).
+        dataset: The loaded table (Parquet), with rows, columns and a data fingerprint.
+    """
     from pipelines.core import data, modelcard
 
     # fail before any training when the name or version would be refused at packaging time
@@ -55,7 +52,7 @@ def load_data(
     print(f"loaded {len(df)} rows x {len(df.columns)} columns from {df.attrs['source']}")
 
 
-@dsl.component(**_opts("data", "validate"))
+@component(*_DATA)
 def validate_data(
     dataset: Input[Dataset],
     label_column: str,
@@ -72,7 +69,22 @@ def validate_data(
     core: dsl.EmbeddedInput[dsl.Dataset],
 ):
     """Schema, missing and infinite values, duplicates, outliers, label balance, row count: fail on any
-    broken rule."""
+    broken rule.
+
+    Args:
+        dataset: The loaded table.
+        label_column: Name of the label column.
+        expected_columns: Comma-separated columns that must be present; empty = no such check.
+        min_rows: Fewest rows the data may have.
+        max_missing_fraction: Largest share of missing values in any one column.
+        max_duplicate_fraction: Largest share of rows that repeat an earlier row.
+        max_outlier_fraction: Largest share of outliers in any one column.
+        outlier_method: ``iqr`` (Tukey fences) or ``robust_z`` (median/MAD).
+        outlier_k: The IQR multiplier (``iqr``) or the z limit (``robust_z``).
+        min_class_fraction: Smallest share the rarest class may have.
+        report: Every rule with its numbers (JSON).
+        report_md: The same as Markdown, for the run page.
+    """
     import json
 
     from pipelines.core import data, validate
@@ -98,7 +110,7 @@ def validate_data(
     print(f"data validation passed: {len(result['rules'])} rules")
 
 
-@dsl.component(**_opts("data"))
+@component(*_DATA)
 def split(
     dataset: Input[Dataset],
     label_column: str,
@@ -108,7 +120,16 @@ def split(
     test_data: Output[Dataset],
     core: dsl.EmbeddedInput[dsl.Dataset],
 ):
-    """Stratified, seeded train/test split (labels encoded to 0..k-1)."""
+    """Stratified, seeded train/test split (labels encoded to 0..k-1).
+
+    Args:
+        dataset: The validated table.
+        label_column: Name of the label column.
+        test_size: Share of rows held out.
+        seed: Seed of the split.
+        train_data: The training rows.
+        test_data: The held-out rows.
+    """
     from pipelines.core import data
 
     train, test = data.split_dataset(data.read_dataset(dataset.path), label_column, test_size, seed)
@@ -119,7 +140,7 @@ def split(
     print(f"split: {len(train)} train rows, {len(test)} test rows")
 
 
-@dsl.component(**_opts("data", "train", "export", packages=(*_DATA, "skl2onnx", "onnxruntime")))
+@component(*_ONNX)
 def train(
     train_data: Input[Dataset],
     label_column: str,
@@ -129,7 +150,16 @@ def train(
     model: Output[Model],
     core: dsl.EmbeddedInput[dsl.Dataset],
 ):
-    """Fit the inference pipeline (preprocessing + a registered estimator); saves it with joblib."""
+    """Fit the inference pipeline (preprocessing + a registered estimator); saves it with joblib.
+
+    Args:
+        train_data: The training rows.
+        label_column: Name of the label column.
+        estimator: A name from ``ESTIMATORS`` in ``pipelines/core/train.py``.
+        hyperparameters: JSON object of estimator parameters, e.g. ``{"C": 0.5}``.
+        seed: Seed of the estimator.
+        model: The fitted sklearn ``Pipeline`` (joblib).
+    """
     import json
 
     import joblib
@@ -157,7 +187,7 @@ def train(
     print(f"trained {estimator}: {' -> '.join(name for name, _ in pipe.steps)}")
 
 
-@dsl.component(**_opts("data", "evaluate", packages=(*_DATA, "matplotlib")))
+@component(*_DATA, "matplotlib")
 def evaluate(
     model: Input[Model],
     test_data: Input[Dataset],
@@ -174,7 +204,23 @@ def evaluate(
     evaluation: Output[Artifact],
     core: dsl.EmbeddedInput[dsl.Dataset],
 ):
-    """Held-out metrics, per class and per slice; gate vs thresholds and vs the baseline card."""
+    """Held-out metrics, per class and per slice; gate vs thresholds and vs the baseline card.
+
+    Args:
+        model: The fitted sklearn ``Pipeline``.
+        test_data: The held-out rows.
+        label_column: Name of the label column.
+        slice_feature: Feature to slice on (at or below / above its median); empty = the first.
+        min_accuracy: Gate: least held-out accuracy.
+        min_f1: Gate: least held-out F1.
+        min_roc_auc: Gate: least held-out ROC AUC.
+        max_regression: Largest drop allowed against the baseline card.
+        baseline_card: The serving model's card (JSON text or a path); empty = no comparison.
+        metrics: Held-out and per-slice metrics.
+        classification_metrics: Confusion matrix and ROC curve.
+        report: HTML report with plots.
+        evaluation: Every number and the gate's verdict (JSON).
+    """
     import json
     import math
 
@@ -211,7 +257,7 @@ def evaluate(
     print("evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
 
 
-@dsl.component(**_opts("data", "export", packages=(*_DATA, "skl2onnx", "onnxruntime")))
+@component(*_ONNX)
 def export_onnx(
     model: Input[Model],
     train_data: Input[Dataset],
@@ -219,7 +265,14 @@ def export_onnx(
     onnx_model: Output[Model],
     core: dsl.EmbeddedInput[dsl.Dataset],
 ):
-    """skl2onnx, ZipMap off, float32 input ``input``, pinned target opset."""
+    """skl2onnx, ZipMap off, float32 input ``input``, pinned target opset.
+
+    Args:
+        model: The fitted sklearn ``Pipeline``.
+        train_data: The training rows (for the feature count).
+        label_column: Name of the label column.
+        onnx_model: The ONNX graph.
+    """
     import joblib
 
     from pipelines.core import data, export
@@ -232,7 +285,7 @@ def export_onnx(
     print(f"exported ONNX: {len(onnx_bytes)} bytes, opset {export.opset(onnx_bytes)}")
 
 
-@dsl.component(**_opts("data", "export", packages=(*_DATA, "skl2onnx", "onnxruntime")))
+@component(*_ONNX)
 def verify_onnx(
     model: Input[Model],
     onnx_model: Input[Model],
@@ -244,7 +297,18 @@ def verify_onnx(
     parity_report: Output[Artifact],
     core: dsl.EmbeddedInput[dsl.Dataset],
 ):
-    """onnxruntime vs sklearn on the held-out rows; fail when parity breaks."""
+    """onnxruntime vs sklearn on the held-out rows; fail when parity breaks.
+
+    Args:
+        model: The fitted sklearn ``Pipeline``.
+        onnx_model: The ONNX graph.
+        test_data: The held-out rows.
+        label_column: Name of the label column.
+        max_abs_prob_diff: Largest absolute probability difference allowed.
+        min_label_agreement: Least share of rows where ONNX and sklearn agree.
+        parity: The parity numbers.
+        parity_report: The same as JSON.
+    """
     import json
 
     import joblib
@@ -264,7 +328,7 @@ def verify_onnx(
     )
 
 
-@dsl.component(**_opts("data", "package", packages=(*_DATA, "skl2onnx", "onnxruntime")))
+@component(*_ONNX)
 def package_model(
     onnx_model: Input[Model],
     model: Input[Model],
@@ -279,7 +343,21 @@ def package_model(
     package: Output[Model],
     core: dsl.EmbeddedInput[dsl.Dataset],
 ):
-    """``<package>/<name>/1/model.onnx`` + ``<package>/<name>/model-card.json`` (a Triton repository)."""
+    """``<package>/<name>/1/model.onnx`` + ``<package>/<name>/model-card.json`` (a Triton repository).
+
+    Args:
+        onnx_model: The verified ONNX graph.
+        model: The fitted sklearn ``Pipeline`` (its estimator and hyperparameters go in the card).
+        dataset: The full table (its fingerprint goes in the card).
+        train_data: The training rows (feature and class names).
+        evaluation: The evaluation's JSON (metrics and gate go in the card).
+        parity_report: The parity check's JSON.
+        label_column: Name of the label column.
+        model_name: The model's name, a DNS-1123 label.
+        model_version: The model's version, a semantic version X.Y.Z.
+        pipeline_run_id: The KFP run that built the package.
+        package: The model package folder.
+    """
     import json
     import os
 
@@ -332,7 +410,3 @@ def package_model(
         }
     )
     print(core_package.summary(written))
-
-
-for _t in _staged:
-    _t.cleanup()

@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipelines import compile as pcompile
-from pipelines.components import runtime
+from pipelines.components import _env as runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = ROOT / "pipelines" / "compiled" / "batch_scoring_pipeline.yaml"
@@ -46,14 +46,15 @@ def test_interface_and_outputs():
     }
 
 
-def test_step_embeds_the_current_scoring_core():
+def test_step_embeds_the_current_batch_engine():
     _, container = _executor()
     (b64,) = pcompile._ARCHIVE_RE.findall(container["command"][-1])
     members = pcompile.archive_members(b64)
-    for name in ("scoring", "modelcard"):
-        embedded = members[f"./pipelines/core/{name}.py"]
-        assert embedded == (ROOT / "pipelines" / "core" / f"{name}.py").read_bytes(), (
-            f"{name}.py in the YAML is stale: run `python -m pipelines compile`"
+    assert "./serving/batch/engine.py" in members and "./serving/batch/cli.py" not in members
+    assert not any("bench" in name for name in members)
+    for name, embedded in members.items():
+        assert embedded == (ROOT / name).read_bytes(), (
+            f"{name} in the YAML is stale: run `python -m pipelines compile`"
         )
 
 
@@ -81,6 +82,6 @@ def test_step_imports_only_what_it_installs_at_the_locked_versions():
                 tops = {node.module.split(".")[0]}
             else:
                 continue
-            for top in tops - set(sys.stdlib_module_names) - {"kfp", "pipelines"}:
+            for top in tops - set(sys.stdlib_module_names) - {"kfp", *runtime.PROJECT_PACKAGES}:
                 dists = {runtime._norm(d) for d in dist_of.get(top, [])}
                 assert dists & installed, f"{origin} imports {top!r}, which the step does not install"

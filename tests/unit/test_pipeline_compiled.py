@@ -12,7 +12,7 @@ from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from pipelines import compile as pcompile
-from pipelines.components import runtime
+from pipelines.components import _env as runtime
 from pipelines.registry import PIPELINES
 
 STEMS = sorted(PIPELINES)
@@ -102,7 +102,8 @@ def test_training_pipeline_interface():
     assert params["model_name"]["defaultValue"] == "breast-cancer"
     assert params["model_version"]["defaultValue"] == "1.0.0"
     assert params["max_abs_prob_diff"]["defaultValue"] == 1e-4
-    assert params["deploy"] == {"defaultValue": False, "isOptional": True, "parameterType": "BOOLEAN"}
+    deploy = {k: v for k, v in params["deploy"].items() if k != "description"}
+    assert deploy == {"defaultValue": False, "isOptional": True, "parameterType": "BOOLEAN"}
     for name in (
         "min_rows",
         "max_missing_fraction",
@@ -178,12 +179,9 @@ def _training_executors():
     return executors.items()
 
 
-# what each step declares it embeds (kfp ``embedded_artifact_path``): the rollout steps carry the
-# cluster path of serving.rollout (components/rollout.py), every other step pipelines.core
-_EMBEDS = {f"exec-{t}": "serving.rollout" for t in ROLLOUT_TASKS}
-_CORE = f"{runtime.EMBEDDED_PACKAGE}.core"
-# a distribution each kind of step must install (pinned)
-_ANCHOR = {"serving.rollout": "kubernetes", _CORE: "scikit-learn"}
+# a distribution each kind of step must install (pinned): the rollout steps the Kubernetes client
+_ANCHOR = {f"exec-{t}": "kubernetes" for t in ROLLOUT_TASKS}
+_PROJECT = set(runtime.PROJECT_PACKAGES)
 
 
 def test_executors_use_explicit_image_and_lock_pins():
@@ -193,7 +191,7 @@ def test_executors_use_explicit_image_and_lock_pins():
         assert c["image"] == runtime.BASE_IMAGE, name
         install = c["command"][2]
         pinned = [tok.strip("'") for tok in install.split() if "==" in tok]
-        anchor = _ANCHOR[_EMBEDS.get(name, _CORE)]
+        anchor = _ANCHOR.get(name, "scikit-learn")
         assert any(p.startswith(f"{anchor}==") for p in pinned), name
         for pin in pinned:
             dist, version = pin.split("==")
@@ -257,30 +255,35 @@ def _unresolved(text: str, top: str, files: dict[str, bytes]) -> list[str]:
 
 def test_embedded_code_imports_only_what_the_step_installs():
     """A local run proves nothing about self-containment (the repo is importable there): check that
-    each step embeds exactly the package it declares (``pipelines.core``, or ``serving.rollout`` for
-    the rollout steps), and that every import in its source and embedded files is the stdlib, kfp,
-    a module of that embedded archive, or a module of a distribution the step pip-installs."""
+    every import in each step's source and embedded files is the stdlib, kfp, a module of the
+    step's embedded archive, or a module of a distribution the step pip-installs; and that the
+    rollout steps carry no local stack, runtime or CLI."""
     dist_of = metadata.packages_distributions()
     for name, ex in _training_executors():
-        embeds = _EMBEDS.get(name, _CORE)
-        top = embeds.split(".")[0]
         command = ex["container"]["command"]
         installed = {runtime._norm(t.strip("'").split("==")[0]) for t in command[2].split() if "==" in t}
         source = command[-1]
         (b64,) = pcompile._ARCHIVE_RE.findall(source)
         files = pcompile.archive_members(b64)
-        sub = embeds.replace(".", "/")
-        assert set(files) >= {f"./{top}/__init__.py", f"./{sub}/__init__.py"}, name
-        assert {f.split("/")[1] for f in files} == {top}, f"{name} embeds more than {top}: {sorted(files)}"
-        assert all(f.startswith(f"./{sub}/") for f in files if f != f"./{top}/__init__.py"), name
+        assert {f.split("/")[1] for f in files} <= _PROJECT, f"{name} embeds {sorted(files)}"
+        if name in _ANCHOR:
+            assert "./serving/rollout/cluster.py" in files, name
+            assert not any(k in f for f in files for k in ("localstack", "runtime", "cli", "pipelines/")), (
+                name
+            )
+        else:
+            assert "./pipelines/core/data.py" in files and not any("serving/rollout" in f for f in files), (
+                name
+            )
         for origin, text in [("step source", source)] + [(f, c.decode()) for f, c in files.items()]:
             for mod in _imports(text):
-                if mod in sys.stdlib_module_names or mod in ("kfp", top):
+                if mod in sys.stdlib_module_names or mod == "kfp" or mod in _PROJECT:
                     continue
                 dists = {runtime._norm(d) for d in dist_of.get(mod, [])}
                 assert dists & installed, f"{name}: {origin} imports {mod!r}, which the step does not install"
-            missing = _unresolved(text, top, files)
-            assert not missing, f"{name}: {origin} imports {missing}, which the step does not embed"
+            for top in _PROJECT:
+                missing = _unresolved(text, top, files)
+                assert not missing, f"{name}: {origin} imports {missing}, which the step does not embed"
 
 
 def test_unresolved_embedded_imports_are_caught():
@@ -303,11 +306,32 @@ def test_unresolved_embedded_imports_are_caught():
     ]
 
 
-def test_core_closure_follows_imports():
-    assert runtime.core_closure("package") == ["export", "modelcard", "package"]
-    assert "modelcard" in runtime.core_closure("evaluate")  # imported inside load_baseline()
-    with pytest.raises(ValueError, match="no module 'nope'"):
-        runtime.core_closure("nope")
+def test_closure_follows_imports():
+    core = ["pipelines", "pipelines.core"]
+    assert runtime.closure("pipelines.core.package") == sorted(
+        [*core, "pipelines.core.export", "pipelines.core.modelcard", "pipelines.core.package"]
+    )
+    assert "pipelines.core.modelcard" in runtime.closure("pipelines.core.evaluate")  # inside load_baseline()
+    batch = runtime.closure("serving.batch.engine")
+    assert {"serving", "serving.batch", "serving.batch.source", "serving.batch.sink"} <= set(batch)
+    assert "serving.batch.cli" not in batch and "serving.batch.bench" not in batch
+    with pytest.raises(ValueError, match=r"'pipelines\.core\.nope' is not a module of this project"):
+        runtime.closure("pipelines.core.nope")
+
+
+def test_every_parameter_of_every_compiled_pipeline_and_component_is_described():
+    """KFP copies the ``Args:`` docstrings into ``inputDefinitions``: the dashboard shows them."""
+    for path in sorted(pcompile.COMPILED_DIR.glob("*.yaml")):
+        doc = pcompile.load(path)[0]
+        specs = {"(pipeline)": doc["root"], **doc["components"]}
+        for comp, spec in specs.items():
+            if "executorLabel" not in spec and comp != "(pipeline)":
+                continue  # a condition's sub-DAG: its inputs are pipeline channels
+            for kind in ("parameters", "artifacts"):
+                for param, d in spec.get("inputDefinitions", {}).get(kind, {}).items():
+                    if comp.startswith("comp-importer"):
+                        continue  # kfp's own importer step
+                    assert (d.get("description") or "").strip(), f"{path.name} {comp}: {param} undescribed"
 
 
 def test_readme_documents_every_parameter_with_its_default():

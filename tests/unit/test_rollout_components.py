@@ -14,12 +14,13 @@ from kfp import compiler
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
+    from pipelines.components._env import built
     from pipelines.components.rollout import deploy_canary, progressive_rollout
 
     out = {}
     for comp in (deploy_canary, progressive_rollout):
         path = tmp_path_factory.mktemp("kfp") / f"{comp.name}.yaml"
-        compiler.Compiler().compile(comp, str(path))
+        compiler.Compiler().compile(built(comp), str(path))
         out[comp.name] = yaml.safe_load(path.read_text())
     return out
 
@@ -97,17 +98,17 @@ def test_rollout_steps_wire_into_a_pipeline_behind_a_parameter(tmp_path):
     ):
         pkg = make_package()
         rollout_steps(
-            pkg.outputs["package"],
-            deploy,
-            namespace,
-            release_fullname,
-            "gateway_api",
-            "breast-cancer",
-            stable_version,
-            "10,25,50,100",
-            60.0,
-            prometheus_url,
-            0.15,
+            package=pkg.outputs["package"],
+            enabled=deploy,
+            namespace=namespace,
+            release_fullname=release_fullname,
+            router="gateway_api",
+            model_name="breast-cancer",
+            stable_version=stable_version,
+            steps="10,25,50,100",
+            interval_s=60.0,
+            prometheus_url=prometheus_url,
+            max_drift=0.15,
         )
 
     path = tmp_path / "wired.yaml"
