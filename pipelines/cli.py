@@ -21,16 +21,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "models"
 DEFAULT_PIPELINE_ROOT = REPO_ROOT / "local_outputs"
 DEFAULT_PIPELINE = "training_pipeline"
-# the names in pipelines.core.train.REGISTRY, spelled out so that --help does not import sklearn
-# (tests/unit/test_pipeline_cli.py keeps the two equal)
-ESTIMATOR_NAMES = (
-    "logistic_regression",
-    "random_forest",
-    "hist_gradient_boosting",
-    "extra_trees",
-    "gradient_boosting",
-    "decision_tree",
-)
 
 
 class UsageError(ValueError):
@@ -82,7 +72,7 @@ def pipeline_arguments(pipeline: Any, params: list[str], named: dict[str, Any]) 
 
 def _precheck_training(args: dict[str, Any]) -> None:
     """Refuse an unknown estimator or hyperparameter before minutes of pipeline work (the train
-    step refuses them too: only names in ``train.REGISTRY`` are accepted, nothing is imported)."""
+    step refuses them too: only names in ``train.ESTIMATORS`` are accepted, nothing is imported)."""
     if "estimator" not in args and "hyperparameters" not in args:
         return
     from pipelines.core import train
@@ -231,6 +221,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
+    from pipelines.core.train import ESTIMATORS  # names only: sklearn is imported when one is built
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--pipeline", default=DEFAULT_PIPELINE, help="registered pipeline (pipelines/registry.py)"
@@ -239,8 +231,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--version", help="semantic version X.Y.Z (default: 1.0.0)")
         sp.add_argument(
             "--estimator",
-            help=f"a registered classifier: {' | '.join(ESTIMATOR_NAMES)} "
-            "(pipelines/core/train.py REGISTRY; default: logistic_regression)",
+            help=f"a registered classifier: {' | '.join(ESTIMATORS)} "
+            "(pipelines/core/train.py ESTIMATORS; default: logistic_regression)",
         )
         sp.add_argument(
             "-p",

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.core.train import estimator_names
+
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("label", "probabilities")
@@ -40,8 +42,8 @@ def to_onnx(model: Any, n_features: int, target_opset: dict[str, int] | None = N
     except (MissingShapeCalculator, MissingConverter, RuntimeError, NotImplementedError) as e:
         raise ExportError(
             f"skl2onnx cannot convert estimator {type(est).__module__}.{type(est).__name__} to ONNX "
-            f"({type(e).__name__}): use an estimator from the registry in pipelines/core/train.py "
-            "(each converts and passes parity) or register a skl2onnx converter for it"
+            f"({type(e).__name__}): use one of {estimator_names()} (pipelines/core/train.py ESTIMATORS: "
+            "each converts and passes parity) or register a skl2onnx converter for it"
         ) from e
     names = [o.name for o in onx.graph.output]
     if tuple(names) != OUTPUT_NAMES:

@@ -1,6 +1,6 @@
 """Build and fit the inference pipeline: one sklearn ``Pipeline`` (preprocessing + estimator).
 
-The estimator is picked by name from :data:`REGISTRY`, a fixed table of classifiers that skl2onnx
+The estimator is picked by name from :data:`ESTIMATORS`, a fixed table of classifiers that skl2onnx
 converts and whose ONNX graph passes the parity check (``tests/unit/test_pipeline_core.py`` trains,
 exports and checks every entry). Nothing is imported or called from a user-given path: an unknown
 name is refused before anything is constructed.
@@ -14,69 +14,104 @@ compare float32 values in both runtimes and parity is exact to ~1e-6.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import ClassifierMixin
-from sklearn.ensemble import (
-    ExtraTreesClassifier,
-    GradientBoostingClassifier,
-    HistGradientBoostingClassifier,
-    RandomForestClassifier,
-)
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline
-from sklearn.tree import DecisionTreeClassifier
+
+if TYPE_CHECKING:
+    from sklearn.base import ClassifierMixin
+    from sklearn.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
 class Estimator:
-    """A registered classifier: its class, whether it gets a ``StandardScaler``, and the defaults
-    it is built with (``random_state`` is set to the run's seed)."""
+    """A registered classifier: ``factory()`` builds it with its defaults (``random_state`` is then
+    set to the run's seed), ``scale`` says whether it gets a ``StandardScaler``."""
 
-    cls: type[ClassifierMixin]
+    factory: Callable[[], ClassifierMixin]
     scale: bool
-    params: Mapping[str, Any] = field(default_factory=dict)
 
 
-REGISTRY: Mapping[str, Estimator] = MappingProxyType(
+# sklearn is imported only when an estimator is built: the CLI's --help reads the names cheaply
+def _logistic_regression() -> ClassifierMixin:
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=5000)
+
+
+def _random_forest() -> ClassifierMixin:
+    from sklearn.ensemble import RandomForestClassifier
+
+    return RandomForestClassifier(n_estimators=100, n_jobs=1)
+
+
+def _hist_gradient_boosting() -> ClassifierMixin:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    return HistGradientBoostingClassifier()
+
+
+def _extra_trees() -> ClassifierMixin:
+    from sklearn.ensemble import ExtraTreesClassifier
+
+    return ExtraTreesClassifier(n_estimators=100, n_jobs=1)
+
+
+def _gradient_boosting() -> ClassifierMixin:
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    return GradientBoostingClassifier()
+
+
+def _decision_tree() -> ClassifierMixin:
+    from sklearn.tree import DecisionTreeClassifier
+
+    return DecisionTreeClassifier()
+
+
+ESTIMATORS: Mapping[str, Estimator] = MappingProxyType(
     {
-        "logistic_regression": Estimator(LogisticRegression, True, {"max_iter": 5000}),
-        "random_forest": Estimator(RandomForestClassifier, False, {"n_estimators": 100, "n_jobs": 1}),
-        "hist_gradient_boosting": Estimator(HistGradientBoostingClassifier, False),
-        "extra_trees": Estimator(ExtraTreesClassifier, False, {"n_estimators": 100, "n_jobs": 1}),
-        "gradient_boosting": Estimator(GradientBoostingClassifier, False),
-        "decision_tree": Estimator(DecisionTreeClassifier, False),
+        "logistic_regression": Estimator(_logistic_regression, scale=True),
+        "random_forest": Estimator(_random_forest, scale=False),
+        "hist_gradient_boosting": Estimator(_hist_gradient_boosting, scale=False),
+        "extra_trees": Estimator(_extra_trees, scale=False),
+        "gradient_boosting": Estimator(_gradient_boosting, scale=False),
+        "decision_tree": Estimator(_decision_tree, scale=False),
     }
 )
-ESTIMATORS = tuple(REGISTRY)
 
 
 class TrainError(ValueError):
     """The estimator or its hyperparameters are not usable."""
 
 
-def _defaults(estimator: str, seed: int) -> tuple[Any, bool]:
-    """Returns (estimator instance, needs_scaling) for a registered name."""
-    entry = REGISTRY.get(estimator) if isinstance(estimator, str) else None
+def estimator_names() -> str:
+    """The registered names, comma-separated (for help texts and error messages)."""
+    return ", ".join(ESTIMATORS)
+
+
+def lookup(estimator: str) -> Estimator:
+    """The registry entry of ``estimator``; anything but a registered name is refused (one line)."""
+    entry = ESTIMATORS.get(estimator) if isinstance(estimator, str) else None
     if entry is None:
-        raise TrainError(f"unknown estimator {estimator!r}: use one of {', '.join(ESTIMATORS)}")
-    est = entry.cls(**entry.params)
-    if "random_state" in est.get_params(deep=False):
-        est.set_params(random_state=seed)
-    return est, entry.scale
+        raise TrainError(f"unknown estimator {estimator!r}: use one of {estimator_names()}")
+    return entry
 
 
 def build_pipeline(
     estimator: str = "logistic_regression", hyperparameters: dict | None = None, seed: int = 42
 ) -> Pipeline:
     from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    est, scale = _defaults(estimator, seed)
+    entry = lookup(estimator)
+    est = entry.factory()
+    if "random_state" in est.get_params(deep=False):
+        est.set_params(random_state=seed)
     params = dict(hyperparameters or {})
     unknown = sorted(set(params) - set(est.get_params(deep=False)))
     if unknown:
@@ -86,7 +121,7 @@ def build_pipeline(
         )
     est.set_params(**params)
     steps: list[tuple[str, Any]] = [("impute", SimpleImputer(strategy="median"))]
-    if scale:
+    if entry.scale:
         steps.append(("scale", StandardScaler()))
     steps.append(("model", est))
     return Pipeline(steps)
