@@ -309,7 +309,13 @@ def test_unresolved_embedded_imports_are_caught():
 def test_closure_follows_imports():
     core = ["pipelines", "pipelines.core"]
     assert runtime.closure("pipelines.core.package") == sorted(
-        [*core, "pipelines.core.export", "pipelines.core.modelcard", "pipelines.core.package"]
+        [
+            *core,
+            "pipelines.core.export",
+            "pipelines.core.modelcard",
+            "pipelines.core.package",
+            "pipelines.core.train",
+        ]
     )
     assert "pipelines.core.modelcard" in runtime.closure("pipelines.core.evaluate")  # inside load_baseline()
     batch = runtime.closure("serving.batch.engine")
