@@ -42,8 +42,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines.core import modelcard, scoring
-from serving.batch import cli
+from pipelines.core import modelcard
+from serving.batch import cli, model, source
 
 OUT_DIR = Path("bench_outputs/batch")
 TARGET = 0.80
@@ -159,7 +159,7 @@ def run_sklearn(pipe, X64: np.ndarray) -> float:
 
 def run_read_floor(inp: Path, fmt: str, features: list[str], chunk_rows: int) -> float:
     t0 = time.perf_counter()
-    src = scoring.open_source(inp, features, None, chunk_rows, fmt)
+    src = source.open_source(inp, features, None, chunk_rows, fmt)
     for _ in src.batches:
         pass
     src.close()
@@ -193,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     for est in args.models.split(","):
         model_dir, pipe, features, X = build_model(args.out / "models", est)
         table = make_table(X, features, args.rows)
-        chunk = args.chunk_rows or scoring.auto_chunk_rows(len(features))
+        chunk = args.chunk_rows or source.auto_chunk_rows(len(features))
         X64 = np.column_stack([table.column(f).to_numpy() for f in features])
         Xf = np.ascontiguousarray(X64, dtype=np.float32)
         onnx_file = str(modelcard.onnx_path(model_dir))
         sessions = [
             ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"]),
-            ort.InferenceSession(onnx_file, scoring.session_options(), providers=["CPUExecutionProvider"]),
+            ort.InferenceSession(onnx_file, model.session_options(), providers=["CPUExecutionProvider"]),
         ]
         session = sessions[0]
         for fmt in args.formats.split(","):
