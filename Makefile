@@ -66,7 +66,7 @@ fmt: venv ## format with ruff
 	$(BIN)/ruff format .
 
 bench: venv ## pipeline and predict-latency benchmarks (prints ratios)
-	$(BIN)/python -m pipelines.bench
+	$(BIN)/python -m serving.bench.pipeline
 
 wrk-tool:
 	@command -v wrk >/dev/null 2>&1 || { echo ">> apt-get install wrk (the load generator)"; \
@@ -80,10 +80,10 @@ bench-soak: venv wrk-tool ## 5-minute soak at c=32 (errors, p99, RSS growth), vs
 	$(BIN)/python -m serving.bench.soak --check $(if $(BASELINE),--baseline $(BASELINE)) $(ARGS)
 
 bench-runtime: venv ## runtime request path in-process vs the bare onnxruntime call (batch 1, ratios)
-	$(BIN)/python -m serving.bench_runtime $(ARGS)
+	$(BIN)/python -m serving.bench.runtime $(ARGS)
 
 bench-batch: venv ## batch scoring: command vs raw onnxruntime vs sklearn on 1M rows (Parquet, CSV); ARGS=--rows N
-	$(BIN)/python -m serving.batch.bench $(ARGS)
+	$(BIN)/python -m serving.bench.batch $(ARGS)
 
 lock: ## regenerate requirements.lock from requirements.in in a scratch venv
 	rm -rf /tmp/mlrollout-lock && $(PYTHON) -m venv /tmp/mlrollout-lock

@@ -1,7 +1,7 @@
 """Benchmark: the batch command vs raw in-process onnxruntime vs sklearn ``predict_proba``.
 
-    python -m serving.batch.bench            # make bench-batch
-    python -m serving.batch.bench --rows 1000000 --rounds 3 --formats parquet,csv
+    python -m serving.bench.batch            # make bench-batch
+    python -m serving.bench.batch --rows 1000000 --rounds 3 --formats parquet,csv
 
 For each model (a scaled logistic regression: cheap, I/O-bound; a random forest: compute-bound)
 and each input format it writes a table of ``--rows`` rows to ``bench_outputs/batch/`` (git-ignored)
@@ -174,7 +174,7 @@ def check_parity(out: Path, session: ort.InferenceSession, Xf: np.ndarray) -> tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serving.batch.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m serving.bench.batch", description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--chunk-rows", type=int, default=None, help="default: the command's automatic size")

@@ -1,6 +1,6 @@
 """In-process cost of the runtime's request path against the onnxruntime floor.
 
-``python -m serving.bench_runtime [--model_dir DIR] [--calls N] [--rounds R]`` (``make bench-runtime``)
+``python -m serving.bench.runtime [--model_dir DIR] [--calls N] [--rounds R]`` (``make bench-runtime``)
 
 No HTTP here (``make bench-serving`` measures the servers over loopback with wrk): this isolates
 what the runtime adds around one ``InferenceSession.run`` at batch 1, so a regression in parsing,
@@ -42,7 +42,7 @@ def _time(fn, calls: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serving.bench_runtime", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m serving.bench.runtime", description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--model_dir", help="a model package (default: build the test logistic model in a temp dir)"
     )

@@ -9,7 +9,7 @@
 3. Parity of each exported model (and, for reference, HistGradientBoosting behind a StandardScaler,
    the combination the default pipeline avoids).
 
-    python -m pipelines.bench [--rounds 5] [--skip-pipeline] [--json out.json]
+    python -m serving.bench.pipeline [--rounds 5] [--skip-pipeline] [--json out.json]
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def bench_parity() -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m pipelines.bench",
+        prog="python -m serving.bench.pipeline",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
