@@ -3,5 +3,5 @@
 Layers, Flagger-style: a pure state machine (:mod:`.machine`) decides from gate results
 (:mod:`.gates`, math in :mod:`.stats`); providers fetch evidence (:mod:`.metrics`); routers shift
 traffic (:mod:`.routers`); stores persist state (:mod:`.store`); :mod:`.controller` is the loop;
-:mod:`.localstack` runs the real local stack (runtimes, HAProxy, Prometheus, traffic).
+the local stack and the demo live in :mod:`serving.demo`, which nothing here imports.
 """

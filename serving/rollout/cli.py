@@ -1,4 +1,4 @@
-"""``python -m serving.rollout``: start | status | pause | resume | promote | abort | report | demo."""
+"""``python -m serving.rollout``: start | status | pause | resume | promote | abort | report."""
 
 from __future__ import annotations
 
@@ -142,12 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write the text report and PNG timeline of the stored rollout")
     _store_args(rp)
     rp.add_argument("--out", required=True)
-    d = sub.add_parser("demo", help="local stack: a good rollout, then a bad canary rolled back")
-    d.add_argument("--stable", required=True, help="stable model package folder")
-    d.add_argument("--canary", required=True, help="canary model package folder")
-    d.add_argument("--out", default="demo_outputs/rollout")
-    d.add_argument("--bad", choices=["drift", "errors", "latency"], default="drift")
-    d.add_argument("--interval", type=parse_duration, default=3.0)
     return ap
 
 
@@ -351,19 +345,11 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(a: argparse.Namespace) -> int:
-    from serving.rollout.demo import run_demo
-
-    res = run_demo(a.stable, a.canary, a.out, bad=a.bad, interval_s=a.interval)
-    return 0 if res["ok"] else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     from pipelines.core.modelcard import ModelPackageError
-    from serving.rollout.localstack.stack import StackError
 
-    handlers = {"start": cmd_start, "status": cmd_status, "report": cmd_report, "demo": cmd_demo}
+    handlers = {"start": cmd_start, "status": cmd_status, "report": cmd_report}
     try:
         return handlers.get(a.cmd, cmd_verb)(a)
     except (
@@ -372,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
         RouterError,
         MetricsError,
         InvalidTransition,
-        StackError,
         ModelPackageError,
         ctl.Unreachable,
         OSError,

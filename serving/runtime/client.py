@@ -12,9 +12,8 @@ Shared by ``make demo``, the rollout controller's local stack, the tests and the
 Environment variables in ``env`` (e.g. the fault knobs ``MLROLLOUT_FAULT_ERROR_RATE``) are added to
 the server's environment.
 
-``show_predictions(model_dir, rows)`` (or ``python -m serving.runtime.client MODEL_DIR``) is the demo
-step: start the runtime, send the rows over V1 (positional and named), V2 REST and V2 gRPC, print
-what came back, stop the server.
+``srv.infer_grpc(rows)`` sends the same rows over V2 gRPC (``ModelInfer``). The demo's use of it all is
+``serving.demo.__main__.serve_and_predict``.
 """
 
 from __future__ import annotations
@@ -217,6 +216,10 @@ class RuntimeServer:
         r.raise_for_status()
         return r.json()
 
+    def infer_grpc(self, rows: list[list[float]]) -> dict:
+        """V2 gRPC ``ModelInfer``: ``{"outputs": {name: values}, "metadata": {...}}``."""
+        return _grpc_infer(self.grpc_target, self.name, self.input_name, rows)
+
     def metrics_text(self, timeout: float = 10.0) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=timeout).text
 
@@ -245,54 +248,3 @@ def _grpc_infer(target: str, name: str, input_name: str, rows: list[list[float]]
             for o, raw in zip(res.outputs, res.raw_output_contents, strict=True)
         }
     return {"outputs": out, "metadata": dict(call.initial_metadata())}
-
-
-def show_predictions(model_dir: str | os.PathLike, rows: list[list[float]], print_fn=print) -> dict:
-    """Start the runtime on ``model_dir``, predict ``rows`` over every protocol, print and return it all."""
-    card = modelcard.load_card(modelcard.find_package(model_dir))
-    features = card["inputs"][0].get("features") or []
-    results: dict = {}
-    with RuntimeServer(model_dir) as srv:
-        print_fn(f"runtime {srv.name} {srv.version} ready: REST {srv.url}, gRPC {srv.grpc_target}")
-        results["v1"] = srv.predict_v1(rows, probabilities=True)
-        print_fn(f"  V1 {srv.url}/v1/models/{srv.name}:predict -> {results['v1']}")
-        if features:
-            named = [dict(zip(features, row, strict=True)) for row in rows[:1]]
-            results["v1_named"] = srv.predict_v1(named)
-            print_fn(f"  V1 named features (1 row)        -> {results['v1_named']}")
-        v2 = srv.infer_v2(rows)
-        results["v2"] = {o["name"]: o["data"] for o in v2["outputs"]}
-        print_fn(f"  V2 REST {srv.url}/v2/models/{srv.name}/infer -> {results['v2']}")
-        results["grpc"] = _grpc_infer(srv.grpc_target, srv.name, srv.input_name, rows)
-        print_fn(f"  V2 gRPC {srv.grpc_target} ModelInfer -> {results['grpc']['outputs']}")
-        r = httpx.post(
-            f"{srv.url}/v1/models/{srv.name}:predict", json={"instances": [rows[0][:-1]]}, timeout=10
-        )
-        results["bad_input"] = (r.status_code, r.json())
-        print_fn(f"  bad input (one feature short)     -> {r.status_code} {r.json()['error']}")
-    print_fn("runtime stopped")
-    return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(
-        prog="python -m serving.runtime.client", description=show_predictions.__doc__
-    )
-    ap.add_argument("model_dir")
-    ap.add_argument("--rows", type=int, default=3, help="how many rows of the bundled breast_cancer data")
-    args = ap.parse_args(argv)
-    from sklearn.datasets import load_breast_cancer
-
-    rows = load_breast_cancer().data[: args.rows].astype("float32").tolist()
-    try:
-        show_predictions(args.model_dir, rows)
-    except (modelcard.ModelPackageError, ServerStartError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

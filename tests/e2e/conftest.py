@@ -200,7 +200,7 @@ def packages(pipeline_run, filer_url, tmp_path_factory) -> dict[str, str]:
     import httpx
 
     from pipelines.core import modelcard
-    from serving.rollout import badmodel
+    from serving.demo import badmodel
     from tests.e2e import helpers
 
     versions = helpers.model_versions()

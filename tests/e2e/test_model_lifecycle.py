@@ -2,7 +2,7 @@
 
 1. upload + run pipelines/compiled/training_pipeline.yaml through kfp.Client; its packaged model (in KFP's
    SeaweedFS) is served as v1; v2 (same weights, new version) and a class-swapped bad canary are derived
-   from it with serving/rollout/badmodel.py and uploaded next to it;
+   from it with serving/demo/badmodel.py and uploaded next to it;
 2. the Helm chart (strategy canary) serves v1 Ready through the Envoy Gateway; the HTTPRoute split at 10%
    and 50% is checked per version from the `x-model-version` header within a binomial tolerance; promote;
    roll back a bad canary; `helm test`;

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from serving.demo.badmodel import build_swapped_package, with_version
+from serving.demo.localstack import LocalStack, TrafficGenerator
 from serving.rollout import controller as ctl
-from serving.rollout.badmodel import build_swapped_package, with_version
 from serving.rollout.gates import DriftGate, LatencyGate, SuccessRateGate
-from serving.rollout.localstack import LocalStack, TrafficGenerator
 from serving.rollout.machine import RolloutSpec
 from serving.rollout.store import FileStateStore
 from tests.modelfactory import breast_cancer, build_package

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import sys, time
-from serving.rollout.localstack.procs import REGISTRY
+from serving.demo.localstack.procs import REGISTRY
 for i in range(3):
     p = REGISTRY.spawn(f"sleeper-{i}", ["sleep", "120"], sys.argv[1])
     print(p.pid, flush=True)
@@ -79,7 +79,7 @@ def test_children_are_stopped(tmp_path, how):
 STACK_SCRIPT = """
 import sys, time
 from tests.modelfactory import build_package
-from serving.rollout.localstack import LocalStack
+from serving.demo.localstack import LocalStack
 v1, _ = build_package(sys.argv[1] + "/v1", "m", "1.0.0")
 v2, _ = build_package(sys.argv[1] + "/v2", "m", "2.0.0")
 stack = LocalStack(v1, v2, sys.argv[1] + "/stack", log=lambda m: None).start()

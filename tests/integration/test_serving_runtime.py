@@ -445,22 +445,22 @@ def test_two_workers_share_one_metrics_view(model_package):
         assert _value(samples, "mlrollout_prediction_score_count") == 30
 
 
-def test_demo_helper_shows_the_same_predictions_on_every_protocol(model_package, data, reference):
-    from serving.runtime.client import show_predictions
-
+def test_every_protocol_gives_the_same_predictions(model_package, data, reference):
     X, _ = data
-    rows = X[:3]
-    labels, proba = reference(rows)
-    lines: list[str] = []
-    res = show_predictions(model_package, rows.tolist(), print_fn=lines.append)
-    assert (
-        res["v1"]["predictions"] == labels.tolist() == res["v2"]["label"] == res["grpc"]["outputs"]["label"]
-    )
-    np.testing.assert_allclose(np.reshape(res["grpc"]["outputs"]["probabilities"], (3, 2)), proba, atol=1e-7)
-    assert res["v1_named"]["predictions"] == labels[:1].tolist()
-    assert res["grpc"]["metadata"]["x-model-version"] == "1.0.0"
-    assert res["bad_input"][0] == 400
-    assert lines[0].startswith("runtime breast-cancer 1.0.0 ready") and lines[-1] == "runtime stopped"
+    rows = X[:3].tolist()
+    labels, proba = reference(X[:3])
+    features = modelcard.load_card(modelcard.find_package(model_package))["inputs"][0]["features"]
+    with RuntimeServer(model_package) as srv:
+        v1 = srv.predict_v1(rows, probabilities=True)
+        v1_named = srv.predict_v1([dict(zip(features, rows[0], strict=True))])
+        v2 = {o["name"]: o["data"] for o in srv.infer_v2(rows)["outputs"]}
+        over_grpc = srv.infer_grpc(rows)
+        bad = httpx.post(f"{srv.url}/v1/models/{srv.name}:predict", json={"instances": [rows[0][:-1]]})
+    assert v1["predictions"] == labels.tolist() == v2["label"] == over_grpc["outputs"]["label"]
+    np.testing.assert_allclose(np.reshape(over_grpc["outputs"]["probabilities"], (3, 2)), proba, atol=1e-7)
+    assert v1_named["predictions"] == labels[:1].tolist()
+    assert over_grpc["metadata"]["x-model-version"] == "1.0.0"
+    assert bad.status_code == 400 and bad.json()["error"]
 
 
 MALFORMED = [

@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 
 from pipelines.core import modelcard
-from serving.rollout.badmodel import build_swapped_package, with_version
-from serving.rollout.demo import offline_drift, traffic_data
+from serving.demo.badmodel import build_swapped_package, with_version
+from serving.demo.rollout import offline_drift, traffic_data
 from tests.modelfactory import breast_cancer, build_package
 
 

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from pipelines.core import modelcard
+from serving.demo.badmodel import build_swapped_package, with_version
+from serving.demo.localstack import LocalStack, TrafficGenerator
 from serving.rollout import controller as ctl
-from serving.rollout.badmodel import build_swapped_package, with_version
 from serving.rollout.gates import AccuracyGate, DriftGate, LatencyGate, SuccessRateGate
-from serving.rollout.localstack import LocalStack, TrafficGenerator
 from serving.rollout.machine import RolloutSpec
 from serving.rollout.report import write_report
 from serving.rollout.store import FileStateStore
@@ -236,3 +236,34 @@ def run_demo(
         f"{'OK' if ok else 'UNEXPECTED'}; reports and timelines in {out}"
     )
     return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serving.demo.rollout --stable PKG_V1 --canary PKG_V2``: the rollout part of the demo
+    on two packages you already have (``python -m serving.demo`` trains them first)."""
+    import argparse
+    import sys
+
+    from serving.demo.localstack.stack import StackError
+    from serving.rollout.cli import parse_duration
+    from serving.rollout.metrics import MetricsError
+    from serving.rollout.routers import RouterError
+
+    ap = argparse.ArgumentParser(prog="python -m serving.demo.rollout", description=main.__doc__)
+    ap.add_argument("--stable", required=True, help="stable model package folder")
+    ap.add_argument("--canary", required=True, help="canary model package folder")
+    ap.add_argument("--out", default="demo_outputs/rollout")
+    ap.add_argument("--bad", choices=sorted(FAULTS), default="drift")
+    ap.add_argument("--interval", type=parse_duration, default=3.0)
+    a = ap.parse_args(argv)
+    try:
+        res = run_demo(a.stable, a.canary, a.out, bad=a.bad, interval_s=a.interval)
+    except (ValueError, StackError, modelcard.ModelPackageError, RouterError, MetricsError, OSError) as e:
+        # one line that says what to fix (an exception's text may span lines: join them)
+        print("error: " + (" ".join(str(e).split()) or type(e).__name__), file=sys.stderr)
+        return 2
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "demo_outputs"
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_and_predict(v1)
 
     banner("3/3  Progressive rollout v1 -> v2 behind HAProxy, Prometheus-fed gates; then a bad canary")
-    from serving.rollout.demo import run_demo
+    from serving.demo.rollout import run_demo
 
     summary = run_demo(v1, v2, out / "rollout", bad=ns.bad, interval_s=ns.interval)
     banner(f"demo finished in {time.monotonic() - t0:.0f} s")
