@@ -24,7 +24,7 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from pipelines.core import modelcard
-from serving.runtime import core
+from serving.runtime import core, kserve_compat
 from serving.runtime.metrics import ModelMetrics
 
 log = logging.getLogger("kserve.mlrollout")
@@ -151,9 +151,9 @@ class OnnxModel(Model):
         # The public InferenceSession.run re-validates input names, OrtValue ownership and graph-capture
         # options on every call (~15 % of a batch-1 call); the runtime has validated the feed itself, so
         # it calls the bound C++ session directly when this onnxruntime has one. load() checks both agree.
-        inner = getattr(self.session, "_sess", None)
-        if inner is not None and hasattr(inner, "run"):
-            self._run = lambda names, feed: inner.run(names, feed, None)
+        inner_run = kserve_compat.direct_session_run(self.session)
+        if inner_run is not None:
+            self._run = lambda names, feed: inner_run(names, feed, None)
         else:  # pragma: no cover - other onnxruntime builds
             self._run = self.session.run
 
@@ -295,8 +295,9 @@ def _infer_request_to_dict(request: InferRequest) -> tuple[dict, bytes | None]:
     inputs, raw = [], None
     for inp in request.inputs:
         entry = {"name": inp.name, "datatype": inp.datatype, "shape": list(inp.shape or [])}
-        if inp._raw_data is not None:  # gRPC raw_input_contents
-            raw = bytes(inp._raw_data)
+        inp_raw = kserve_compat.raw_input_bytes(inp)
+        if inp_raw is not None:  # gRPC raw_input_contents
+            raw = inp_raw
             entry["parameters"] = {"binary_data_size": len(raw)}
         else:
             data = inp.data

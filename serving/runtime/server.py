@@ -24,7 +24,6 @@ The server is KServe's: its FastAPI app and routes (V1, V2, health, metadata), i
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ctypes
 import logging
 import os
@@ -40,15 +39,12 @@ from fastapi.responses import JSONResponse
 from google.protobuf.message import DecodeError
 from grpc import StatusCode, aio
 from kserve import errors as kerrors
-from kserve import model_server as kms
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
-from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
-from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess
-from kserve.protocol.rest.server import RESTServer
 
 from pipelines.core.modelcard import ModelPackageError
+from serving.runtime import kserve_compat as compat
 from serving.runtime.asgi import RuntimeMiddleware, bounded
 from serving.runtime.metrics import set_fault_injection
 from serving.runtime.model import FAULT_ENV_PREFIX, Faults, InjectedFault, OnnxModel
@@ -79,7 +75,7 @@ def _bool(text: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serving",
-        parents=[kms.parser],
+        parents=[compat.kserve_parser()],
         description="Serve an mlrollout ONNX model package with KServe (V1, V2 REST, V2 gRPC).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -167,7 +163,7 @@ def die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
-class RuntimeRESTServer(RESTServer):
+class RuntimeRESTServer(compat.RESTServerHooks):
     """KServe's RESTServer with our host, HTTP protocol and middleware (picklable for --workers > 1)."""
 
     def __init__(self, *args, host: str, model_name: str, runtime: dict, **kwargs):
@@ -179,26 +175,24 @@ class RuntimeRESTServer(RESTServer):
         self.runtime = runtime
         LimitedHttpToolsProtocol.configure(**runtime["protocol"])
 
-    def _add_middlewares(self, app):
+    def add_middlewares(self, app):
         """KServe's timing_asgi middleware (two log lines per request) is left out on purpose."""
 
-    def create_application(self):
+    def application_created(self, app):
         """KServe's FastAPI app, wrapped (outside FastAPI's own middleware stack, which costs tens of
         µs per request even when idle) by the runtime's ASGI layer; uvicorn serves the wrapper."""
-        super().create_application()
         # FastAPI's redirect_slashes builds a 307 Location from the Host header (an open redirect)
-        kms.app.router.redirect_slashes = False
+        app.router.redirect_slashes = False
         model = self.dataplane.model_registry.get_model(self.model_name)
         self.config.app = RuntimeMiddleware(
-            kms.app,
+            app,
             model=model,
             max_body_bytes=self.runtime["max_body_bytes"],
             body_timeout_s=self.runtime["body_timeout_s"],
             max_inflight_body_bytes=self.runtime["max_inflight_body_bytes"],
         )
 
-    def _add_exception_handlers(self, app):
-        super()._add_exception_handlers(app)
+    def add_exception_handlers(self, app):
         # FastAPI's default 422 echoes the offending input, and an input like 1e400 (inf) then fails
         # to serialise: a 500. Answer schema failures of the V2 body as 400 with the field paths only.
         app.add_exception_handler(RequestValidationError, _schema_error)
@@ -328,34 +322,33 @@ class _BoundedStatusInterceptor(ExceptionToStatusInterceptor):
         return await super().handle_exception(ex, request_or_iterator, context, method_name)
 
 
-class RuntimeGRPCServer(GRPCServer):
+class RuntimeGRPCServer(compat.GRPCServerHooks):
     def __init__(self, *args, host: str, model: OnnxModel, **kwargs):
         super().__init__(*args, **kwargs)
         self.host = host
         self.model = model
 
-    async def start(self, max_workers):
-        servicer = RuntimeServicer(self._data_plane, self._model_repository_extension, self.model)
+    def build_server(self, max_workers):
+        servicer = RuntimeServicer(self.data_plane, self.model_repository_extension, self.model)
         # KServe's LoggingInterceptor (one INFO line per call) is left out on purpose
-        self._server = aio.server(
+        server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
             interceptors=(_BoundedStatusInterceptor(),),
             options=[
-                ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-                ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+                ("grpc.max_send_message_length", self.option("grpc_max_send_message_length")),
+                ("grpc.max_receive_message_length", self.option("grpc_max_receive_message_length")),
                 # a second server on the same port must fail, not silently share it (grpc's default)
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self._server.add_generic_rpc_handlers((_guarded_handlers(servicer),))
+        server.add_generic_rpc_handlers((_guarded_handlers(servicer),))
         host = "[::]" if self.host in ("0.0.0.0", "::", "[::]") else self.host
-        self._server.add_insecure_port(f"{host}:{self._port}")
-        log.info("gRPC server on %s:%s", host, self._port)
-        await self._server.start()
-        await self._server.wait_for_termination()
+        server.add_insecure_port(f"{host}:{self.port}")
+        log.info("gRPC server on %s:%s", host, self.port)
+        return server
 
 
-class RuntimeModelServer(kms.ModelServer):
+class RuntimeModelServer(compat.ModelServerHooks):
     """``kserve.ModelServer`` whose ``start`` builds the runtime's REST and gRPC servers."""
 
     def __init__(self, *, host: str, runtime: dict, **kwargs):
@@ -363,11 +356,10 @@ class RuntimeModelServer(kms.ModelServer):
         self.host = host
         self.runtime = runtime
 
-    def start(self, models) -> None:
-        self._register_and_check_atleast_one_model_is_ready(models)
+    def add_servers(self, models) -> None:
         model = models[0]
         rest_args = (
-            kms.FASTAPI_APP_IMPORT_STRING,
+            compat.FASTAPI_APP_IMPORT_STRING,
             self.dataplane,
             self.model_repository_extension,
             self.http_port,
@@ -385,38 +377,33 @@ class RuntimeModelServer(kms.ModelServer):
             *rest_args, host=self.host, model_name=model.name, runtime=self.runtime, **rest_kwargs
         )
         if self.workers > 1:
-            self._rest_multiprocess_server = RESTServerMultiProcess(
-                *rest_args, log_config_file=kms.args.log_config_file, **rest_kwargs
+            log_config_file = compat.server_args().log_config_file
+            self.serve_rest_workers(
+                compat.rest_workers(rest, *rest_args, log_config_file=log_config_file, **rest_kwargs)
             )
-            self._rest_multiprocess_server._rest_server = rest
-            self.servers.append(self._rest_multiprocess_server.start())
         else:
-            self._rest_server = rest
-            self.servers.append(rest.start())
+            self.serve_rest(rest)
         if self.enable_grpc:
-            self._grpc_server = RuntimeGRPCServer(
-                self.grpc_port,
-                self.dataplane,
-                self.model_repository_extension,
-                kwargs=vars(kms.args),
-                grace_period=self.grace_period,
-                host=self.host,
-                model=model,
+            self.serve_grpc(
+                RuntimeGRPCServer(
+                    self.grpc_port,
+                    self.dataplane,
+                    self.model_repository_extension,
+                    kwargs=vars(compat.server_args()),
+                    grace_period=self.grace_period,
+                    host=self.host,
+                    model=model,
+                )
             )
-            self.servers.append(self._grpc_server.start(self.max_threads))
-        self.register_signal_handler()
-        # KServe runs asyncio.run() on the stock loop (its setup_event_loop() configures a loop that is
-        # then not used); the REST and gRPC servers share this loop, so pick uvloop here as uvicorn would.
-        with asyncio.Runner(loop_factory=_loop_factory(self.event_loop)) as runner:
-            runner.run(self._serve_configured())
 
-    async def _serve_configured(self):
-        loop = asyncio.get_running_loop()
-        loop.set_exception_handler(self._custom_exception_handler or self.default_exception_handler)
+    def loop_factory(self):
+        # the REST and gRPC servers share one loop: pick uvloop here as uvicorn would
+        return _loop_factory(self.event_loop)
+
+    def configure_loop(self, loop) -> None:
         if self.max_asyncio_workers is None:
             self.max_asyncio_workers = min(32, (os.cpu_count() or 1) + 4)
         loop.set_default_executor(futures.ThreadPoolExecutor(max_workers=self.max_asyncio_workers))
-        await self._serve()
 
 
 def _loop_factory(event_loop: str):
@@ -462,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     # kserve.model_server parsed sys.argv on import with its own parser, where argparse may read one of
     # our flags as an abbreviation of one of its own (--access_log -> --access_log_format); what
     # ModelServer reads from that module (log config, gRPC message sizes) must come from our parse.
-    kms.args = args
+    compat.set_server_args(args)
     fault_env = sorted(k for k in os.environ if k.startswith(FAULT_ENV_PREFIX) and os.environ[k].strip())
     if fault_env and not args.enable_fault_injection:
         print(
