@@ -47,6 +47,7 @@ demo: venv sysdeps ## the whole loop locally: train, package, serve, roll out (n
 test: venv sysdeps tools controlplane-build ## the whole test suite (e2e tests skip when no cluster is reachable)
 	@bash infra/bootstrap-tools.sh $(TOOLS) --checkov
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (exit 5)"; fi; exit $$rc
 
