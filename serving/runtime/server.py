@@ -155,12 +155,15 @@ def quiet_request_logging(access_log: bool, latency_logging: bool) -> None:
     logging.getLogger("kserve.trace").setLevel(logging.INFO if latency_logging else logging.WARNING)
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent_pid: int) -> None:
     """Linux: this process gets SIGTERM when the process that started it dies (even by SIGKILL)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        # a parent that died while this worker was still starting sent nothing: it is already orphaned
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class RuntimeRESTServer(compat.RESTServerHooks):
@@ -173,6 +176,7 @@ class RuntimeRESTServer(compat.RESTServerHooks):
         self.config.limit_concurrency = None  # the protocol's connection cap evicts idle ones first
         self.model_name = model_name
         self.runtime = runtime
+        self.parent_pid = os.getpid()  # pickled into each --workers process, which checks it is still ours
         LimitedHttpToolsProtocol.configure(**runtime["protocol"])
 
     def add_middlewares(self, app):
@@ -198,7 +202,7 @@ class RuntimeRESTServer(compat.RESTServerHooks):
         app.add_exception_handler(RequestValidationError, _schema_error)
 
     def run(self, sockets=None):  # the entry point of each --workers process
-        die_with_parent()
+        die_with_parent(self.parent_pid)
         LimitedHttpToolsProtocol.configure(**self.runtime["protocol"])  # a spawned worker re-imported it
         quiet_request_logging(self.runtime["access_log"], self.runtime["latency_logging"])
         super().run(sockets=sockets)
