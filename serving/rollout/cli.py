@@ -12,7 +12,7 @@ from serving.rollout import controller as ctl
 from serving.rollout.gates import AccuracyGate, DriftGate, Gate, LatencyGate, SuccessRateGate
 from serving.rollout.machine import InvalidTransition, RolloutSpec, RolloutState
 from serving.rollout.metrics import MetricsError, Target
-from serving.rollout.routers import RouterError, build_router
+from serving.rollout.routers import ROUTERS, RouterError, build_router
 from serving.rollout.store import ConfigMapStore, FileStateStore, StateStore, StoreError
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "start", help="start a rollout (or resume the live one for the same versions) and drive it"
     )
-    s.add_argument("--router", required=True, choices=["local_proxy", "gateway_api", "kserve_knative"])
+    s.add_argument("--router", required=True, choices=list(ROUTERS))
     s.add_argument("--model", required=True, help="model name (the runtime's `model` metric label)")
     s.add_argument("--stable-version", required=True)
     s.add_argument("--canary-version", required=True)
@@ -83,20 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-inconclusive", type=int, default=5, help="inconclusive analyses in a row before pausing"
     )
-    r = s.add_argument_group("router: local_proxy (HAProxy runtime API)")
-    r.add_argument("--haproxy-socket", help="HAProxy admin stats socket")
-    r.add_argument("--backend", default="be_model")
-    r.add_argument("--stable-server", default="stable")
-    r.add_argument("--canary-server", default="canary")
-    k = s.add_argument_group(
-        "router: gateway_api (HTTPRoute weights) / kserve_knative (canaryTrafficPercent)"
-    )
-    k.add_argument("--route", help="HTTPRoute name (gateway_api)")
-    k.add_argument("--stable-backend", help="backendRef name of the stable Service (gateway_api)")
-    k.add_argument("--canary-backend", help="backendRef name of the canary Service (gateway_api)")
-    k.add_argument("--stable-isvc", default="", help="stable InferenceService (gateway_api promotion, state)")
-    k.add_argument("--canary-isvc", default="", help="canary InferenceService (gateway_api promotion)")
-    k.add_argument("--isvc", help="the InferenceService (kserve_knative)")
+    for router in ROUTERS.values():
+        router.add_arguments(s)
     m = s.add_argument_group("metrics")
     m.add_argument("--metrics", choices=["prometheus", "scrape"], default="prometheus")
     m.add_argument("--prometheus-url", default="http://127.0.0.1:9090")
@@ -156,58 +144,6 @@ def _store(a: argparse.Namespace, default_cm: str = "", owner: str = "") -> Stat
     )
 
 
-def _router_cfg(a: argparse.Namespace) -> tuple[dict[str, Any], str, str]:
-    """The router's config, the default state ConfigMap and the InferenceService that owns it."""
-    if a.router == "local_proxy":
-        if not a.haproxy_socket:
-            raise ValueError("--router local_proxy needs --haproxy-socket (the HAProxy admin stats socket)")
-        return (
-            {
-                "router": "local_proxy",
-                "socket_path": a.haproxy_socket,
-                "backend": a.backend,
-                "stable_server": a.stable_server,
-                "canary_server": a.canary_server,
-            },
-            "",
-            "",
-        )
-    if a.router == "gateway_api":
-        missing = [f for f in ("route", "stable_backend", "canary_backend") if not getattr(a, f)]
-        if missing:
-            raise ValueError(
-                "--router gateway_api needs " + ", ".join("--" + m.replace("_", "-") for m in missing)
-            )
-        return (
-            {
-                "router": "gateway_api",
-                "route": a.route,
-                "namespace": a.namespace,
-                "stable_backend": a.stable_backend,
-                "canary_backend": a.canary_backend,
-                "stable_isvc": a.stable_isvc,
-                "canary_isvc": a.canary_isvc,
-                "kubeconfig": a.kubeconfig,
-            },
-            f"{a.route}-rollout",
-            a.stable_isvc,
-        )
-    if not a.isvc:
-        raise ValueError(
-            "--router kserve_knative needs --isvc (the InferenceService with canaryTrafficPercent)"
-        )
-    return (
-        {
-            "router": "kserve_knative",
-            "isvc": a.isvc,
-            "namespace": a.namespace,
-            "kubeconfig": a.kubeconfig,
-        },
-        f"{a.isvc}-rollout",
-        a.isvc,
-    )
-
-
 def gates_from_args(a: argparse.Namespace) -> list[Gate]:
     gates: list[Gate] = [
         SuccessRateGate(min_rate=a.min_success_rate, min_requests=a.min_requests),
@@ -231,7 +167,9 @@ def gates_from_args(a: argparse.Namespace) -> list[Gate]:
 def cmd_start(a: argparse.Namespace) -> int:
     # everything the flags say is checked first (one line, exit 2); then the store: ownership, the stored
     # record, the router and the metrics backend, each refused before anything is written
-    router_cfg, default_cm, owner = _router_cfg(a)
+    router = ROUTERS[a.router]
+    router_cfg = router.config_from_args(a)
+    default_cm, owner = router.state_location(router_cfg)
     spec = RolloutSpec(
         steps=a.steps, interval_s=a.interval, threshold=a.threshold, max_inconclusive=a.max_inconclusive
     )

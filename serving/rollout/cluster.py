@@ -18,7 +18,7 @@ from serving.rollout import kube, targets
 from serving.rollout.gates import AccuracyGate, DriftGate, LatencyGate, SuccessRateGate
 from serving.rollout.machine import RolloutSpec
 from serving.rollout.metrics import Target
-from serving.rollout.routers import GatewayApiRouter, KServeKnativeRouter, RouterError
+from serving.rollout.routers import ROUTERS, RouterError, choices
 from serving.rollout.store import ConfigMapStore
 
 TRACK_LABEL = targets.TRACK_LABEL
@@ -163,6 +163,14 @@ def parse_steps(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in str(text).split(",") if s.strip())
 
 
+def _release_router(router: str) -> Any:
+    """The router class that drives a release of the chart (it has ``for_release``)."""
+    fit = [n for n, cls in ROUTERS.items() if hasattr(cls, "for_release")]
+    if router not in fit:
+        raise ValueError(f"router must be {choices(fit)}, got {router!r}")
+    return ROUTERS[router]
+
+
 def progressive_rollout(
     api,
     *,
@@ -188,12 +196,11 @@ def progressive_rollout(
 ) -> dict[str, Any]:
     """Drive a rollout to its end with the controller; state in the ConfigMap ``<fullname>-rollout``.
     Acts as ``<fullname>-deployer`` (a token for the whole run, ``max_seconds`` and the promotion wait)."""
-    if router not in ("gateway_api", "kserve_knative"):
-        raise ValueError(f"router must be gateway_api or kserve_knative, got {router!r}")
-    if router == "kserve_knative" and not prometheus_url:
-        raise ValueError(
-            "kserve_knative needs prometheus_url (revisions share one Service: nothing to scrape)"
-        )
+    cls = _release_router(router)
+    release = cls.for_release(fullname, namespace)
+    if not (prometheus_url or all(release.metrics_urls)):
+        why = getattr(cls, "no_scrape", "no per-side /metrics to scrape")
+        raise ValueError(f"{router} needs prometheus_url ({why})")
     # the spec, the gates and the versions refuse nonsense values (ValueError) before any API call
     spec = RolloutSpec(parse_steps(steps), interval_s, threshold, max_inconclusive)
     gates: list = [
@@ -206,37 +213,14 @@ def progressive_rollout(
     if stable_version == canary_version:
         raise ValueError(f"canary_version {canary_version!r} is also the stable version; a rollout needs two")
     api = as_deployer(api, namespace, fullname, max_seconds + 900)
-    if router == "gateway_api":
-        r = GatewayApiRouter(
-            fullname,
-            namespace,
-            f"{fullname}-stable-predictor",
-            f"{fullname}-canary-predictor",
-            stable_isvc=f"{fullname}-stable",
-            canary_isvc=f"{fullname}-canary",
-            api=api,
-        )
-        owner = f"{fullname}-stable"
-        urls = (
-            f"http://{fullname}-stable-predictor.{namespace}.svc.cluster.local/metrics",
-            f"http://{fullname}-canary-predictor.{namespace}.svc.cluster.local/metrics",
-        )
-    elif router == "kserve_knative":
-        r = KServeKnativeRouter(fullname, namespace, api=api)
-        owner = fullname
-        urls = ("", "")
-    else:
-        raise ValueError(f"router must be gateway_api or kserve_knative, got {router!r}")
+    r = cls.from_config(release.config, api=api)
+    owner, urls = release.owner_isvc, release.metrics_urls
     if prometheus_url:
         metrics = {"provider": "prometheus", "url": prometheus_url}
-    elif router == "gateway_api":
+    else:
         metrics = {"provider": "scrape"}
         log(
             "no prometheus_url: scraping each predictor Service's /metrics (exact only with one replica each)"
-        )
-    else:
-        raise ValueError(
-            "kserve_knative needs prometheus_url (revisions share one Service: nothing to scrape)"
         )
     extra = {"namespace": namespace} if prometheus_url else {}
     stable, canary = (

@@ -1,0 +1,184 @@
+"""``gateway_api``: the backendRef weights of a Gateway API ``HTTPRoute`` (gateway.networking.k8s.io/v1).
+
+The route sits in front of two InferenceServices (stable, canary), as the Helm chart renders for
+``strategy: canary``. Promotion copies the canary's predictor into the stable InferenceService, waits
+until every stable pod serves the canary's model (not merely Ready: see ``targets``), then sends all
+traffic back to stable (Flagger's primary/canary promotion). Weights are written as a JSON merge patch
+of ``spec.rules``; ``HTTPRoute.spec.rules`` is an atomic list, so our field manager then owns all of the
+rules, not just the weights (a ``helm upgrade`` that renders different rules mid-rollout conflicts with
+us, by design).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from serving.rollout import kube, targets
+from serving.rollout.routers.base import Release, RouterError, check_k8s_names, check_weights, require_flags
+
+
+class GatewayApiRouter:
+    """Weighted ``backendRefs`` of an HTTPRoute in front of a stable and a canary InferenceService."""
+
+    name = "gateway_api"
+
+    def __init__(
+        self,
+        route: str,
+        namespace: str,
+        stable_backend: str,
+        canary_backend: str,
+        stable_isvc: str = "",
+        canary_isvc: str = "",
+        api: Any = None,
+        kubeconfig: str | None = None,
+        ready_timeout_s: float = 300.0,
+        poll_s: float = 2.0,
+    ):
+        self.route, self.namespace = route, namespace
+        self.stable_backend, self.canary_backend = stable_backend, canary_backend
+        self.stable_isvc, self.canary_isvc = stable_isvc, canary_isvc
+        self.kubeconfig = kubeconfig
+        self.ready_timeout_s, self.poll_s = ready_timeout_s, poll_s
+        self.api = api or kube.custom_api(kubeconfig)
+
+    # ----------------------------------------------------------------- configuration
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        k = parser.add_argument_group("router: gateway_api (HTTPRoute weights)")
+        k.add_argument("--route", help="HTTPRoute name (gateway_api)")
+        k.add_argument("--stable-backend", help="backendRef name of the stable Service (gateway_api)")
+        k.add_argument("--canary-backend", help="backendRef name of the canary Service (gateway_api)")
+        k.add_argument(
+            "--stable-isvc", default="", help="stable InferenceService (gateway_api promotion, state)"
+        )
+        k.add_argument("--canary-isvc", default="", help="canary InferenceService (gateway_api promotion)")
+
+    @classmethod
+    def config_from_args(cls, ns: argparse.Namespace) -> dict[str, Any]:
+        require_flags(cls.name, ns, ("route", "stable_backend", "canary_backend"))
+        return {
+            "router": cls.name,
+            "route": ns.route,
+            "namespace": ns.namespace,
+            "stable_backend": ns.stable_backend,
+            "canary_backend": ns.canary_backend,
+            "stable_isvc": ns.stable_isvc,
+            "canary_isvc": ns.canary_isvc,
+            "kubeconfig": ns.kubeconfig,
+        }
+
+    @staticmethod
+    def state_location(cfg: dict[str, Any]) -> tuple[str, str]:
+        return f"{cfg['route']}-rollout", cfg.get("stable_isvc", "")
+
+    @staticmethod
+    def check_config(cfg: dict[str, Any]) -> None:
+        check_k8s_names(
+            cfg, ("route", "namespace", "stable_backend", "canary_backend", "stable_isvc", "canary_isvc")
+        )
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], api: Any = None) -> GatewayApiRouter:
+        return cls(**{k: v for k, v in cfg.items() if k != "router"}, api=api)
+
+    @classmethod
+    def for_release(cls, fullname: str, namespace: str) -> Release:
+        """The chart's ``strategy: canary``: ``<fullname>-stable``/``-canary`` behind ``<fullname>``."""
+        stable, canary = f"{fullname}-stable", f"{fullname}-canary"
+        cfg = {
+            "router": cls.name,
+            "route": fullname,
+            "namespace": namespace,
+            "stable_backend": f"{stable}-predictor",
+            "canary_backend": f"{canary}-predictor",
+            "stable_isvc": stable,
+            "canary_isvc": canary,
+            "kubeconfig": None,
+        }
+        urls = tuple(f"http://{i}-predictor.{namespace}.svc.cluster.local/metrics" for i in (stable, canary))
+        return Release(cfg, stable, urls)  # type: ignore[arg-type]
+
+    # ----------------------------------------------------------------- routing
+
+    def _get_route(self) -> dict:
+        route = kube.get(self.api, kube.HTTPROUTE, self.namespace, self.route)
+        if route is None:
+            raise RouterError(f"HTTPRoute {self.namespace}/{self.route} does not exist; check --route")
+        return route
+
+    def _refs(self, route: dict) -> tuple[list[dict], dict, dict]:
+        for rule in route.get("spec", {}).get("rules", []):
+            refs = rule.get("backendRefs", [])
+            by_name = {r.get("name"): r for r in refs}
+            if self.stable_backend in by_name and self.canary_backend in by_name:
+                return refs, by_name[self.stable_backend], by_name[self.canary_backend]
+        raise RouterError(
+            f"HTTPRoute {self.namespace}/{self.route} has no rule with backendRefs named "
+            f"{self.stable_backend!r} and {self.canary_backend!r}; check --stable-backend/--canary-backend"
+        )
+
+    def set_weights(self, stable: int, canary: int) -> None:
+        check_weights(stable, canary)
+
+        def attempt() -> None:
+            route = self._get_route()
+            _, s, c = self._refs(route)
+            s["weight"], c["weight"] = int(stable), int(canary)
+            body = {
+                "metadata": {"resourceVersion": route["metadata"]["resourceVersion"]},
+                "spec": {"rules": route["spec"]["rules"]},
+            }
+            kube.patch(self.api, kube.HTTPROUTE, self.namespace, self.route, body)
+
+        try:
+            kube.retry_on_conflict(attempt, f"HTTPRoute {self.namespace}/{self.route}", attempts=5)
+        except kube.KubeError as e:
+            raise RouterError(str(e)) from e
+
+    def get_weights(self) -> tuple[int, int]:
+        _, s, c = self._refs(self._get_route())
+        # Gateway API: a backendRef without weight has weight 1
+        return int(s.get("weight", 1)), int(c.get("weight", 1))
+
+    def promote(self) -> None:
+        """Canary takes all traffic, stable gets the canary's predictor, then stable takes it back."""
+        self.set_weights(0, 100)
+        if not (self.stable_isvc and self.canary_isvc):
+            return  # no InferenceServices named: the canary backend simply keeps all traffic
+        canary = kube.get(self.api, kube.ISVC, self.namespace, self.canary_isvc)
+        if canary is None:
+            raise RouterError(
+                f"InferenceService {self.namespace}/{self.canary_isvc} is gone; traffic stays on the canary"
+            )
+        predictor = targets.predictor_for(canary, track="stable")
+        kube.patch(self.api, kube.ISVC, self.namespace, self.stable_isvc, {"spec": {"predictor": predictor}})
+        try:
+            targets.wait_serving(
+                self.api,
+                self.namespace,
+                self.stable_isvc,
+                predictor.get("model", {}).get("storageUri"),
+                timeout_s=self.ready_timeout_s,
+                poll_s=self.poll_s,
+            )
+        except kube.KubeError as e:
+            raise RouterError(f"{e}; traffic stays on the canary") from e
+        self.set_weights(100, 0)
+
+    def rollback(self) -> None:
+        self.set_weights(100, 0)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "router": self.name,
+            "route": self.route,
+            "namespace": self.namespace,
+            "stable_backend": self.stable_backend,
+            "canary_backend": self.canary_backend,
+            "stable_isvc": self.stable_isvc,
+            "canary_isvc": self.canary_isvc,
+            "kubeconfig": self.kubeconfig,
+        }
