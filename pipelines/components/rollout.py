@@ -13,6 +13,7 @@ from kfp import dsl
 from kfp.dsl import Input, Markdown, Model, Output
 
 from pipelines.components._env import component
+from serving.rollout.gates import DEFAULTS as GATE_DEFAULTS
 
 _PACKAGES = ("kubernetes", "httpx", "prometheus-client", "matplotlib")
 
@@ -168,8 +169,8 @@ def rollout_steps(
     interval_s,
     prometheus_url,
     max_drift,
-    min_success_rate=0.99,
-    max_p99_ms=500.0,
+    min_success_rate=GATE_DEFAULTS["min_success_rate"],
+    max_p99_ms=GATE_DEFAULTS["max_p99_ms"],
     threshold=2,
     max_seconds=3600.0,
     fail_on_rollback=True,

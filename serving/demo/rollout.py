@@ -23,7 +23,7 @@ from pipelines.core import modelcard
 from serving.demo.badmodel import build_swapped_package, with_version
 from serving.demo.localstack import LocalStack, TrafficGenerator
 from serving.rollout import controller as ctl
-from serving.rollout.gates import AccuracyGate, DriftGate, LatencyGate, SuccessRateGate
+from serving.rollout import gates
 from serving.rollout.machine import RolloutSpec
 from serving.rollout.report import write_report
 from serving.rollout.store import FileStateStore
@@ -81,14 +81,8 @@ def offline_drift(stable_pkg: Path, canary_pkg: Path, x: np.ndarray, bins: int =
 
 
 def default_gates(labelled: bool) -> list:
-    gates = [
-        SuccessRateGate(min_rate=0.99, min_requests=20),
-        LatencyGate(max_ms=250.0, min_requests=20),
-        DriftGate(max_drift=0.15, method="js", min_samples=400, bins=5),
-    ]
-    if labelled:
-        gates.append(AccuracyGate(min_accuracy=0.0, max_drop=0.05, min_labelled=200))
-    return gates
+    # the local stack answers fast: a tighter p99; labels arrive in bulk: more of them per window
+    return gates.defaults(max_p99_ms=250.0, min_accuracy=0.0 if labelled else None, min_labelled=200)
 
 
 def rollout_once(

@@ -9,7 +9,8 @@ import sys
 from typing import Any
 
 from serving.rollout import controller as ctl
-from serving.rollout.gates import AccuracyGate, DriftGate, Gate, LatencyGate, SuccessRateGate
+from serving.rollout import gates
+from serving.rollout.gates import Gate
 from serving.rollout.machine import InvalidTransition, RolloutSpec, RolloutState
 from serving.rollout.metrics import MetricsError, Target
 from serving.rollout.routers import ROUTERS, RouterError, build_router
@@ -75,13 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="model name (the runtime's `model` metric label)")
     s.add_argument("--stable-version", required=True)
     s.add_argument("--canary-version", required=True)
+    spec = RolloutSpec()
+    s.add_argument("--steps", type=parse_steps, default=spec.steps, help="canary weights, e.g. 10,25,50,100")
     s.add_argument(
-        "--steps", type=parse_steps, default=(10, 25, 50, 100), help="canary weights, e.g. 10,25,50,100"
+        "--interval", type=parse_duration, default=spec.interval_s, help="analysis interval, e.g. 30s, 1m"
     )
-    s.add_argument("--interval", type=parse_duration, default=30.0, help="analysis interval, e.g. 30s, 1m")
-    s.add_argument("--threshold", type=int, default=2, help="failed checks before rollback (default 2)")
     s.add_argument(
-        "--max-inconclusive", type=int, default=5, help="inconclusive analyses in a row before pausing"
+        "--threshold",
+        type=int,
+        default=spec.threshold,
+        help=f"failed checks before rollback (default {spec.threshold})",
+    )
+    s.add_argument(
+        "--max-inconclusive",
+        type=int,
+        default=spec.max_inconclusive,
+        help="inconclusive analyses in a row before pausing",
     )
     for router in ROUTERS.values():
         router.add_arguments(s)
@@ -91,19 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--stable-metrics-url", default="", help="stable runtime /metrics URL (scrape)")
     m.add_argument("--canary-metrics-url", default="", help="canary runtime /metrics URL (scrape)")
     g = s.add_argument_group("gates")
-    g.add_argument("--min-success-rate", type=float, default=0.99)
-    g.add_argument("--max-p99-ms", type=float, default=500.0)
+    d = gates.DEFAULTS
+    g.add_argument("--min-success-rate", type=float, default=d["min_success_rate"])
+    g.add_argument("--max-p99-ms", type=float, default=d["max_p99_ms"])
     g.add_argument(
-        "--min-requests", type=int, default=20, help="canary requests a window needs to be conclusive"
+        "--min-requests",
+        type=int,
+        default=d["min_requests"],
+        help="canary requests a window needs to be conclusive",
     )
-    g.add_argument("--max-drift", type=float, default=0.15, help="max JS distance (or PSI) canary vs stable")
-    g.add_argument("--drift-method", choices=["js", "psi"], default="js")
-    g.add_argument("--drift-bins", type=int, default=5)
-    g.add_argument("--min-predictions", type=int, default=400, help="predictions per side for the drift gate")
+    g.add_argument(
+        "--max-drift", type=float, default=d["max_drift"], help="max JS distance (or PSI) canary vs stable"
+    )
+    g.add_argument("--drift-method", choices=["js", "psi"], default=d["drift_method"])
+    g.add_argument("--drift-bins", type=int, default=d["drift_bins"])
+    g.add_argument(
+        "--min-predictions",
+        type=int,
+        default=d["min_predictions"],
+        help="predictions per side for the drift gate",
+    )
     g.add_argument("--no-drift-gate", action="store_true")
     g.add_argument("--min-accuracy", type=float, help="enable the accuracy gate on labelled feedback")
-    g.add_argument("--max-accuracy-drop", type=float, default=0.05)
-    g.add_argument("--min-labelled", type=int, default=50)
+    g.add_argument("--max-accuracy-drop", type=float, default=d["max_accuracy_drop"])
+    g.add_argument("--min-labelled", type=int, default=d["min_labelled"])
     s.add_argument(
         "--report-dir",
         default="rollout-report",
@@ -145,23 +166,7 @@ def _store(a: argparse.Namespace, default_cm: str = "", owner: str = "") -> Stat
 
 
 def gates_from_args(a: argparse.Namespace) -> list[Gate]:
-    gates: list[Gate] = [
-        SuccessRateGate(min_rate=a.min_success_rate, min_requests=a.min_requests),
-        LatencyGate(max_ms=a.max_p99_ms, min_requests=a.min_requests),
-    ]
-    if not a.no_drift_gate:
-        gates.append(
-            DriftGate(
-                max_drift=a.max_drift, method=a.drift_method, min_samples=a.min_predictions, bins=a.drift_bins
-            )
-        )
-    if a.min_accuracy is not None:
-        gates.append(
-            AccuracyGate(
-                min_accuracy=a.min_accuracy, max_drop=a.max_accuracy_drop, min_labelled=a.min_labelled
-            )
-        )
-    return gates
+    return gates.defaults(drift=not a.no_drift_gate, **{k: getattr(a, k) for k in gates.DEFAULTS})
 
 
 def cmd_start(a: argparse.Namespace) -> int:

@@ -15,7 +15,8 @@ from typing import Any
 
 from serving.rollout import controller as ctl
 from serving.rollout import kube, targets
-from serving.rollout.gates import AccuracyGate, DriftGate, LatencyGate, SuccessRateGate
+from serving.rollout.gates import DEFAULTS as GATE_DEFAULTS
+from serving.rollout.gates import defaults as default_gates
 from serving.rollout.machine import RolloutSpec
 from serving.rollout.metrics import Target
 from serving.rollout.routers import ROUTERS, RouterError, choices
@@ -182,13 +183,13 @@ def progressive_rollout(
     router: str = "gateway_api",
     steps: str = "10,25,50,100",
     interval_s: float = 60.0,
-    threshold: int = 2,
-    max_inconclusive: int = 10,
+    threshold: int = RolloutSpec.threshold,
+    max_inconclusive: int = 10,  # the KFP step waits longer than RolloutSpec (5) before pausing
     prometheus_url: str = "",
-    min_success_rate: float = 0.99,
-    max_p99_ms: float = 500.0,
-    max_drift: float = 0.15,
-    min_predictions: int = 400,
+    min_success_rate: float = GATE_DEFAULTS["min_success_rate"],
+    max_p99_ms: float = GATE_DEFAULTS["max_p99_ms"],
+    max_drift: float = GATE_DEFAULTS["max_drift"],
+    min_predictions: int = GATE_DEFAULTS["min_predictions"],
     min_accuracy: float = -1.0,
     max_seconds: float = 3600.0,
     log=print,
@@ -203,13 +204,13 @@ def progressive_rollout(
         raise ValueError(f"{router} needs prometheus_url ({why})")
     # the spec, the gates and the versions refuse nonsense values (ValueError) before any API call
     spec = RolloutSpec(parse_steps(steps), interval_s, threshold, max_inconclusive)
-    gates: list = [
-        SuccessRateGate(min_success_rate, 20),
-        LatencyGate(max_p99_ms, min_requests=20),
-        DriftGate(max_drift, "js", min_predictions),
-    ]
-    if min_accuracy >= 0:
-        gates.append(AccuracyGate(min_accuracy=min_accuracy))
+    gates = default_gates(
+        min_success_rate=min_success_rate,
+        max_p99_ms=max_p99_ms,
+        max_drift=max_drift,
+        min_predictions=min_predictions,
+        min_accuracy=min_accuracy if min_accuracy >= 0 else None,  # < 0: no accuracy gate
+    )
     if stable_version == canary_version:
         raise ValueError(f"canary_version {canary_version!r} is also the stable version; a rollout needs two")
     api = as_deployer(api, namespace, fullname, max_seconds + 900)

@@ -34,6 +34,20 @@ class GateResult:
     unit: str = ""
     detail: str = ""
 
+    @classmethod
+    def inconclusive(
+        cls,
+        gate: str,
+        threshold: float,
+        op: str,
+        n: int,
+        m: int | None = None,
+        why: str = "",
+        unit: str = "",
+    ) -> GateResult:
+        """Too little evidence: no value, ``n`` (and ``m``) samples, and ``why`` in the detail."""
+        return cls(gate, Verdict.INCONCLUSIVE, None, threshold, op, n, m, unit=unit, detail=why)
+
     def summary(self) -> str:
         v = "n/a" if self.value is None or math.isnan(self.value) else _fmt(self.value, self.unit)
         t = _fmt(self.threshold, self.unit)
@@ -120,6 +134,11 @@ def _name(v: Any) -> None:
 class Gate(Protocol):
     name: str
 
+    @property
+    def threshold(self) -> float:
+        """The value the gate compares with (what a report draws as the line)."""
+        ...
+
     def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
         """``canary``/``stable``: this window's increments; ``stable_ref``: stable since the rollout began."""
         ...
@@ -138,17 +157,16 @@ class SuccessRateGate:
         _count("success_rate", "min_requests", "--min-requests", self.min_requests)
         _name(self.name)
 
+    @property
+    def threshold(self) -> float:
+        """What the measured value is compared with."""
+        return self.min_rate
+
     def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
         n = int(canary.total_requests)
         if n < self.min_requests or n <= 0:  # n <= 0: never divide by zero, whatever min_requests says
-            return GateResult(
-                self.name,
-                Verdict.INCONCLUSIVE,
-                None,
-                self.min_rate,
-                ">=",
-                n,
-                detail=f"fewer than {self.min_requests} canary requests",
+            return GateResult.inconclusive(
+                self.name, self.min_rate, ">=", n, why=f"fewer than {self.min_requests} canary requests"
             )
         rate = 1.0 - canary.failed_requests / n
         return GateResult(self.name, _judge(rate >= self.min_rate), rate, self.min_rate, ">=", n)
@@ -169,19 +187,22 @@ class LatencyGate:
         _count("latency", "min_requests", "--min-requests", self.min_requests)
         _name(self.name)
 
+    @property
+    def threshold(self) -> float:
+        """What the measured value is compared with."""
+        return self.max_ms
+
     def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
         n = int(canary.latency_count)
         q_ms = histogram_quantile(self.quantile, canary.latency) * 1000.0 if n > 0 else math.nan
         if n < self.min_requests or math.isnan(q_ms):  # an empty histogram is no evidence, not a FAIL
-            return GateResult(
+            return GateResult.inconclusive(
                 self.name,
-                Verdict.INCONCLUSIVE,
-                None,
                 self.max_ms,
                 "<=",
                 n,
                 unit="ms",
-                detail=f"fewer than {self.min_requests} canary requests",
+                why=f"fewer than {self.min_requests} canary requests",
             )
         return GateResult(self.name, _judge(q_ms <= self.max_ms), q_ms, self.max_ms, "<=", n, unit="ms")
 
@@ -213,6 +234,11 @@ class DriftGate:
             object.__setattr__(self, "name", f"drift_{self.method}")
         _name(self.name)
 
+    @property
+    def threshold(self) -> float:
+        """What the measured value is compared with."""
+        return self.max_drift
+
     def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
         n = int(canary.predictions)
         base = stable if stable.predictions >= self.min_samples else stable_ref
@@ -222,15 +248,13 @@ class DriftGate:
         if min(n, m) >= max(self.min_samples, 1):
             d = fn(coarsen(canary.scores, self.bins), coarsen(base.scores, self.bins))
         if math.isnan(d):  # too few predictions on a side (or none at all): no evidence, never a FAIL
-            return GateResult(
+            return GateResult.inconclusive(
                 self.name,
-                Verdict.INCONCLUSIVE,
-                None,
                 self.max_drift,
                 "<=",
                 n,
                 m,
-                detail=f"fewer than {self.min_samples} predictions on a side",
+                why=f"fewer than {self.min_samples} predictions on a side",
             )
         return GateResult(self.name, _judge(d <= self.max_drift), d, self.max_drift, "<=", n, m)
 
@@ -252,6 +276,11 @@ class AccuracyGate:
         _count("accuracy", "min_labelled", "--min-labelled", self.min_labelled)
         _name(self.name)
 
+    @property
+    def threshold(self) -> float:
+        """The configured floor (a stable baseline may raise it per analysis)."""
+        return self.min_accuracy
+
     def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
         n = int(canary.labelled_total)
         m = int(stable_ref.labelled_total)
@@ -259,18 +288,67 @@ class AccuracyGate:
         if self.max_drop is not None and m >= max(self.min_labelled, 1):
             threshold = max(threshold, stable_ref.labelled_correct / m - self.max_drop)
         if n < self.min_labelled or n <= 0:
-            return GateResult(
+            return GateResult.inconclusive(
                 self.name,
-                Verdict.INCONCLUSIVE,
-                None,
                 threshold,
                 ">=",
                 n,
                 m,
-                detail=f"fewer than {self.min_labelled} labelled canary answers",
+                why=f"fewer than {self.min_labelled} labelled canary answers",
             )
         acc = canary.labelled_correct / n
         return GateResult(self.name, _judge(acc >= threshold), acc, threshold, ">=", n, m)
+
+
+def _field_default(cls: type, field: str) -> Any:
+    return {f.name: f.default for f in dataclasses.fields(cls)}[field]
+
+
+# The gates' settings under the names of the CLI flags (and the KFP step's parameters), each taken from
+# the gate's own dataclass field: the thresholds are written there and nowhere else.
+DEFAULTS: dict[str, Any] = {
+    "min_success_rate": _field_default(SuccessRateGate, "min_rate"),
+    "max_p99_ms": _field_default(LatencyGate, "max_ms"),
+    "min_requests": _field_default(SuccessRateGate, "min_requests"),
+    "max_drift": _field_default(DriftGate, "max_drift"),
+    "drift_method": _field_default(DriftGate, "method"),
+    "drift_bins": _field_default(DriftGate, "bins"),
+    "min_predictions": _field_default(DriftGate, "min_samples"),
+    "min_accuracy": None,  # None: no accuracy gate (it needs labelled feedback)
+    "max_accuracy_drop": _field_default(AccuracyGate, "max_drop"),
+    "min_labelled": _field_default(AccuracyGate, "min_labelled"),
+}
+assert DEFAULTS["min_requests"] == _field_default(LatencyGate, "min_requests")
+
+
+def defaults(*, drift: bool = True, **overrides: Any) -> list[Gate]:
+    """The standard gates: success rate, p99 latency, drift (unless ``drift=False``), and accuracy when
+    ``min_accuracy`` is given. ``overrides`` use the names of :data:`DEFAULTS` (TypeError for another)."""
+    if unknown := sorted(set(overrides) - set(DEFAULTS)):
+        raise TypeError(f"unknown gate settings {unknown}; known: {sorted(DEFAULTS)}")
+    o = {**DEFAULTS, **overrides}
+    gates: list[Gate] = [
+        SuccessRateGate(min_rate=o["min_success_rate"], min_requests=o["min_requests"]),
+        LatencyGate(max_ms=o["max_p99_ms"], min_requests=o["min_requests"]),
+    ]
+    if drift:
+        gates.append(
+            DriftGate(
+                max_drift=o["max_drift"],
+                method=o["drift_method"],
+                min_samples=o["min_predictions"],
+                bins=o["drift_bins"],
+            )
+        )
+    if o["min_accuracy"] is not None:
+        gates.append(
+            AccuracyGate(
+                min_accuracy=o["min_accuracy"],
+                max_drop=o["max_accuracy_drop"],
+                min_labelled=o["min_labelled"],
+            )
+        )
+    return gates
 
 
 def evaluate_all(

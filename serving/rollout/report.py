@@ -17,11 +17,8 @@ def _gate_cfg(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _threshold(cfg: dict[str, Any]) -> float | None:
-    for k in ("min_rate", "max_ms", "max_drift", "min_accuracy"):
-        if k in cfg:
-            return float(cfg[k])
-    return None
+def _thresholds(record: dict[str, Any]) -> dict[str, float]:
+    return {g.name: float(g.threshold) for g in gates_from_config(record["gates"])}
 
 
 def text_report(record: dict[str, Any], traffic: Any = None) -> str:
@@ -113,7 +110,7 @@ def plot_timeline(
     hist = st.get("history", [])
     t0 = hist[0]["t"] if hist else record.get("created_at", 0)
     tl = record.get("timeline", [])
-    cfg = _gate_cfg(record)
+    thresholds = _thresholds(record)
 
     fig, axes = plt.subplots(4, 1, figsize=(9, 9), sharex=True, constrained_layout=True)
     # weights: a step line from the decision history (what the router was told)
@@ -175,7 +172,7 @@ def plot_timeline(
             pts = [(x, y) for x, y, v in zip(xs, ys, verdicts, strict=True) if v == verdict]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker, color=color, ms=8, label=verdict)
-        thr = _threshold(cfg.get(name or "", {}))
+        thr = thresholds.get(name or "")
         if thr is not None:
             ax.axhline(thr, color="tab:red", ls="--", lw=1, label=f"threshold {thr:g}")
             ax.legend(loc="upper left", fontsize=8)

@@ -276,3 +276,38 @@ def test_providers_turn_an_unreachable_backend_into_a_metrics_error():
         ScrapeProvider(timeout_s=1).snapshot(Target("m", "1", f"http://127.0.0.1:{port}/metrics"))
     with pytest.raises(MetricsError, match="needs a metrics URL"):
         ScrapeProvider().snapshot(Target("m", "1"))
+
+
+def test_gate_defaults_come_from_the_gates_own_fields():
+    from serving.rollout import gates as g
+    from serving.rollout.cli import build_parser, gates_from_args
+
+    std = g.defaults()
+    assert [type(x) for x in std] == [g.SuccessRateGate, g.LatencyGate, g.DriftGate]
+    assert std == [g.SuccessRateGate(), g.LatencyGate(), g.DriftGate()]
+    assert [x.threshold for x in std] == [0.99, 500.0, 0.15]
+    assert g.defaults(drift=False, min_accuracy=0.8)[-1] == g.AccuracyGate(min_accuracy=0.8)
+    assert g.defaults(max_p99_ms=250.0)[1].threshold == 250.0
+    with pytest.raises(TypeError, match="unknown gate settings"):
+        g.defaults(max_p99=1)
+    argv = [
+        "start",
+        "--router",
+        "local_proxy",
+        "--model",
+        "m",
+        "--stable-version",
+        "1",
+        "--canary-version",
+        "2",
+    ]
+    a = build_parser().parse_args(argv)
+    assert gates_from_args(a) == std
+
+
+def test_inconclusive_results_carry_their_evidence():
+    from serving.rollout.gates import GateResult, Verdict
+
+    r = GateResult.inconclusive("drift_js", 0.15, "<=", 3, 7, why="too few")
+    assert r == GateResult("drift_js", Verdict.INCONCLUSIVE, None, 0.15, "<=", 3, 7, detail="too few")
+    assert r.summary() == "drift_js=n/a ? 0.15 (n=3 vs 7) INCONCLUSIVE [too few]"
