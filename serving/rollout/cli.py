@@ -11,7 +11,7 @@ from typing import Any
 from serving.rollout import controller as ctl
 from serving.rollout import gates
 from serving.rollout.gates import Gate
-from serving.rollout.machine import InvalidTransition, RolloutSpec, RolloutState
+from serving.rollout.machine import InvalidTransition, RolloutSpec, RolloutState, parse_steps
 from serving.rollout.metrics import MetricsError, Target
 from serving.rollout.routers import ROUTERS, RouterError, build_router
 from serving.rollout.store import ConfigMapStore, FileStateStore, StateStore, StoreError
@@ -35,9 +35,10 @@ def parse_duration(text: str) -> float:
     return secs
 
 
-def parse_steps(text: str) -> tuple[int, ...]:
+def steps_arg(text: str) -> tuple[int, ...]:
+    """``--steps``: :func:`machine.parse_steps`, checked by :class:`RolloutSpec` (one line, exit 2)."""
     try:
-        steps = tuple(int(s) for s in text.split(",") if s.strip())
+        steps = parse_steps(text)
         RolloutSpec(steps=steps)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"invalid --steps {text!r}: {e}") from None
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stable-version", required=True)
     s.add_argument("--canary-version", required=True)
     spec = RolloutSpec()
-    s.add_argument("--steps", type=parse_steps, default=spec.steps, help="canary weights, e.g. 10,25,50,100")
+    s.add_argument("--steps", type=steps_arg, default=spec.steps, help="canary weights, e.g. 10,25,50,100")
     s.add_argument(
         "--interval", type=parse_duration, default=spec.interval_s, help="analysis interval, e.g. 30s, 1m"
     )

@@ -17,7 +17,7 @@ from serving.rollout import controller as ctl
 from serving.rollout import kube, targets
 from serving.rollout.gates import DEFAULTS as GATE_DEFAULTS
 from serving.rollout.gates import defaults as default_gates
-from serving.rollout.machine import RolloutSpec
+from serving.rollout.machine import RolloutSpec, parse_steps
 from serving.rollout.metrics import Target
 from serving.rollout.routers import ROUTERS, RouterError, choices
 from serving.rollout.store import ConfigMapStore
@@ -81,64 +81,18 @@ def deploy_canary(
     ready_timeout_s: float = 600.0,
     poll_s: float = POLL_S,
 ) -> dict[str, Any]:
-    """Point the canary at the new model (receiving no traffic yet) and wait until it serves it.
-
-    gateway_api: patch (or create, copied from the stable one) ``<fullname>-canary``'s storageUri.
-    kserve_knative: set the single ISVC's storageUri with ``canaryTrafficPercent: 0`` (a new
-    revision, dark) so progressive_rollout can raise the percentage.
-    """
+    """:func:`targets.deploy_canary` as ``<fullname>-deployer``; also where the release answers."""
     api = as_deployer(api, namespace, fullname, ready_timeout_s + 600)
-    g, v, p = kube.ISVC
-    if router == "gateway_api":
-        name = f"{fullname}-canary"
-        obj = kube.get(api, kube.ISVC, namespace, name)
-        if obj is None:
-            stable = kube.get(api, kube.ISVC, namespace, f"{fullname}-stable")
-            if stable is None:
-                raise RouterError(
-                    f"neither {name} nor {fullname}-stable exists in {namespace}: install the chart "
-                    "with strategy.type=canary first"
-                )
-            meta = stable["metadata"]
-            obj = {
-                "apiVersion": "serving.kserve.io/v1beta1",
-                "kind": "InferenceService",
-                "metadata": {
-                    "name": name,
-                    "namespace": namespace,
-                    "labels": {**meta.get("labels", {}), TRACK_LABEL: "canary"},
-                    "annotations": {
-                        k: val
-                        for k, val in meta.get("annotations", {}).items()
-                        if not k.startswith("rollout.mlrollout.io/")
-                    },
-                },
-                "spec": {
-                    **copy.deepcopy(stable["spec"]),
-                    "predictor": targets.predictor_for(stable, "canary"),
-                },
-            }
-            obj["spec"]["predictor"]["model"]["storageUri"] = storage_uri
-            obj["metadata"]["labels"]["app.kubernetes.io/version"] = version
-            api.create_namespaced_custom_object(g, v, namespace, p, obj, field_manager=kube.FIELD_MANAGER)
-        else:
-            patch = {
-                "metadata": {"labels": {"app.kubernetes.io/version": version}},
-                "spec": {"predictor": {"model": {"storageUri": storage_uri}}},
-            }
-            kube.patch(api, kube.ISVC, namespace, name, patch)
-    elif router == "kserve_knative":
-        name = fullname
-        patch = {
-            "metadata": {"labels": {"app.kubernetes.io/version": version}},
-            "spec": {"predictor": {"canaryTrafficPercent": 0, "model": {"storageUri": storage_uri}}},
-        }
-        kube.patch(api, kube.ISVC, namespace, name, patch)
-    else:
-        raise ValueError(f"router must be gateway_api or kserve_knative, got {router!r}")
     try:
-        obj = targets.wait_serving(
-            api, namespace, name, storage_uri, timeout_s=ready_timeout_s, poll_s=poll_s
+        name, obj = targets.deploy_canary(
+            api,
+            namespace=namespace,
+            fullname=fullname,
+            storage_uri=storage_uri,
+            version=version,
+            router=router,
+            ready_timeout_s=ready_timeout_s,
+            poll_s=poll_s,
         )
     except kube.KubeError as e:
         raise RouterError(str(e)) from e
@@ -158,10 +112,6 @@ def endpoint(api, namespace: str, fullname: str, isvc: dict) -> str:
     if hosts:
         return f"http://{hosts[0]}"
     return isvc.get("status", {}).get("address", {}).get("url", "")
-
-
-def parse_steps(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in str(text).split(",") if s.strip())
 
 
 def _release_router(router: str) -> Any:

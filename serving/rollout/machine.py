@@ -59,6 +59,12 @@ class InvalidTransition(ValueError):
     """An operator command or analysis that does not apply to the rollout's current phase."""
 
 
+def parse_steps(text: str) -> tuple[int, ...]:
+    """``"10,25,50,100"`` -> ``(10, 25, 50, 100)`` (ValueError for a part that is not a whole number;
+    :class:`RolloutSpec` checks the weights themselves)."""
+    return tuple(int(s) for s in str(text).split(",") if s.strip())
+
+
 @dataclass(frozen=True)
 class RolloutSpec:
     steps: tuple[int, ...] = (10, 25, 50, 100)
@@ -178,139 +184,72 @@ def start(spec: RolloutSpec, now: float) -> tuple[RolloutState, Decision]:
     return _apply(state, now, "start", decision)
 
 
+def _failing(results: tuple[GateResult, ...], verdict: Verdict) -> str:
+    return ", ".join(g.summary() for g in results if g.verdict is verdict)
+
+
 def analyse(
     state: RolloutState, spec: RolloutSpec, results: list[GateResult] | tuple[GateResult, ...], now: float
 ) -> tuple[RolloutState, Decision]:
-    """Fold one analysis (the gate results of one interval) into the state."""
+    """Fold one analysis (the gate results of one interval) into the state.
+
+    verdict       counter reaches its limit           else
+    FAIL          failed_checks = threshold: rollback  hold (the window keeps growing)
+    INCONCLUSIVE  inconclusive = max: pause            hold
+    PASS          at the last step: promote            advance to the next step (a new window)
+    """
     if state.phase is not Phase.PROGRESSING:
         raise InvalidTransition(f"cannot analyse a rollout that is {state.phase.value}")
     results = tuple(results)
     verdict = overall_verdict(results)
-    analyses = state.analyses + 1
-    last = state.step_index == len(spec.steps) - 1
     nxt = now + spec.interval_s
+
+    def fold(action: Action, weight: int, reason: str, /, **changes: Any) -> tuple[RolloutState, Decision]:
+        d = Decision(action, weight, reason, verdict, results, reset_window=action is Action.SET_WEIGHT)
+        return _apply(state, now, "analysis", d, analyses=state.analyses + 1, reason=reason, **changes)
+
     if verdict is Verdict.FAIL:
-        failed = state.failed_checks + 1
-        bad = ", ".join(g.summary() for g in results if g.verdict is Verdict.FAIL)
-        if failed >= spec.threshold:
-            d = Decision(
+        n, bad = state.failed_checks + 1, _failing(results, Verdict.FAIL)
+        if n >= spec.threshold:
+            why = f"rollback: failed check {n}/{spec.threshold}: {bad}"
+            return fold(
                 Action.ROLLBACK,
                 0,
-                f"rollback: failed check {failed}/{spec.threshold}: {bad}",
-                verdict,
-                results,
-            )
-            return _apply(
-                state,
-                now,
-                "analysis",
-                d,
+                why,
                 phase=Phase.ROLLED_BACK,
                 weight=0,
-                failed_checks=failed,
-                analyses=analyses,
+                failed_checks=n,
                 inconclusive_checks=0,
-                reason=d.reason,
             )
-        d = Decision(
-            Action.HOLD,
-            state.weight,
-            f"hold: failed check {failed}/{spec.threshold}: {bad}",
-            verdict,
-            results,
-        )
-        return _apply(
-            state,
-            now,
-            "analysis",
-            d,
-            failed_checks=failed,
-            analyses=analyses,
-            inconclusive_checks=0,
-            next_analysis_at=nxt,
-            reason=d.reason,
+        why = f"hold: failed check {n}/{spec.threshold}: {bad}"
+        return fold(
+            Action.HOLD, state.weight, why, failed_checks=n, inconclusive_checks=0, next_analysis_at=nxt
         )
     if verdict is Verdict.INCONCLUSIVE:
-        inc = state.inconclusive_checks + 1
-        why = ", ".join(g.summary() for g in results if g.verdict is Verdict.INCONCLUSIVE)
-        if inc >= spec.max_inconclusive:
-            d = Decision(
-                Action.PAUSE,
-                state.weight,
-                f"pause: {inc} inconclusive analyses in a row ({why}); send traffic or lower min samples, "
-                "then resume (or abort)",
-                verdict,
-                results,
+        n, why = state.inconclusive_checks + 1, _failing(results, Verdict.INCONCLUSIVE)
+        if n >= spec.max_inconclusive:
+            msg = (
+                f"pause: {n} inconclusive analyses in a row ({why}); send traffic or lower min samples, "
+                "then resume (or abort)"
             )
-            return _apply(
-                state,
-                now,
-                "analysis",
-                d,
-                phase=Phase.PAUSED,
-                inconclusive_checks=inc,
-                analyses=analyses,
-                reason=d.reason,
-            )
-        d = Decision(
-            Action.HOLD,
-            state.weight,
-            f"hold: inconclusive {inc}/{spec.max_inconclusive} ({why}); keep collecting",
-            verdict,
-            results,
-        )
-        return _apply(
-            state,
-            now,
-            "analysis",
-            d,
-            inconclusive_checks=inc,
-            analyses=analyses,
-            next_analysis_at=nxt,
-            reason=d.reason,
-        )
-    # PASS
-    if last:
-        d = Decision(
-            Action.PROMOTE,
-            100,
-            f"promote: all gates passed at the last step ({state.weight}%)",
-            verdict,
-            results,
-        )
-        return _apply(
-            state,
-            now,
-            "analysis",
-            d,
-            phase=Phase.PROMOTED,
-            weight=100,
-            analyses=analyses,
-            inconclusive_checks=0,
-            reason=d.reason,
-        )
+            return fold(Action.PAUSE, state.weight, msg, phase=Phase.PAUSED, inconclusive_checks=n)
+        msg = f"hold: inconclusive {n}/{spec.max_inconclusive} ({why}); keep collecting"
+        return fold(Action.HOLD, state.weight, msg, inconclusive_checks=n, next_analysis_at=nxt)
+    if state.step_index == len(spec.steps) - 1:
+        why = f"promote: all gates passed at the last step ({state.weight}%)"
+        return fold(Action.PROMOTE, 100, why, phase=Phase.PROMOTED, weight=100, inconclusive_checks=0)
     i = state.step_index + 1
     w = spec.steps[i]
-    d = Decision(
+    why = f"advance: all gates passed at {state.weight}%; canary weight -> {w}%"
+    return fold(
         Action.SET_WEIGHT,
         w,
-        f"advance: all gates passed at {state.weight}%; canary weight -> {w}%",
-        verdict,
-        results,
-        reset_window=True,
-    )
-    return _apply(
-        state,
-        now,
-        "analysis",
-        d,
+        why,
         step_index=i,
         weight=w,
-        analyses=analyses,
         inconclusive_checks=0,
         step_started_at=now,
         next_analysis_at=nxt,
-        reason=d.reason,
     )
 
 

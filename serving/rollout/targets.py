@@ -1,4 +1,4 @@
-"""KServe specifics of a rollout: when a new model really serves, and promotion by copy.
+"""KServe specifics of a rollout: deploy the canary, when a new model really serves, promotion by copy.
 
 "Ready" is not "serving the new model". During a Standard-mode rolling update KServe keeps the
 InferenceService ``Ready=True`` (its status follows the Deployment's Available condition), and the
@@ -112,3 +112,92 @@ def predictor_for(source: dict, track: str) -> dict:
     if TRACK_LABEL in (predictor.get("labels") or {}):
         predictor["labels"][TRACK_LABEL] = track
     return predictor
+
+
+def promote_by_copy(
+    api: Any, namespace: str, source: str, target: str, timeout_s: float = 300.0, poll_s: float = 2.0
+) -> None:
+    """Copy ``source``'s predictor onto ``target`` (keeping its track label) and wait until every pod of
+    ``target`` serves it (Flagger's ``Promote``). KubeError when ``source`` is gone or the wait runs out."""
+    obj = kube.get(api, kube.ISVC, namespace, source)
+    if obj is None:
+        raise kube.KubeError(f"InferenceService {namespace}/{source} is gone")
+    predictor = predictor_for(obj, track="stable")
+    kube.patch(api, kube.ISVC, namespace, target, {"spec": {"predictor": predictor}})
+    wait_serving(
+        api,
+        namespace,
+        target,
+        predictor.get("model", {}).get("storageUri"),
+        timeout_s=timeout_s,
+        poll_s=poll_s,
+    )
+
+
+def deploy_canary(
+    api: Any,
+    *,
+    namespace: str,
+    fullname: str,
+    storage_uri: str,
+    version: str,
+    router: str = "gateway_api",
+    ready_timeout_s: float = 600.0,
+    poll_s: float = 2.0,
+) -> tuple[str, dict]:
+    """Point the canary at the new model (receiving no traffic yet) and wait until it serves it.
+
+    gateway_api: patch (or create, copied from the stable one) ``<fullname>-canary``'s storageUri.
+    kserve_knative: set the single ISVC's storageUri with ``canaryTrafficPercent: 0`` (a new
+    revision, dark) so the rollout can raise the percentage. Returns the InferenceService's name and
+    object; KubeError when there is nothing to copy from or the wait runs out.
+    """
+    g, v, p = kube.ISVC
+    if router == "gateway_api":
+        name = f"{fullname}-canary"
+        obj = kube.get(api, kube.ISVC, namespace, name)
+        if obj is None:
+            stable = kube.get(api, kube.ISVC, namespace, f"{fullname}-stable")
+            if stable is None:
+                raise kube.KubeError(
+                    f"neither {name} nor {fullname}-stable exists in {namespace}: install the chart "
+                    "with strategy.type=canary first"
+                )
+            meta = stable["metadata"]
+            obj = {
+                "apiVersion": "serving.kserve.io/v1beta1",
+                "kind": "InferenceService",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "labels": {**meta.get("labels", {}), TRACK_LABEL: "canary"},
+                    "annotations": {
+                        k: val
+                        for k, val in meta.get("annotations", {}).items()
+                        if not k.startswith("rollout.mlrollout.io/")
+                    },
+                },
+                "spec": {
+                    **copy.deepcopy(stable["spec"]),
+                    "predictor": predictor_for(stable, "canary"),
+                },
+            }
+            obj["spec"]["predictor"]["model"]["storageUri"] = storage_uri
+            obj["metadata"]["labels"]["app.kubernetes.io/version"] = version
+            api.create_namespaced_custom_object(g, v, namespace, p, obj, field_manager=kube.FIELD_MANAGER)
+        else:
+            patch = {
+                "metadata": {"labels": {"app.kubernetes.io/version": version}},
+                "spec": {"predictor": {"model": {"storageUri": storage_uri}}},
+            }
+            kube.patch(api, kube.ISVC, namespace, name, patch)
+    elif router == "kserve_knative":
+        name = fullname
+        patch = {
+            "metadata": {"labels": {"app.kubernetes.io/version": version}},
+            "spec": {"predictor": {"canaryTrafficPercent": 0, "model": {"storageUri": storage_uri}}},
+        }
+        kube.patch(api, kube.ISVC, namespace, name, patch)
+    else:
+        raise ValueError(f"router must be gateway_api or kserve_knative, got {router!r}")
+    return name, wait_serving(api, namespace, name, storage_uri, timeout_s=ready_timeout_s, poll_s=poll_s)

@@ -148,19 +148,12 @@ class GatewayApiRouter:
         self.set_weights(0, 100)
         if not (self.stable_isvc and self.canary_isvc):
             return  # no InferenceServices named: the canary backend simply keeps all traffic
-        canary = kube.get(self.api, kube.ISVC, self.namespace, self.canary_isvc)
-        if canary is None:
-            raise RouterError(
-                f"InferenceService {self.namespace}/{self.canary_isvc} is gone; traffic stays on the canary"
-            )
-        predictor = targets.predictor_for(canary, track="stable")
-        kube.patch(self.api, kube.ISVC, self.namespace, self.stable_isvc, {"spec": {"predictor": predictor}})
         try:
-            targets.wait_serving(
+            targets.promote_by_copy(
                 self.api,
                 self.namespace,
+                self.canary_isvc,
                 self.stable_isvc,
-                predictor.get("model", {}).get("storageUri"),
                 timeout_s=self.ready_timeout_s,
                 poll_s=self.poll_s,
             )
