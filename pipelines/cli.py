@@ -17,13 +17,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from serving.contract.errors import MlrolloutError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "models"
 DEFAULT_PIPELINE_ROOT = REPO_ROOT / "local_outputs"
 DEFAULT_PIPELINE = "training_pipeline"
 
 
-class UsageError(ValueError):
+class UsageError(MlrolloutError, ValueError):
     """Bad command-line input: one line that says what is wrong and how to fix it."""
 
 
@@ -107,8 +109,9 @@ def _precheck_deploy(args: dict[str, Any], local: bool) -> None:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from pipelines.core import modelcard, package
+    from pipelines.core import package
     from pipelines.local import run_local
+    from serving.contract import modelcard
 
     if ns.compiled:
         from kfp.components import load_component_from_file
@@ -292,15 +295,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.core.data import DataError
-    from pipelines.core.modelcard import ModelPackageError
-    from pipelines.local import PipelineRunError
-    from pipelines.submit import SubmitError
-
     ns = _parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (UsageError, PipelineRunError, SubmitError, ModelPackageError, DataError) as e:
+    except MlrolloutError as e:  # UsageError, PipelineRunError, SubmitError, ModelPackageError, DataError...
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:

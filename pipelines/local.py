@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serving.contract.errors import MlrolloutError
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")
 _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
@@ -25,7 +27,7 @@ _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
 _EXC = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
 
 
-class PipelineRunError(RuntimeError):
+class PipelineRunError(MlrolloutError, RuntimeError):
     """A local pipeline run failed; ``str()`` is one line naming the step and the reason."""
 
     def __init__(self, message: str, step: str = "", log_path: Path | None = None):

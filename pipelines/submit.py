@@ -8,10 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from serving.contract.errors import MlrolloutError
+
 CRON_RE = re.compile(r"^\S+(\s+\S+){5}$")
 
 
-class SubmitError(RuntimeError):
+class SubmitError(MlrolloutError, RuntimeError):
     """The KFP API is unreachable or refused a request; one line that says what to do."""
 
 

@@ -16,7 +16,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipelines.core import export, modelcard, package
+from pipelines.core import export, package
+from serving.contract import modelcard
 
 
 def breast_cancer() -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:

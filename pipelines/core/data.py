@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from serving.contract.errors import MlrolloutError
+
 BUNDLED = "sklearn:breast_cancer"
 DEFAULT_LABEL = "target"
 
 
-class DataError(ValueError):
+class DataError(MlrolloutError, ValueError):
     """The data cannot be read or does not have the shape a step needs."""
 
 

@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from serving.contract.errors import MlrolloutError
+
 GATED_METRICS = ("accuracy", "f1", "roc_auc")
 
 
-class GateError(ValueError):
+class GateError(MlrolloutError, ValueError):
     """The model is below the quality thresholds or worse than the baseline (the model now serving)."""
 
 
@@ -250,7 +252,7 @@ def load_baseline(baseline: str) -> dict[str, Any] | None:
     import json
     from pathlib import Path
 
-    from pipelines.core import modelcard
+    from serving.contract import modelcard
 
     baseline = (baseline or "").strip()
     if not baseline:

@@ -12,17 +12,18 @@ from typing import Any
 import numpy as np
 
 from pipelines.core.train import estimator_names
+from serving.contract.errors import MlrolloutError
 
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("label", "probabilities")
 
 
-class ExportError(ValueError):
+class ExportError(MlrolloutError, ValueError):
     """skl2onnx cannot convert the model, or the graph does not have the contract's shape."""
 
 
-class ParityError(ValueError):
+class ParityError(MlrolloutError, ValueError):
     """onnxruntime and sklearn disagree beyond the thresholds."""
 
 
@@ -60,10 +61,9 @@ def check_convertible(model: Any, n_features: int) -> None:
 def session(onnx_bytes: bytes, threads: int = 1) -> Any:
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    from serving.contract.session import session_options
+
+    return ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def io_schema(onnx_bytes: bytes) -> dict[str, Any]:

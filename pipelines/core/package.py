@@ -8,7 +8,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipelines.core import export, modelcard
+from pipelines.core import export
+from serving.contract import modelcard
 
 LIBRARIES = ("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "numpy", "pandas")
 

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from sklearn.base import ClassifierMixin
     from sklearn.pipeline import Pipeline
 
+from serving.contract.errors import MlrolloutError
+
 
 @dataclass(frozen=True)
 class Estimator:
@@ -84,7 +86,7 @@ ESTIMATORS: Mapping[str, Estimator] = MappingProxyType(
 )
 
 
-class TrainError(ValueError):
+class TrainError(MlrolloutError, ValueError):
     """The estimator or its hyperparameters are not usable."""
 
 

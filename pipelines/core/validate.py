@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from serving.contract.errors import MlrolloutError
 
-class DataValidationError(ValueError):
+
+class DataValidationError(MlrolloutError, ValueError):
     """One or more hard data-validation rules broke."""
 
 

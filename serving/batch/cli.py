@@ -8,10 +8,10 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from pipelines.core import modelcard
 from serving.batch import engine
-from serving.batch.errors import BatchScoringError, one_line
+from serving.batch.errors import one_line
 from serving.batch.source import FORMATS
+from serving.contract.errors import MlrolloutError
 
 EPILOG = """\
 input columns are matched to the model card's feature names by name, not position; columns the
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shares = ", ".join(f"{k}={v}" for k, v in summary.class_counts.items())
         print(f"{summary.line()} [{shares}]", file=sys.stderr)
         return 0
-    except (BatchScoringError, modelcard.ModelPackageError) as e:
+    except MlrolloutError as e:  # BatchScoringError, ModelPackageError
         _close(bar)
         _error(str(e))
         return 2

@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.core import modelcard
 from serving.batch.errors import BatchScoringError
 from serving.batch.model import BatchModel, load_model
 from serving.batch.report import SCORE_BINS, ScoreSummary, summary_html
@@ -55,6 +54,7 @@ from serving.batch.sink import (
     remove_stale_partials,
 )
 from serving.batch.source import Source, auto_chunk_rows, from_numpy, open_source, to_matrix
+from serving.contract import modelcard, signals
 
 ROW_NUMBER_COLUMN = "row_number"
 _QUEUE_DEPTH = 2  # chunks in flight between two stages: enough to overlap, little memory
@@ -246,7 +246,7 @@ def _score(state: _ScoreState, item: tuple[pa.Array, np.ndarray]) -> tuple[pa.Ar
 def _write_result(state: _ScoreState, item: tuple[pa.Array, np.ndarray, np.ndarray]) -> int:
     """Write stage: one output batch, plus the class counts and score histogram of its rows."""
     ids, label, proba = item
-    model, n_classes = state.model, state.n_classes
+    model = state.model
     probs_t = np.ascontiguousarray(proba.T, dtype=np.float32)
     arrays = [
         ids,
@@ -260,7 +260,7 @@ def _write_result(state: _ScoreState, item: tuple[pa.Array, np.ndarray, np.ndarr
             if v in state.class_index:
                 state.counts[state.class_index[v]] += k
     if len(label):
-        score = proba[:, 1] if n_classes == 2 else proba.max(axis=1)
+        score = signals.score(proba)
         bins = np.clip((score * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
         state.hist[:] += np.bincount(bins, minlength=SCORE_BINS)
     if state.progress is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from serving.contract.errors import MlrolloutError
 
-class BatchScoringError(ValueError):
+
+class BatchScoringError(MlrolloutError, ValueError):
     """The input, output or model cannot be scored; the message says what is wrong and how to fix it."""
 
 

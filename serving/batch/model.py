@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from pipelines.core import modelcard
+from serving.contract import modelcard
+from serving.contract.session import session_options
 
 PROB_PREFIX = "prob_"
 
@@ -48,19 +49,6 @@ def prob_column_names(class_names: list[str]) -> list[str]:
     return names
 
 
-def session_options(threads: int = 0, spinning: bool = False) -> ort.SessionOptions:
-    """intra-op threads: 0 lets onnxruntime use one thread per physical core (its default).
-
-    Spinning is off by default: idle onnxruntime threads would otherwise busy-wait between
-    chunks and take the cores the reader and writer threads need.
-    """
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    opts.intra_op_num_threads = max(0, int(threads))
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return opts
 
 
 def load_model(model_dir: str | os.PathLike, threads: int = 0, spinning: bool = False) -> BatchModel:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SCORE_BINS = 20
+from serving.contract import signals
+
+SCORE_BINS = len(signals.SCORE_BUCKETS)  # the report's bins are the runtime's score buckets (0.05 wide)
 
 
 @dataclass
@@ -19,7 +21,7 @@ class ScoreSummary:
     class_counts: dict[str, int]
     model: str
     # rows per score bin [i/20, (i+1)/20); score = P(positive class) for binary models, else
-    # P(predicted class): the same score the serving runtime exports as mlrollout_prediction_score
+    # P(predicted class): ``signals.score``, the score the serving runtime histograms
     score_histogram: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
 
     @property

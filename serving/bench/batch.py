@@ -42,8 +42,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines.core import modelcard
-from serving.batch import cli, model, source
+from serving.batch import cli, source
+from serving.contract import modelcard
+from serving.contract.session import session_options
 
 OUT_DIR = Path("bench_outputs/batch")
 TARGET = 0.80
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         onnx_file = str(modelcard.onnx_path(model_dir))
         sessions = [
             ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"]),
-            ort.InferenceSession(onnx_file, model.session_options(), providers=["CPUExecutionProvider"]),
+            ort.InferenceSession(onnx_file, session_options(), providers=["CPUExecutionProvider"]),
         ]
         session = sessions[0]
         for fmt in args.formats.split(","):

@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 
-from pipelines.core import modelcard
+from serving.contract import modelcard
 from serving.runtime import core
 from serving.runtime.model import OnnxModel
 

@@ -28,7 +28,7 @@ def banner(text: str) -> None:
 
 def train(out: Path, version: str, extra: list[str]) -> Path:
     from pipelines.cli import main as pipelines_main
-    from pipelines.core import modelcard
+    from serving.contract import modelcard
 
     dest = out / "models" / f"v{version}"
     argv = ["run", "--output", str(dest), "--version", version, "--pipeline-root", str(out / "kfp"), *extra]
@@ -40,7 +40,8 @@ def train(out: Path, version: str, extra: list[str]) -> Path:
 
 
 def serve_and_predict(model_dir: Path) -> None:
-    from pipelines.core import data, modelcard
+    from pipelines.core import data
+    from serving.contract import modelcard
     from serving.runtime.client import RuntimeServer
 
     features = modelcard.load_card(model_dir)["inputs"][0]["features"]

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pipelines.core import modelcard
+from serving.contract import modelcard
 
 
 def swap_classes(model: onnx.ModelProto, n_classes: int, classes: list[int]) -> onnx.ModelProto:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.core import modelcard
+from serving.contract import modelcard, signals
 from serving.demo.badmodel import build_swapped_package, with_version
 from serving.demo.localstack import LocalStack, TrafficGenerator
 from serving.rollout import controller as ctl
@@ -67,14 +67,13 @@ def offline_drift(stable_pkg: Path, canary_pkg: Path, x: np.ndarray, bins: int =
 
     from serving.rollout.stats import coarsen, js_distance
 
-    bounds = [round(0.05 * i, 2) for i in range(1, 21)]
     hists = []
     for pkg in (stable_pkg, canary_pkg):
         sess = ort.InferenceSession(str(modelcard.onnx_path(pkg)), providers=["CPUExecutionProvider"])
         card = modelcard.load_card(pkg)
         (proba,) = sess.run(["probabilities"], {card["inputs"][0]["name"]: x})
-        score = proba[:, 1] if proba.shape[1] == 2 else proba.max(axis=1)
-        cum = {b: float((score <= b).sum()) for b in bounds}
+        score = signals.score(proba)
+        cum = {b: float((score <= b).sum()) for b in signals.SCORE_BUCKETS}
         cum[math.inf] = float(len(score))
         hists.append(coarsen(cum, bins))
     return js_distance(hists[1], hists[0])

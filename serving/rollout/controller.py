@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from serving.contract.errors import MlrolloutError
 from serving.rollout import machine
 from serving.rollout.gates import Gate, GateResult, Verdict, evaluate_all, gates_from_config, gates_to_config
 from serving.rollout.machine import Action, Decision, Phase, RolloutSpec, RolloutState
@@ -44,11 +45,11 @@ class _Stale(Exception):
     """The persisted state changed under us (an operator command): drop this analysis."""
 
 
-class RecordError(ValueError):
+class RecordError(MlrolloutError, ValueError):
     """A rollout record the controller cannot drive; the message starts with the field at fault."""
 
 
-class Unreachable(RuntimeError):
+class Unreachable(MlrolloutError, RuntimeError):
     """The router and/or the metrics backend do not answer (checked before a rollout starts)."""
 
 

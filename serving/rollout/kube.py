@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from serving.contract.errors import MlrolloutError
+
 
 class GVR(NamedTuple):
     group: str
@@ -26,7 +28,7 @@ HTTPROUTE = GVR("gateway.networking.k8s.io", "v1", "httproutes")
 FIELD_MANAGER = "mlrollout-rollout"
 
 
-class KubeError(RuntimeError):
+class KubeError(MlrolloutError, RuntimeError):
     """The API server refused or never reached the state we asked for."""
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from serving.contract.errors import MlrolloutError
 from serving.rollout.gates import GateResult, Verdict, overall_verdict
 
 HISTORY_LIMIT = 500
@@ -55,7 +56,7 @@ class Action(StrEnum):
     NONE = "none"  # nothing to do (e.g. resume that only restarts analysis)
 
 
-class InvalidTransition(ValueError):
+class InvalidTransition(MlrolloutError, ValueError):
     """An operator command or analysis that does not apply to the rollout's current phase."""
 
 

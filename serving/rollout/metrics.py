@@ -9,8 +9,9 @@ Flagger's ``pkg/metrics/providers`` split: one small interface, one implementati
 
 Both return a :class:`~serving.rollout.stats.Snapshot` of cumulative counters; the controller
 subtracts snapshots to get the window a gate judges, so both providers give gates the same
-numbers. Metric names are the README contract (``mlrollout_*``). Labelled feedback, when there is
-any, is the optional counter ``mlrollout_feedback_total{model,version,outcome="correct|incorrect"}``.
+numbers. Metric names and labels are ``serving.contract.signals`` (the README contract). Labelled
+feedback, when there is any, is the optional counter ``signals.FEEDBACK_TOTAL`` by model, version
+and outcome (``correct`` or ``incorrect``).
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ from typing import Protocol
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.contract import signals
+from serving.contract.errors import MlrolloutError
 from serving.rollout.stats import Snapshot, parse_le
 
-REQUESTS = "mlrollout_requests_total"
-DURATION_BUCKET = "mlrollout_request_duration_seconds_bucket"
-SCORE_BUCKET = "mlrollout_prediction_score_bucket"
-CLASSES = "mlrollout_predicted_class_total"
-FEEDBACK = "mlrollout_feedback_total"
+REQUESTS = signals.REQUESTS_TOTAL
+DURATION_BUCKET = signals.REQUEST_DURATION_BUCKET
+SCORE_BUCKET = signals.PREDICTION_SCORE_BUCKET
+CLASSES = signals.PREDICTED_CLASS_TOTAL
+FEEDBACK = signals.FEEDBACK_TOTAL
 
 
-class MetricsError(RuntimeError):
+class MetricsError(MlrolloutError, RuntimeError):
     """The metrics backend could not be read (down, bad query, unexpected answer)."""
 
 
@@ -46,7 +49,7 @@ class Target:
     extra: dict[str, str] = field(default_factory=dict)  # extra label matchers (e.g. namespace)
 
     def selector(self) -> str:
-        labels = {"model": self.model, "version": self.version, **self.extra}
+        labels = {signals.MODEL: self.model, signals.VERSION: self.version, **self.extra}
         inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
         return "{" + inner + "}"
 
@@ -135,14 +138,14 @@ class PrometheusProvider:
                 m.get(label, ""): v for m, v in self.query_vector(f"sum by ({label}) ({metric}{sel})", now)
             }
 
-        fb = by(FEEDBACK, "outcome")
+        fb = by(FEEDBACK, signals.OUTCOME)
         return Snapshot(
-            requests=by(REQUESTS, "status"),
-            latency={parse_le(k): v for k, v in by(DURATION_BUCKET, "le").items()},
-            scores={parse_le(k): v for k, v in by(SCORE_BUCKET, "le").items()},
-            classes=by(CLASSES, "class"),
-            labelled_correct=fb.get("correct", 0.0),
-            labelled_total=fb.get("correct", 0.0) + fb.get("incorrect", 0.0),
+            requests=by(REQUESTS, signals.STATUS),
+            latency={parse_le(k): v for k, v in by(DURATION_BUCKET, signals.LE).items()},
+            scores={parse_le(k): v for k, v in by(SCORE_BUCKET, signals.LE).items()},
+            classes=by(CLASSES, signals.CLASS),
+            labelled_correct=fb.get(signals.CORRECT, 0.0),
+            labelled_total=fb.get(signals.CORRECT, 0.0) + fb.get(signals.INCORRECT, 0.0),
             at=now,
         )
 
@@ -150,7 +153,7 @@ class PrometheusProvider:
 def parse_exposition(text: str, target: Target) -> Snapshot:
     """The ``target``'s counters from Prometheus text exposition (what ``/metrics`` serves)."""
     snap = Snapshot(at=time.time())
-    want = {"model": target.model, "version": target.version, **target.extra}
+    want = {signals.MODEL: target.model, signals.VERSION: target.version, **target.extra}
 
     def add(d: dict, k, v: float) -> None:
         d[k] = d.get(k, 0.0) + v
@@ -160,16 +163,16 @@ def parse_exposition(text: str, target: Target) -> Snapshot:
             if any(s.labels.get(k) != v for k, v in want.items()):
                 continue
             if s.name == REQUESTS:
-                add(snap.requests, s.labels.get("status", ""), s.value)
+                add(snap.requests, s.labels.get(signals.STATUS, ""), s.value)
             elif s.name == DURATION_BUCKET:
-                add(snap.latency, parse_le(s.labels["le"]), s.value)
+                add(snap.latency, parse_le(s.labels[signals.LE]), s.value)
             elif s.name == SCORE_BUCKET:
-                add(snap.scores, parse_le(s.labels["le"]), s.value)
+                add(snap.scores, parse_le(s.labels[signals.LE]), s.value)
             elif s.name == CLASSES:
-                add(snap.classes, s.labels.get("class", ""), s.value)
+                add(snap.classes, s.labels.get(signals.CLASS, ""), s.value)
             elif s.name == FEEDBACK:
                 snap.labelled_total += s.value
-                if s.labels.get("outcome") == "correct":
+                if s.labels.get(signals.OUTCOME) == signals.CORRECT:
                     snap.labelled_correct += s.value
     return snap
 

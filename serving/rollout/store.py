@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from serving.contract.errors import MlrolloutError
 from serving.rollout import kube
 
 STATE_KEY = "state"
@@ -52,7 +53,7 @@ MIN_OWNER_TTL_S = 30.0
 Record = dict[str, Any]
 
 
-class StoreError(RuntimeError):
+class StoreError(MlrolloutError, RuntimeError):
     pass
 
 

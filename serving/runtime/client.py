@@ -30,7 +30,8 @@ from pathlib import Path
 
 import httpx
 
-from pipelines.core import modelcard
+from serving.contract import modelcard
+from serving.contract.errors import MlrolloutError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -54,7 +55,7 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 15.0) -> int | N
     return proc.returncode
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(MlrolloutError, RuntimeError):
     """The runtime exited or did not become ready; ``log`` holds its output."""
 
     def __init__(self, message: str, returncode: int | None, log: str):

@@ -14,13 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from serving.contract.errors import MlrolloutError
+
 # V2 datatypes the single float input accepts; FP64 is cast to the model's FP32 (numpy's default
 # float type is float64, so many clients send FP64). Integers, booleans and strings are refused.
 ACCEPTED_INPUT_DATATYPES = {"FP32": np.float32, "FP64": np.float64}
 V2_TO_NUMPY = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64}
 
 
-class InputError(ValueError):
+class InputError(MlrolloutError, ValueError):
     """A request the model cannot accept: answered with ``status`` (400 unless stated) and the message."""
 
     status = 400
@@ -400,12 +402,3 @@ def v2_response(spec: ModelSpec, req: V2Request, arrays: dict[str, np.ndarray]) 
         response["id"] = req.id
     response["outputs"] = outs
     return response, raws
-
-
-def scores(proba: np.ndarray, labels: np.ndarray, classes: tuple) -> np.ndarray:
-    """The score the drift gate histograms: P(positive class) for binary, P(predicted class) otherwise.
-
-    Clipped to [0, 1]: float32 tree ensembles can sum to 1.0000004, which would land in the +Inf bucket.
-    """
-    score = proba[:, 1] if proba.shape[1] == 2 else proba.max(axis=1)
-    return np.clip(score, 0.0, 1.0)

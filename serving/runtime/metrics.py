@@ -1,4 +1,4 @@
-"""Prometheus metrics of the runtime (names and labels are the README's contract).
+"""Prometheus metrics of the runtime (names, labels, buckets: ``serving.contract.signals``; README contract).
 
 With ``--workers > 1`` every uvicorn worker is its own process: ``serving.__main__`` then points
 ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder before prometheus_client is imported, and
@@ -12,36 +12,35 @@ import os
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import exposition as prom_exposition
 
-SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.10, ..., 1.0
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+from serving.contract import signals
 
 REQUESTS = Counter(
-    "mlrollout_requests",
+    signals.REQUESTS,
     "Inference requests answered, by model version, protocol and status (HTTP code or gRPC code name)",
-    ["model", "version", "protocol", "status"],
+    signals.REQUESTS_LABELS,
 )
 LATENCY = Histogram(
-    "mlrollout_request_duration_seconds",
+    signals.REQUEST_DURATION,
     "Inference request latency inside the server, from the first byte read to the answer",
-    ["model", "version", "protocol"],
-    buckets=LATENCY_BUCKETS,
+    signals.REQUEST_DURATION_LABELS,
+    buckets=signals.LATENCY_BUCKETS,
 )
 SCORE = Histogram(
-    "mlrollout_prediction_score",
+    signals.PREDICTION_SCORE,
     "Predicted score per row: P(positive class) for binary models, P(predicted class) for multiclass",
-    ["model", "version"],
-    buckets=SCORE_BUCKETS,
+    signals.PREDICTION_SCORE_LABELS,
+    buckets=signals.SCORE_BUCKETS,
 )
 FAULT_INJECTION = Gauge(
-    "mlrollout_fault_injection",
+    signals.FAULT_INJECTION,
     "Test/demo fault injection setting of this server (0 = off): error_rate in [0, 1], latency_ms",
-    ["setting"],
+    signals.FAULT_INJECTION_LABELS,
     multiprocess_mode="max",
 )
 PREDICTED_CLASS = Counter(
-    "mlrollout_predicted_class",
+    signals.PREDICTED_CLASS,
     "Predicted rows by class label",
-    ["model", "version", "class"],
+    signals.PREDICTED_CLASS_LABELS,
 )
 
 

@@ -23,7 +23,8 @@ from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from pipelines.core import modelcard
+from serving.contract import modelcard, signals
+from serving.contract.session import session_options
 from serving.runtime import core, kserve_compat
 from serving.runtime.metrics import ModelMetrics
 
@@ -71,21 +72,6 @@ class Faults:
 
     def describe(self) -> str:
         return f"error_rate={self.error_rate:g}; latency_ms={self.latency_ms:g}"
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    """One intra-op thread per session by default: batch-1 requests gain nothing from a thread pool
-    (ORT's call overhead dominates; perf.md §2), and ``--workers`` scales across cores with processes
-    instead. No spinning: on shared CPUs a spinning pool steals the event loop's core."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return so
 
 
 class OnnxModel(Model):
@@ -144,9 +130,10 @@ class OnnxModel(Model):
 
     def _open_session(self) -> None:
         path = modelcard.onnx_path(self.package_dir)
-        self.session = ort.InferenceSession(
-            str(path), sess_options=session_options(self.ort_threads), providers=["CPUExecutionProvider"]
-        )
+        # one intra-op thread by default, no spinning (serving/README.md, "Speed: what was chosen and why")
+        so = session_options(self.ort_threads)
+        so.log_severity_level = 3  # errors only
+        self.session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         self._output_order = ["label", "probabilities"]
         # The public InferenceSession.run re-validates input names, OrtValue ownership and graph-capture
         # options on every call (~15 % of a batch-1 call); the runtime has validated the feed itself, so
@@ -232,7 +219,7 @@ class OnnxModel(Model):
                     max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="ort"
                 )
             labels, proba = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, x)
-        self.metrics.predictions(core.scores(proba, labels, self.spec.classes), labels)
+        self.metrics.predictions(signals.score(proba), labels)
         return labels, proba
 
     async def _apply_faults(self) -> None:

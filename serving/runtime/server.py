@@ -43,7 +43,8 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.servicer import InferenceServicer
 
-from pipelines.core.modelcard import ModelPackageError
+from serving.contract import signals
+from serving.contract.modelcard import ModelPackageError
 from serving.runtime import kserve_compat as compat
 from serving.runtime.asgi import RuntimeMiddleware, bounded
 from serving.runtime.metrics import set_fault_injection
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--enable_fault_injection",
         action="store_true",
         help=f"test/demo only: honour {FAULT_ENV_PREFIX}ERROR_RATE / {FAULT_ENV_PREFIX}LATENCY_MS "
-        "(shown as the metric mlrollout_fault_injection and the header x-fault-injection)",
+        f"(shown as the metric {signals.FAULT_INJECTION} and the header x-fault-injection)",
     )
     p.add_argument("--access_log", type=_bool, default=False, help="one uvicorn access-log line per request")
     p.set_defaults(model_name=None, enable_latency_logging=False)

@@ -199,7 +199,7 @@ def packages(pipeline_run, filer_url, tmp_path_factory) -> dict[str, str]:
     """storageUris of v1 (what the pipeline produced), v2 and the bad canary."""
     import httpx
 
-    from pipelines.core import modelcard
+    from serving.contract import modelcard
     from serving.demo import badmodel
     from tests.e2e import helpers
 

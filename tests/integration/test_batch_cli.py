@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.core import modelcard
+from serving.contract import modelcard
 from tests.modelfactory import breast_cancer
 
 pytestmark = pytest.mark.integration

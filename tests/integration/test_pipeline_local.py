@@ -21,8 +21,9 @@ import yaml
 
 from pipelines import compile as pcompile
 from pipelines.cli import main
-from pipelines.core import data, modelcard, train
+from pipelines.core import data, train
 from pipelines.local import PipelineRunError, run_local
+from serving.contract import modelcard
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
+from serving.contract import signals
 from serving.rollout.gates import SuccessRateGate, Verdict
 from serving.rollout.metrics import ScrapeProvider, Target
 from serving.runtime.client import RuntimeServer, free_port
@@ -516,7 +517,7 @@ def test_fault_variables_without_the_flag_stop_the_server(model_package):
 
 def test_no_fault_injection_is_visible_as_zero(server):
     samples = httpx.get(f"{server.url}/metrics", timeout=10).text
-    assert 'mlrollout_fault_injection{setting="error_rate"} 0.0' in samples
+    assert f'{signals.FAULT_INJECTION}{{setting="error_rate"}} 0.0' in samples
     assert "x-fault-injection" not in httpx.get(f"{server.url}/v2/health/live", timeout=10).headers
 
 

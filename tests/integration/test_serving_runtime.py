@@ -25,7 +25,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipelines.core import modelcard
+from serving.contract import modelcard, signals
 from serving.runtime.client import RuntimeServer
 from tests.modelfactory import breast_cancer
 
@@ -314,25 +314,22 @@ def test_metrics_count_requests_scores_and_classes_per_version(server, data, ref
     def delta(name, **labels_):
         return _value(after, name, **labels_) - _value(before, name, **labels_)
 
-    assert delta("mlrollout_requests_total", version=v, protocol="v1", status="200") == 1
-    assert delta("mlrollout_requests_total", version=v, protocol="v1", status="400") == 1
-    assert delta("mlrollout_requests_total", version=v, protocol="v2", status="400") == 1
-    assert delta("mlrollout_request_duration_seconds_count", version=v, protocol="v1") == 2
-    assert delta("mlrollout_prediction_score_count", model=server.name, version=v) == 10
+    assert delta(signals.REQUESTS_TOTAL, version=v, protocol="v1", status="200") == 1
+    assert delta(signals.REQUESTS_TOTAL, version=v, protocol="v1", status="400") == 1
+    assert delta(signals.REQUESTS_TOTAL, version=v, protocol="v2", status="400") == 1
+    assert delta(signals.REQUEST_DURATION_COUNT, version=v, protocol="v1") == 2
+    assert delta(signals.PREDICTION_SCORE_COUNT, model=server.name, version=v) == 10
     # score = P(class 1): each row lands in the bucket of its probability
     expected_low = int((proba[:, 1] <= 0.05).sum())
-    assert delta("mlrollout_prediction_score_bucket", version=v, le="0.05") == expected_low
+    assert delta(signals.PREDICTION_SCORE_BUCKET, version=v, le="0.05") == expected_low
     for cls in (0, 1):
-        assert (
-            delta("mlrollout_predicted_class_total", version=v, **{"class": str(cls)})
-            == (labels == cls).sum()
-        )
+        assert delta(signals.PREDICTED_CLASS_TOTAL, version=v, **{"class": str(cls)}) == (labels == cls).sum()
     buckets = sorted(
         float(s.labels["le"])
         for s in after
-        if s.name == "mlrollout_prediction_score_bucket" and s.labels["le"] != "+Inf"
+        if s.name == signals.PREDICTION_SCORE_BUCKET and s.labels["le"] != "+Inf"
     )
-    assert buckets == pytest.approx([0.05 * i for i in range(1, 21)])
+    assert buckets == pytest.approx(list(signals.SCORE_BUCKETS))
 
 
 # --- start-up refusals, faults, load, workers ---
@@ -376,7 +373,7 @@ def test_fault_knob_answers_500_on_every_protocol_with_version(model_package):
         assert r.status_code == 500 and "injected fault" in r.json()["error"]
         assert r.headers["x-model-version"] == srv.version
         assert r.headers["x-fault-injection"] == "error_rate=1; latency_ms=0"
-        assert _value(_metric_samples(srv), "mlrollout_fault_injection", setting="error_rate") == 1.0
+        assert _value(_metric_samples(srv), signals.FAULT_INJECTION, setting="error_rate") == 1.0
         assert _v2(srv, _v2_body()).status_code == 500
         assert _v1(srv, {"instances": [[1.0]]}).status_code == 400  # bad input is still bad input
         with grpc.insecure_channel(srv.grpc_target) as channel:
@@ -387,8 +384,8 @@ def test_fault_knob_answers_500_on_every_protocol_with_version(model_package):
                 pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=10)
             assert err.value.code() == grpc.StatusCode.INTERNAL
         samples = _metric_samples(srv)
-        assert _value(samples, "mlrollout_requests_total", version=srv.version, status="500") == 2
-        assert _value(samples, "mlrollout_requests_total", protocol="grpc-v2", status="INTERNAL") == 1
+        assert _value(samples, signals.REQUESTS_TOTAL, version=srv.version, status="500") == 2
+        assert _value(samples, signals.REQUESTS_TOTAL, protocol="grpc-v2", status="INTERNAL") == 1
         assert srv.stop() == 0  # SIGTERM: a clean exit
 
 
@@ -441,8 +438,8 @@ def test_two_workers_share_one_metrics_view(model_package):
                 )
                 assert r.status_code == 200
         samples = _metric_samples(srv)
-        assert _value(samples, "mlrollout_requests_total", protocol="v1", status="200") == 30
-        assert _value(samples, "mlrollout_prediction_score_count") == 30
+        assert _value(samples, signals.REQUESTS_TOTAL, protocol="v1", status="200") == 30
+        assert _value(samples, signals.PREDICTION_SCORE_COUNT) == 30
 
 
 def test_every_protocol_gives_the_same_predictions(model_package, data, reference):

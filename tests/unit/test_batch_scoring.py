@@ -21,11 +21,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.core import modelcard
 from serving.batch import cli, engine
 from serving.batch.errors import BatchScoringError, SchemaMismatchError
 from serving.batch.model import prob_column_names
 from serving.batch.report import summary_markdown
+from serving.contract import modelcard
 from tests.modelfactory import breast_cancer
 
 

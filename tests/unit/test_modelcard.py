@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipelines.core import modelcard
+from serving.contract import modelcard
 
 
 def test_package_layout_and_sha(model_package):

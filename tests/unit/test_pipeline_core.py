@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.core import data, evaluate, export, modelcard, package, train, validate
+from pipelines.core import data, evaluate, export, package, train, validate
+from serving.contract import modelcard
 
 LABEL = "target"
 

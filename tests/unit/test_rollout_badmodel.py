@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from pipelines.core import modelcard
+from serving.contract import modelcard
 from serving.demo.badmodel import build_swapped_package, with_version
 from serving.demo.rollout import offline_drift, traffic_data
 from tests.modelfactory import breast_cancer, build_package

@@ -137,21 +137,6 @@ def test_v2_response_json_and_binary():
     np.testing.assert_array_equal(np.frombuffer(raws[0], np.float32).reshape(2, 2), arrays["probabilities"])
 
 
-def test_scores_are_clipped_into_the_histogram_range():
-    # float32 tree ensembles can give 1.0000004 (seen with random forests); it must not count as +Inf
-    proba = np.array([[-4e-7, 1.0000004], [0.5, 0.5]], dtype=np.float32)
-    out = core.scores(proba, np.array([1, 0]), (0, 1))
-    assert out.max() <= 1.0 and out.min() >= 0.0
-    np.testing.assert_allclose(out, [1.0, 0.5])
-
-
-def test_scores_are_positive_class_for_binary_and_predicted_class_otherwise():
-    binary = np.array([[0.9, 0.1], [0.3, 0.7]], np.float32)
-    np.testing.assert_allclose(core.scores(binary, np.array([0, 1]), (0, 1)), [0.1, 0.7])
-    multi = np.array([[0.2, 0.5, 0.3]], np.float32)
-    np.testing.assert_allclose(core.scores(multi, np.array([1]), (0, 1, 2)), [0.5])
-
-
 def test_fault_knobs_default_off_and_validate():
     assert not Faults.from_env({}).active
     f = Faults.from_env({"MLROLLOUT_FAULT_ERROR_RATE": "0.3", "MLROLLOUT_FAULT_LATENCY_MS": "250"})

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from pipelines.core import modelcard
+from serving.contract import modelcard
+from serving.contract.errors import MlrolloutError
 from serving.demo.localstack.procs import REGISTRY, ProcessRegistry
 from serving.rollout.metrics import MetricsProvider, PrometheusProvider, ScrapeProvider, Target
 from serving.rollout.routers import HAProxyRuntimeAPI, LocalProxyRouter, RouterError
@@ -34,7 +35,7 @@ PROMETHEUS = os.environ.get("MLROLLOUT_PROMETHEUS", "/usr/bin/prometheus")
 BACKEND = "be_model"
 
 
-class StackError(RuntimeError):
+class StackError(MlrolloutError, RuntimeError):
     pass
 
 

@@ -23,8 +23,10 @@ import argparse
 import re
 from typing import Any, NamedTuple, Protocol
 
+from serving.contract.errors import MlrolloutError
 
-class RouterError(RuntimeError):
+
+class RouterError(MlrolloutError, RuntimeError):
     """The data plane refused or did not apply a routing change."""
 
 

@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from serving.contract.errors import MlrolloutError
+
 MODEL_CARD_FILE = "model-card.json"
 ONNX_FILE = "model.onnx"
 VERSION_DIR = "1"
@@ -42,7 +44,7 @@ ONNX_TO_V2 = {
 }
 
 
-class ModelPackageError(ValueError):
+class ModelPackageError(MlrolloutError, ValueError):
     """A model package is missing, malformed or does not match its card."""
 
 
