@@ -210,8 +210,69 @@ def test_every_copied_source_exists_and_the_runtime_code_is_in_the_image(stages)
             copied += sources
     for src in copied:
         assert (ROOT / src).exists(), f"COPY source {src} does not exist"
-    assert "pipelines/core/modelcard.py" in copied  # the runtime imports pipelines.core.modelcard
-    assert "serving/runtime/" in copied and "serving/__main__.py" in copied
+    # packages are copied as folders, not file by file
+    assert "serving/contract/" in copied and "serving/runtime/" in copied
+    assert "serving/__main__.py" in copied and "serving/__init__.py" in copied
+    folders = [src for src in copied if (ROOT / src).is_dir()]
+    files = {src for src in copied if (ROOT / src).is_file()}
+    # every project module the runtime imports (from serving/__main__.py and serving/runtime, followed
+    # transitively, imports inside functions included) is in a copied folder or is a copied file
+    for module, path in _project_imports(
+        ROOT / "serving" / "__main__.py", *(ROOT / "serving" / "runtime").glob("*.py")
+    ).items():
+        rel = path.relative_to(ROOT).as_posix()
+        inside = rel in files or any(rel.startswith(f.rstrip("/") + "/") for f in folders)
+        assert inside, f"the runtime imports {module} ({rel}), which the image does not copy"
+        for parent in path.relative_to(ROOT).parents[:-1]:  # and its packages' __init__.py
+            init = (parent / "__init__.py").as_posix()
+            assert init in files or any(init.startswith(f.rstrip("/") + "/") for f in folders), init
+
+
+_PROJECT = ("serving", "pipelines")
+
+
+def _module_path(module: str) -> Path | None:
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _project_imports(*roots: Path) -> dict[str, Path]:
+    """``{module: file}`` for every project module that ``roots`` import, transitively (by AST)."""
+    import ast
+
+    found: dict[str, Path] = {}
+    todo = list(roots)
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name.split(".")[0] not in _PROJECT:
+                    continue
+                target = _module_path(name)
+                if target is None:  # a name defined in a module, not a module
+                    continue
+                found[name] = target
+                todo.append(target)
+    return found
+
+
+def test_the_runtime_import_walk_sees_the_contract():
+    """The check above follows real imports: the runtime's model loader needs serving.contract."""
+    imports = _project_imports(ROOT / "serving" / "runtime" / "model.py")
+    assert "serving.contract.modelcard" in imports and "serving.runtime.core" in imports
+    assert not any(m.startswith("pipelines") for m in imports)
 
 
 def test_runtime_requirements_match_the_lock():
