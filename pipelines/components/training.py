@@ -33,7 +33,8 @@ def load_data(
         model_version: The model's version, checked here (semantic version X.Y.Z).
         dataset: The loaded table (Parquet), with rows, columns and a data fingerprint.
     """
-    from pipelines.core import data, modelcard
+    from pipelines.core import data
+    from serving.contract import modelcard
 
     # fail before any training when the name or version would be refused at packaging time
     modelcard.check_name(model_name)

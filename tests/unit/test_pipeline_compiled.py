@@ -49,7 +49,7 @@ def test_normalize_still_sees_a_change_in_embedded_code(fresh):
     source = doc["deploymentSpec"]["executors"]["exec-load-data"]["container"]["command"][-1]
     (b64,) = pcompile._ARCHIVE_RE.findall(source)
     members = pcompile.archive_members(b64)
-    assert "./pipelines/core/data.py" in members and "./pipelines/core/modelcard.py" in members
+    assert "./pipelines/core/data.py" in members and "./serving/contract/modelcard.py" in members
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, content in members.items():
@@ -308,16 +308,11 @@ def test_unresolved_embedded_imports_are_caught():
 
 def test_closure_follows_imports():
     core = ["pipelines", "pipelines.core"]
+    contract = ["serving", "serving.contract", "serving.contract.errors", "serving.contract.modelcard"]
     assert runtime.closure("pipelines.core.package") == sorted(
-        [
-            *core,
-            "pipelines.core.export",
-            "pipelines.core.modelcard",
-            "pipelines.core.package",
-            "pipelines.core.train",
-        ]
+        [*core, *contract, "pipelines.core.export", "pipelines.core.package", "pipelines.core.train"]
     )
-    assert "pipelines.core.modelcard" in runtime.closure("pipelines.core.evaluate")  # inside load_baseline()
+    assert "serving.contract.modelcard" in runtime.closure("pipelines.core.evaluate")  # in load_baseline()
     batch = runtime.closure("serving.batch.engine")
     assert {"serving", "serving.batch", "serving.batch.source", "serving.batch.sink"} <= set(batch)
     assert "serving.batch.cli" not in batch and "serving.batch.bench" not in batch
