@@ -308,7 +308,11 @@ def test_unresolved_embedded_imports_are_caught():
 
 def test_closure_follows_imports():
     core = ["pipelines", "pipelines.core"]
-    contract = ["serving", "serving.contract", "serving.contract.errors", "serving.contract.modelcard"]
+    contract = [
+        "serving",
+        "serving.contract",
+        *(f"serving.contract.{m}" for m in ("errors", "modelcard", "session")),
+    ]
     assert runtime.closure("pipelines.core.package") == sorted(
         [*core, *contract, "pipelines.core.export", "pipelines.core.package", "pipelines.core.train"]
     )
