@@ -13,7 +13,7 @@ from serving.rollout import controller as ctl
 from serving.rollout import gates
 from serving.rollout.gates import Gate
 from serving.rollout.machine import RolloutSpec, RolloutState, parse_steps
-from serving.rollout.metrics import Target
+from serving.rollout.metrics import PROVIDERS, Target
 from serving.rollout.routers import ROUTERS, RouterError, build_router
 from serving.rollout.store import ConfigMapStore, FileStateStore, StateStore, StoreError
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     for router in ROUTERS.values():
         router.add_arguments(s)
     m = s.add_argument_group("metrics")
-    m.add_argument("--metrics", choices=["prometheus", "scrape"], default="prometheus")
+    m.add_argument("--metrics", choices=list(PROVIDERS), default="prometheus")
     m.add_argument("--prometheus-url", default="http://127.0.0.1:9090")
     m.add_argument("--stable-metrics-url", default="", help="stable runtime /metrics URL (scrape)")
     m.add_argument("--canary-metrics-url", default="", help="canary runtime /metrics URL (scrape)")

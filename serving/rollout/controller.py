@@ -31,7 +31,8 @@ from serving.contract.errors import MlrolloutError
 from serving.rollout import machine
 from serving.rollout.gates import Gate, GateResult, Verdict, evaluate_all, gates_from_config, gates_to_config
 from serving.rollout.machine import Action, Decision, Phase, RolloutSpec, RolloutState
-from serving.rollout.metrics import MetricsError, MetricsProvider, PrometheusProvider, ScrapeProvider, Target
+from serving.rollout.metrics import MetricsError, MetricsProvider, Target, build_provider
+from serving.rollout.metrics import check_config as check_metrics_config
 from serving.rollout.routers import TrafficRouter, build_router, validate_config
 from serving.rollout.stats import Snapshot
 from serving.rollout.store import OwnershipError, StateStore, StoreError
@@ -51,14 +52,6 @@ class RecordError(MlrolloutError, ValueError):
 
 class Unreachable(MlrolloutError, RuntimeError):
     """The router and/or the metrics backend do not answer (checked before a rollout starts)."""
-
-
-def build_provider(cfg: dict[str, Any]) -> MetricsProvider:
-    if cfg["provider"] == "prometheus":
-        return PrometheusProvider(cfg["url"])
-    if cfg["provider"] == "scrape":
-        return ScrapeProvider()
-    raise ValueError(f"unknown metrics provider {cfg['provider']!r}; choose prometheus or scrape")
 
 
 # --------------------------------------------------------------------------- record validation
@@ -226,10 +219,10 @@ def validate_record(rec: Any) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise RecordError(f"router: {e}") from None
     metrics = _need(rec, "metrics", dict)
-    if metrics.get("provider") not in ("prometheus", "scrape"):
-        raise RecordError(f"metrics.provider: {metrics.get('provider')!r} is not prometheus or scrape")
-    if metrics["provider"] == "prometheus" and not (isinstance(metrics.get("url"), str) and metrics["url"]):
-        raise RecordError("metrics.url: the prometheus provider needs a URL")
+    try:
+        check_metrics_config(metrics)
+    except ValueError as e:
+        raise RecordError(f"metrics.{e}") from None
     st = rec.get("state")
     if st is not None:
         _check_state(st, spec)

@@ -1011,3 +1011,26 @@ def test_a_controller_whose_configmap_rollout_was_taken_over_stops():
     assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], OwnershipError)
     assert "lost the rollout: controller PID 1 (host other" in str(errors[0])
     assert core.owner()["holder"] == "other:1:x"  # our release left the new owner alone
+
+
+def test_metrics_backends_come_from_one_registry():
+    """A backend is one file plus one PROVIDERS line: the CLI's --metrics choices, the record's
+    validation and build_provider all read the registry."""
+    from serving.rollout.cli import build_parser
+    from serving.rollout.metrics import PROVIDERS, PrometheusProvider, ScrapeProvider, build_provider
+
+    assert {"prometheus": PrometheusProvider, "scrape": ScrapeProvider} == PROVIDERS
+    start = next(
+        a
+        for a in build_parser()._subparsers._group_actions[0].choices["start"]._actions
+        if a.dest == "metrics"
+    )
+    assert start.choices == list(PROVIDERS)
+    assert isinstance(
+        build_provider({"provider": "prometheus", "url": "http://127.0.0.1:1"}), PrometheusProvider
+    )
+    assert isinstance(build_provider({"provider": "scrape"}), ScrapeProvider)
+    with pytest.raises(ValueError, match=r"provider: 'graphite' is not one of prometheus, scrape"):
+        build_provider({"provider": "graphite"})
+    with pytest.raises(ValueError, match=r"url: the prometheus provider needs a URL"):
+        build_provider({"provider": "prometheus"})
