@@ -1,18 +1,22 @@
 """The ModelRollout custom resource's names: the contract between its CRD and the code that reads it.
 
 The CRD itself is helm/mlrollout-operator/crds/modelrollouts.mlrollout.io.yaml (its only source);
-tests/unit/test_modelrollout_crd.py keeps these names, the defaults and the enums equal to it. The
-group, version and plural are :data:`serving.rollout.kube.MODELROLLOUT`, the GVR the operator uses,
-kept with the other resources' GVRs.
+tests/unit/test_modelrollout_crd.py keeps these names, the defaults and the enums equal to it.
+:data:`MODELROLLOUT` is the GVR the operator will use with :mod:`serving.rollout.kube`'s helpers (the
+other resources' GVRs, ``kube.ISVC`` and ``kube.HTTPROUTE``, are in kube.py; this one stays here, with
+the rest of its contract, so that code which never touches ModelRollouts, such as the KFP steps that
+embed kube.py, does not carry it).
 """
 
 from __future__ import annotations
 
-from serving.rollout.kube import MODELROLLOUT
+from serving.rollout.kube import GVR
 
-GVR = MODELROLLOUT
-GROUP, VERSION, PLURAL = MODELROLLOUT
+GROUP = "mlrollout.io"
+VERSION = "v1alpha1"
+PLURAL = "modelrollouts"
 KIND = "ModelRollout"
+MODELROLLOUT = GVR(GROUP, VERSION, PLURAL)
 API_VERSION = f"{GROUP}/{VERSION}"
 CRD_NAME = f"{PLURAL}.{GROUP}"
 

@@ -22,8 +22,6 @@ class GVR(NamedTuple):
 
 ISVC = GVR("serving.kserve.io", "v1beta1", "inferenceservices")
 HTTPROUTE = GVR("gateway.networking.k8s.io", "v1", "httproutes")
-# ours: the ModelRollout CRD (helm/mlrollout-operator/crds/; its names in serving/rollout/crd.py)
-MODELROLLOUT = GVR("mlrollout.io", "v1alpha1", "modelrollouts")
 # Our writes are recorded under this field manager (metadata.managedFields), so who changed a weight, a
 # predictor or the rollout state is visible on the object, and a Helm 4 server-side apply that would
 # reset what we own stops with a conflict naming us instead of silently undoing the rollout.

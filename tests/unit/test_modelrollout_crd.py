@@ -23,7 +23,7 @@ from serving.rollout.cli import parse_duration
 from serving.rollout.gates import Verdict
 from serving.rollout.machine import Action, Phase, RolloutSpec
 from serving.rollout.routers import ROUTERS
-from tests.chart.conftest import tools  # noqa: F401  (the pinned helm, or a skip naming why not)
+from tests.chart.conftest import tools, versions_env  # noqa: F401  (tools: the pinned helm, or a skip naming why)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "mlrollout-operator"
@@ -77,7 +77,8 @@ def test_names_are_the_code_contract(doc, version):
     assert (spec["names"]["kind"], spec["names"]["plural"]) == (crd.KIND, crd.PLURAL)
     assert (version["name"], version["served"], version["storage"]) == (crd.VERSION, True, True)
     assert version["subresources"] == {"status": {}}
-    assert crd.GVR == kube.MODELROLLOUT == kube.GVR(crd.GROUP, crd.VERSION, crd.PLURAL)
+    assert isinstance(crd.MODELROLLOUT, kube.GVR)
+    assert (spec["group"], version["name"], spec["names"]["plural"]) == crd.MODELROLLOUT
     assert crd.API_VERSION == "mlrollout.io/v1alpha1"
 
 
@@ -339,7 +340,7 @@ def test_printer_columns(version, schema):
 def test_chart_lints_and_templates(tools):  # noqa: F811
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert (chart["apiVersion"], chart["name"], chart["version"]) == ("v2", "mlrollout-operator", "0.1.0")
-    assert chart["appVersion"] == "0.1.0" and chart["description"]
+    assert chart["appVersion"] == versions_env()["MLROLLOUT_VERSION"] and chart["description"]
     tools.run(tools.helm, "lint", "--strict", CHART, check=True)
     plain = tools.run(tools.helm, "template", "op", CHART, "--namespace", "mlrollout", check=True)
     assert [d for d in yaml.safe_load_all(plain.stdout) if d] == []  # no templates yet
