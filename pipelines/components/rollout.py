@@ -149,10 +149,10 @@ def progressive_rollout(
     img = base64.b64encode(png.read_bytes()).decode()
     with open(report.path, "w") as f:
         f.write(f"# Rollout {canary_version}\n\n![timeline](data:image/png;base64,{img})\n\n```\n{text}```\n")
-    phase = rec["state"]["phase"]
+    phase = rec.phase
     print(text)
     if fail_on_rollback and phase in ("RolledBack", "Aborted"):
-        raise RuntimeError(f"canary {canary_version} {phase}: {rec['state']['reason']}")
+        raise RuntimeError(f"canary {canary_version} {phase}: {rec.state['reason']}")
     return phase
 
 

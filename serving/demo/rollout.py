@@ -139,7 +139,7 @@ def rollout_once(
             time.sleep(min(interval_s, 2.0))  # traffic after the final decision: stable keeps serving
         traffic = tg.result()
     txt, png = write_report(rec, out, stem, traffic=traffic)
-    return {"record": rec, "traffic": traffic, "report": txt, "png": png, "phase": rec["state"]["phase"]}
+    return {"record": rec, "traffic": traffic, "report": txt, "png": png, "phase": rec.phase}
 
 
 def _bump(version: str) -> str:

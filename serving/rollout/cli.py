@@ -6,13 +6,12 @@ import argparse
 import json
 import re
 import sys
-from typing import Any
 
 from serving.contract.errors import MlrolloutError
 from serving.rollout import controller as ctl
 from serving.rollout import gates
 from serving.rollout.gates import Gate
-from serving.rollout.machine import RolloutSpec, RolloutState, parse_steps
+from serving.rollout.machine import RolloutSpec, parse_steps
 from serving.rollout.metrics import PROVIDERS, Target
 from serving.rollout.routers import ROUTERS, RouterError, build_router
 from serving.rollout.store import ConfigMapStore, FileStateStore, StateStore, StoreError
@@ -203,12 +202,12 @@ def cmd_start(a: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    if a.report_dir and not a.no_report and rec["state"]["phase"] in ("Promoted", "RolledBack", "Aborted"):
+    if a.report_dir and not a.no_report and rec.phase in ("Promoted", "RolledBack", "Aborted"):
         from serving.rollout.report import write_report
 
         txt, png = write_report(rec, a.report_dir)
         print(f"report: {txt}\ntimeline: {png}")
-    phase = rec["state"]["phase"]
+    phase = rec.phase
     return 0 if phase == "Promoted" else (3 if phase in ("RolledBack", "Aborted") else 0)
 
 
@@ -220,9 +219,9 @@ def _flag_hint(message: str) -> str:
     return message
 
 
-def _loaded(store: StateStore) -> dict[str, Any]:
+def _loaded(store: StateStore) -> ctl.RolloutRecord:
     rec = ctl.load_record(store)
-    if rec is None or rec.get("state") is None:
+    if rec is None or rec.state is None:
         raise StoreError(f"no rollout in {store.where()}")
     return rec
 
@@ -231,25 +230,25 @@ def cmd_status(a: argparse.Namespace) -> int:
     store = _store(a)
     rec = _loaded(store)
     if a.json:
-        print(json.dumps(rec, indent=1))
+        print(json.dumps(rec.to_dict(), indent=1))
         return 0
-    st = RolloutState.from_dict(rec["state"])
-    steps = rec["spec"]["steps"]
+    st = rec.rollout_state
+    steps = rec.spec["steps"]
     live = ""
     try:
-        live = " (router reports stable {}% / canary {}%)".format(*build_router(rec["router"]).get_weights())
+        live = " (router reports stable {}% / canary {}%)".format(*build_router(rec.router).get_weights())
     except (RouterError, OSError, ValueError, ImportError) as e:
         live = f" (router unreachable: {e})"
     except Exception as e:  # kubernetes ApiException, config errors
         live = f" (router unreachable: {type(e).__name__})"
-    print(f"{rec['canary']['model']}: {rec['stable']['version']} -> {rec['canary']['version']}")
+    print(f"{rec.canary['model']}: {rec.stable['version']} -> {rec.canary['version']}")
     print(
         f"phase {st.phase.value}, step {st.step_index + 1}/{len(steps)} {steps}, "
         f"canary weight {st.weight}%{live}"
     )
     print(
-        f"analyses {st.analyses}, failed checks {st.failed_checks}/{rec['spec']['threshold']}, "
-        f"inconclusive in a row {st.inconclusive_checks}/{rec['spec']['max_inconclusive']}"
+        f"analyses {st.analyses}, failed checks {st.failed_checks}/{rec.spec['threshold']}, "
+        f"inconclusive in a row {st.inconclusive_checks}/{rec.spec['max_inconclusive']}"
     )
     print(f"reason: {st.reason}")
     if not st.phase.terminal:
@@ -275,7 +274,7 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def cmd_verb(a: argparse.Namespace) -> int:
     rec = ctl.command(_store(a), a.cmd, reason=getattr(a, "reason", None))
-    st = rec["state"]
+    st = rec.state
     print(f"{a.cmd}: phase {st['phase']}, canary weight {st['weight']}% ({st['reason']})")
     return 0
 

@@ -144,7 +144,7 @@ def progressive_rollout(
     max_seconds: float = 3600.0,
     log=print,
     provider: Any = None,
-) -> dict[str, Any]:
+) -> ctl.RolloutRecord:
     """Drive a rollout to its end with the controller; state in the ConfigMap ``<fullname>-rollout``.
     Acts as ``<fullname>-deployer`` (a token for the whole run, ``max_seconds`` and the promotion wait)."""
     cls = _release_router(router)

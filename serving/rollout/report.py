@@ -7,27 +7,27 @@ import os
 from pathlib import Path
 from typing import Any
 
-from serving.rollout.gates import gates_from_config
+from serving.rollout.record import RolloutRecord
 
 
-def _gate_cfg(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _gate_cfg(record: RolloutRecord) -> dict[str, dict[str, Any]]:
     out = {}
-    for g, cfg in zip(gates_from_config(record["gates"]), record["gates"], strict=True):
+    for g, cfg in zip(record.gate_objects(), record.gates, strict=True):
         out[g.name] = cfg
     return out
 
 
-def _thresholds(record: dict[str, Any]) -> dict[str, float]:
-    return {g.name: float(g.threshold) for g in gates_from_config(record["gates"])}
+def _thresholds(record: RolloutRecord) -> dict[str, float]:
+    return {g.name: float(g.threshold) for g in record.gate_objects()}
 
 
-def text_report(record: dict[str, Any], traffic: Any = None) -> str:
-    st, spec = record["state"], record["spec"]
-    t0 = record["state"]["history"][0]["t"] if st and st.get("history") else record.get("created_at", 0)
+def text_report(record: RolloutRecord, traffic: Any = None) -> str:
+    st, spec = record.state, record.spec
+    t0 = st["history"][0]["t"] if st and st.get("history") else record.created_at
     lines = [
-        f"Rollout of {record['canary']['model']}: {record['stable']['version']} (stable) -> "
-        f"{record['canary']['version']} (canary)",
-        f"  router {record['router']['router']}, metrics {record['metrics']['provider']}, "
+        f"Rollout of {record.canary['model']}: {record.stable['version']} (stable) -> "
+        f"{record.canary['version']} (canary)",
+        f"  router {record.router['router']}, metrics {record.metrics['provider']}, "
         f"steps {spec['steps']}, "
         f"interval {spec['interval_s']:g}s, rollback after {spec['threshold']} failed checks, "
         f"pause after {spec['max_inconclusive']} inconclusive",
@@ -41,7 +41,7 @@ def text_report(record: dict[str, Any], traffic: Any = None) -> str:
         "",
         f"  {'t(s)':>6} {'weight':>6} {'obs.share':>9} {'verdict':>12}  {'action':<10} gates",
     ]
-    for p in record.get("timeline", []):
+    for p in record.timeline:
         req = p.get("requests") or {}
         tot = req.get("stable", 0) + req.get("canary", 0)
         share = f"{100 * req.get('canary', 0) / tot:8.1f}%" if tot else "      n/a"
@@ -64,8 +64,8 @@ def text_report(record: dict[str, Any], traffic: Any = None) -> str:
             "",
             f"  client traffic: {traffic.total} requests, {len(fails)} failed "
             f"({len(proxy)} without a model answer, i.e. proxy/network; "
-            f"{len(traffic.model_failures(record['canary']['version']))} from the canary, "
-            f"{len(traffic.model_failures(record['stable']['version']))} from stable)",
+            f"{len(traffic.model_failures(record.canary['version']))} from the canary, "
+            f"{len(traffic.model_failures(record.stable['version']))} from stable)",
             "  answers by version: "
             + ", ".join(f"{v or '?'}={n}" for v, n in sorted(traffic.by_version().items())),
             "  canary share of client answers per weight: "
@@ -75,15 +75,15 @@ def text_report(record: dict[str, Any], traffic: Any = None) -> str:
 
 
 def client_shares(
-    record: dict[str, Any], traffic: Any, guard_s: float = 0.3
+    record: RolloutRecord, traffic: Any, guard_s: float = 0.3
 ) -> list[tuple[float, int, float, int]]:
     """Per weight the router was told: (t_mid, weight, canary share of client answers, n), from the
     ``x-model-version`` header of every answer the traffic generator received."""
     hist = [
-        h for h in record["state"].get("history", []) if h["action"] in ("set_weight", "promote", "rollback")
+        h for h in record.state.get("history", []) if h["action"] in ("set_weight", "promote", "rollback")
     ]
     out = []
-    canary = record["canary"]["version"]
+    canary = record.canary["version"]
     for h, nxt in zip(hist, [*hist[1:], None], strict=True):
         t0 = h["t"] + guard_s
         t1 = nxt["t"] if nxt else max((a.t for a in traffic.answers), default=t0)
@@ -99,17 +99,17 @@ VERDICT_STYLE = (("pass", "o", "tab:green"), ("inconclusive", "o", "tab:gray"), 
 
 
 def plot_timeline(
-    record: dict[str, Any], path: str | os.PathLike, title: str | None = None, traffic: Any = None
+    record: RolloutRecord, path: str | os.PathLike, title: str | None = None, traffic: Any = None
 ) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    st = record["state"]
+    st = record.state
     hist = st.get("history", [])
-    t0 = hist[0]["t"] if hist else record.get("created_at", 0)
-    tl = record.get("timeline", [])
+    t0 = hist[0]["t"] if hist else record.created_at
+    tl = record.timeline
     thresholds = _thresholds(record)
 
     fig, axes = plt.subplots(4, 1, figsize=(9, 9), sharex=True, constrained_layout=True)
@@ -121,7 +121,7 @@ def plot_timeline(
             ws.append(ws[-1])
         ts.append(h["t"] - t0)
         ws.append(h["weight"])
-    end = max([ts[-1] if ts else 0] + [p["t"] - t0 for p in tl]) + record["spec"]["interval_s"] * 0.3
+    end = max([ts[-1] if ts else 0] + [p["t"] - t0 for p in tl]) + record.spec["interval_s"] * 0.3
     if ts:
         ts.append(end)
         ws.append(ws[-1])
@@ -187,8 +187,7 @@ def plot_timeline(
     axes[-1].set_xlabel("seconds since rollout start")
     fig.suptitle(
         title
-        or f"{record['canary']['model']} {record['stable']['version']} -> {record['canary']['version']}: "
-        f"{st['phase']}"
+        or f"{record.canary['model']} {record.stable['version']} -> {record.canary['version']}: {st['phase']}"
     )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +197,7 @@ def plot_timeline(
 
 
 def write_report(
-    record: dict[str, Any],
+    record: RolloutRecord,
     out_dir: str | os.PathLike,
     stem: str = "rollout",
     traffic: Any = None,

@@ -11,7 +11,13 @@
   concurrency: a 409 means someone else wrote first, so re-read and re-apply).
 
 Both offer ``load()`` and ``update(fn)`` where ``fn(record_or_None) -> record`` (``None`` removes the
-record). ``load()`` is read-only: it creates no folder, no lock file, no ConfigMap.
+record), and ``update_with(fn)`` where ``fn(record_or_None) -> (record, result)`` and which returns
+``(record, result)``. ``load()`` is read-only: it creates no folder, no lock file, no ConfigMap.
+
+Records are :class:`~serving.rollout.record.RolloutRecord` objects; this module is the only place they
+become JSON or come back from it. Every record read is checked by
+:func:`~serving.rollout.record.validate_record` on its JSON first (:class:`CorruptRecord` naming the
+field when it fails; ``corrupt_ok=True`` treats such a record as absent, for ``start --force``).
 
 Both also offer exclusive controller ownership, ``acquire(holder) / release()``, held for a controller's
 lifetime (operator commands do not take it: they only update the record, under the per-update lock):
@@ -36,10 +42,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from serving.contract.errors import MlrolloutError
 from serving.rollout import kube
+from serving.rollout.record import RecordError, RolloutRecord
 
 STATE_KEY = "state"
 # A ConfigMap holds at most 1 MiB (data and metadata together); stay well under it
@@ -50,7 +57,9 @@ OWNER_ANNOTATION = "mlrollout.io/rollout-owner"
 OWNER_TTL_INTERVALS = 3
 MIN_OWNER_TTL_S = 30.0
 
-Record = dict[str, Any]
+Record = RolloutRecord
+R = TypeVar("R")
+DEFAULT_HINT = "move it away or fix it"
 
 
 class StoreError(MlrolloutError, RuntimeError):
@@ -61,12 +70,50 @@ class OwnershipError(StoreError):
     """Another controller owns this rollout (or took it over from us)."""
 
 
+class CorruptRecord(StoreError):
+    """The stored JSON is not a valid rollout record; the message names the place and the field."""
+
+    def __init__(self, where: str, problem: RecordError, hint: str = DEFAULT_HINT):
+        super().__init__(f"corrupt rollout record in {where}: {problem}; {hint}")
+        self.where, self.problem = where, problem
+
+    def hinted(self, hint: str) -> CorruptRecord:
+        """The same error, ending with another hint."""
+        return CorruptRecord(self.where, self.problem, hint)
+
+
+def decode(obj: Any, where: str, corrupt_ok: bool = False) -> Record | None:
+    """The record of decoded JSON ``obj`` (None for none), checked by ``validate_record`` first."""
+    if obj is None:
+        return None
+    try:
+        return RolloutRecord.from_dict(obj, owned=True)
+    except RecordError as e:
+        if corrupt_ok:
+            return None
+        raise CorruptRecord(where, e) from None
+
+
+def _encode(rec: Any) -> dict[str, Any]:
+    if not isinstance(rec, RolloutRecord):
+        raise TypeError(f"a store holds RolloutRecord objects, not {type(rec).__name__}")
+    return rec.to_dict(copied=False)
+
+
 class StateStore(Protocol):
     held: bool  # this store object holds the controller ownership
 
-    def load(self) -> Record | None: ...
+    def load(self, *, corrupt_ok: bool = False) -> Record | None: ...
 
-    def update(self, fn: Callable[[Record | None], Record | None]) -> Record | None: ...
+    def update(
+        self, fn: Callable[[Record | None], Record | None], *, corrupt_ok: bool = False
+    ) -> Record | None: ...
+
+    def update_with(
+        self, fn: Callable[[Record | None], tuple[Record | None, R]], *, corrupt_ok: bool = False
+    ) -> tuple[Record | None, R]:
+        """Like ``update``, for an ``fn`` that also computes a result: returns ``(record, result)``."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -142,7 +189,10 @@ class FileStateStore:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _read(self) -> Record | None:
+    def _read(self, corrupt_ok: bool = False) -> Record | None:
+        return decode(self._read_json(), self.where(), corrupt_ok)
+
+    def _read_json(self) -> Any:
         try:
             return json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -154,24 +204,32 @@ class FileStateStore:
         except OSError as e:  # a directory, no permission, ...
             raise StoreError(f"cannot read the state file {self.path}: {e.strerror or e}") from e
 
-    def load(self) -> Record | None:
+    def load(self, *, corrupt_ok: bool = False) -> Record | None:
         """The record, or None. Read-only: writers replace the file atomically, so no lock is needed
         (and none is created, nor any folder)."""
-        return self._read()
+        return self._read(corrupt_ok)
 
-    def update(self, fn: Callable[[Record | None], Record | None]) -> Record | None:
+    def update(
+        self, fn: Callable[[Record | None], Record | None], *, corrupt_ok: bool = False
+    ) -> Record | None:
+        return self.update_with(lambda rec: (fn(rec), None), corrupt_ok=corrupt_ok)[0]
+
+    def update_with(
+        self, fn: Callable[[Record | None], tuple[Record | None, R]], *, corrupt_ok: bool = False
+    ) -> tuple[Record | None, R]:
         with self._locked():
-            new = fn(self._read())
+            new, result = fn(self._read(corrupt_ok))
             if new is None:
                 self.path.unlink(missing_ok=True)
-                return None
+                return None, result
+            data = _encode(new)
             try:
                 fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
             except OSError as e:
                 raise StoreError(f"cannot write the state file {self.path}: {e.strerror or e}") from e
             try:
                 with os.fdopen(fd, "w") as f:
-                    json.dump(new, f, indent=1, sort_keys=True, allow_nan=False)
+                    json.dump(data, f, indent=1, sort_keys=True, allow_nan=False)
                 os.replace(tmp, self.path)
             except IsADirectoryError as e:
                 Path(tmp).unlink(missing_ok=True)
@@ -179,7 +237,7 @@ class FileStateStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-            return new
+            return new, result
 
     # ------------------------------------------------------------------ ownership
     def acquire(self, holder: str, interval_s: float = 30.0) -> None:
@@ -257,8 +315,9 @@ class FileStateStore:
             os.close(fd)
 
 
-def _trim(record: Record, budget: int = STATE_BUDGET) -> str:
-    """The record as compact JSON, dropping the oldest decisions until it fits ``budget`` bytes."""
+def _trim(record: dict[str, Any], budget: int = STATE_BUDGET) -> str:
+    """The record's JSON object as compact JSON, dropping the oldest decisions until it fits ``budget``
+    bytes."""
     rec = json.loads(json.dumps(record))
     text = json.dumps(rec, separators=(",", ":"), sort_keys=True, allow_nan=False)
     hist = (rec.get("state") or {}).get("history", [])
@@ -319,20 +378,20 @@ class ConfigMapStore:
                 return None
             raise
 
-    @staticmethod
-    def _parse(cm) -> Record | None:
+    def _parse(self, cm, corrupt_ok: bool = False) -> Record | None:
         raw = (cm.data or {}).get(STATE_KEY) if cm is not None else None
         if not raw:
             return None
         try:
-            return json.loads(raw)
+            obj = json.loads(raw)
         except json.JSONDecodeError as e:
             raise StoreError(
                 f"ConfigMap {cm.metadata.namespace}/{cm.metadata.name} key {STATE_KEY} is not JSON ({e})"
             ) from e
+        return decode(obj, self.where(), corrupt_ok)
 
-    def load(self) -> Record | None:
-        return self._parse(self._get())
+    def load(self, *, corrupt_ok: bool = False) -> Record | None:
+        return self._parse(self._get(), corrupt_ok)
 
     def _owner(self) -> list[dict]:
         if not self.owner_isvc:
@@ -381,16 +440,23 @@ class ConfigMapStore:
             self.name, self.namespace, body, field_manager=kube.FIELD_MANAGER
         )
 
-    def update(self, fn: Callable[[Record | None], Record | None]) -> Record | None:
-        def attempt() -> Record | None:
+    def update(
+        self, fn: Callable[[Record | None], Record | None], *, corrupt_ok: bool = False
+    ) -> Record | None:
+        return self.update_with(lambda rec: (fn(rec), None), corrupt_ok=corrupt_ok)[0]
+
+    def update_with(
+        self, fn: Callable[[Record | None], tuple[Record | None, R]], *, corrupt_ok: bool = False
+    ) -> tuple[Record | None, R]:
+        def attempt() -> tuple[Record | None, R]:
             cm = self._get()
-            new = fn(self._parse(cm))
+            new, result = fn(self._parse(cm, corrupt_ok))
             if new is None:
                 if cm is not None and STATE_KEY in (cm.data or {}):
                     self._write(cm, {STATE_KEY: None})  # a merge patch with null removes the key
-                return None
-            self._write(cm, {STATE_KEY: _trim(new)})
-            return new
+                return None, result
+            self._write(cm, {STATE_KEY: _trim(_encode(new))})
+            return new, result
 
         return self._retry(attempt)
 

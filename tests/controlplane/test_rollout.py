@@ -23,10 +23,12 @@ import time
 import pytest
 
 from serving.rollout import cluster, kube, targets
+from serving.rollout import controller as ctl
+from serving.rollout.machine import RolloutSpec
 from serving.rollout.routers import GatewayApiRouter, KServeKnativeRouter
 from serving.rollout.store import ConfigMapStore
 from tests.controlplane.conftest import CHART, NS, Kube
-from tests.unit.test_rollout_controller import CANARY, STABLE, World
+from tests.unit.test_rollout_controller import CANARY, DEAD_ROUTER, GATES, SCRAPE, STABLE, World
 
 V1_URI = "s3://mlpipeline/models/breast-cancer/1.0.0"
 V2_URI = "s3://mlpipeline/models/breast-cancer/2.0.0"
@@ -168,17 +170,29 @@ def test_rollback_sends_everything_to_stable(k, release):
 # --------------------------------------------------------------------------- state
 
 
+def _record(**fields) -> ctl.RolloutRecord:
+    """A valid rollout record that no controller drives (its router's socket does not exist)."""
+    rec = ctl.new_record(RolloutSpec(), GATES, STABLE, CANARY, DEAD_ROUTER, SCRAPE)
+    for k, v in fields.items():
+        setattr(rec, k, v)
+    return rec
+
+
+def _points(n: int) -> list[dict]:
+    return [{"t": float(i), "weight": 0, "action": "none"} for i in range(n)]
+
+
 def test_state_writes_do_not_restart_the_stable_pods(k, release):
     api = k.api()
     stable = f"{release}-stable"
     before = workload(k, stable)
     store = ConfigMapStore(cluster.state_configmap(release), NS, owner_isvc=stable, api=api)
     for i in range(5):
-        store.update(lambda rec, i=i: {**(rec or {}), "n": i, "history": list(range(i * 50))})
+        store.update(lambda _rec, i=i: _record(created_at=float(i), timeline=_points(i * 50)))
     time.sleep(3)  # KServe reconciles InferenceService changes at once; give it the chance
     assert workload(k, stable) == before
     cm = k.get("configmap", cluster.state_configmap(release))
-    assert json.loads(cm["data"]["state"])["n"] == 4
+    assert json.loads(cm["data"]["state"])["created_at"] == 4.0
     owner = cm["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"]) == ("InferenceService", stable)
     # the control: the old store's annotation on the InferenceService is copied into the pod template
@@ -193,7 +207,7 @@ def test_state_writes_do_not_restart_the_stable_pods(k, release):
 def test_state_configmap_is_garbage_collected_with_the_release(k):
     full = install_canary(k, "gc-state")
     store = ConfigMapStore(cluster.state_configmap(full), NS, owner_isvc=f"{full}-stable", api=k.api())
-    store.update(lambda _rec: {"state": None})
+    store.update(lambda _rec: _record())
     assert k.get("configmap", cluster.state_configmap(full))
     k.helm("uninstall", "gc-state", "-n", NS, "--wait", "--timeout", "60s")
     k.wait("state ConfigMap gone", lambda: k.get("configmap", cluster.state_configmap(full)) is None, 30)
@@ -314,9 +328,9 @@ def test_progressive_rollout_end_to_end(k, release, good):
     deploy_v2(api, release)
     traffic = LiveTraffic(router(api, release), error_rate=0.0 if good else 0.3)
     rec = run_rollout(api, release, traffic, threshold=1)
-    assert rec["state"]["phase"] == ("Promoted" if good else "RolledBack")
+    assert rec.state["phase"] == ("Promoted" if good else "RolledBack")
     stored = json.loads(k.get("configmap", cluster.state_configmap(release))["data"]["state"])
-    assert stored["state"]["phase"] == rec["state"]["phase"]
+    assert stored["state"]["phase"] == rec.state["phase"]
     assert any(h.get("evidence") for h in stored["state"]["history"]), "the decision's evidence is stored"
     assert [b["weight"] for b in k.get("httproute", release)["spec"]["rules"][0]["backendRefs"]] == [100, 0]
     assert served_uris(k, f"{release}-stable") == ({V2_URI} if good else {V1_URI})

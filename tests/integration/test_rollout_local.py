@@ -114,7 +114,7 @@ def run_rollout(stack, tmp_path, steps, max_p99_ms=2000.0, min_predictions=400, 
 
 def step_windows(rec, guard=0.5):
     """(weight, t_from, t_to) for every weight the router was told, from the decision history."""
-    hist = [h for h in rec["state"]["history"] if h["action"] in ("set_weight", "promote", "rollback")]
+    hist = [h for h in rec.state["history"] if h["action"] in ("set_weight", "promote", "rollback")]
     out = []
     for h, nxt in zip(hist, [*hist[1:], None], strict=True):
         t_to = nxt["t"] if nxt else h["t"] + INTERVAL
@@ -124,7 +124,7 @@ def step_windows(rec, guard=0.5):
 
 def test_good_canary_promoted_with_the_split_matching_each_weight(stack, tmp_path):
     rec, traffic, _, logs = run_rollout(stack, tmp_path, (10, 25, 50, 100))
-    st = rec["state"]
+    st = rec.state
     assert st["phase"] == "Promoted", "\n".join(logs)
     advanced = [h["weight"] for h in st["history"] if h["action"] == "set_weight"]
     assert advanced == [10, 25, 50, 100]
@@ -169,7 +169,7 @@ def test_bad_canary_rolled_back_within_two_intervals_while_stable_serves(
     rec, traffic, t_end, logs = run_rollout(
         stack, tmp_path, (25, 50, 100), max_p99_ms, min_predictions=200, interval=BAD_INTERVAL
     )
-    st = rec["state"]
+    st = rec.state
     assert st["phase"] == "RolledBack", "\n".join(logs)
     assert st["analyses"] <= 2, "\n".join(logs)
     last = st["history"][-1]
@@ -310,11 +310,11 @@ def test_metrics_backend_outage_pauses_never_promotes_and_resumes(stack, package
             ),
         )
         c = ctl.Controller(store, router=stack.router(), provider=stack.provider(), log=logs.append)
-        c.run(stop=lambda: store.load()["state"]["step_index"] >= 1, max_seconds=60)
+        c.run(stop=lambda: store.load().state["step_index"] >= 1, max_seconds=60)
         stack.stop_prometheus()
         try:
-            rec = c.run(stop=lambda: store.load()["state"]["phase"] == "Paused", max_seconds=60)
-            st = store.load()["state"]
+            rec = c.run(stop=lambda: store.load().state["phase"] == "Paused", max_seconds=60)
+            st = store.load().state
             assert st["phase"] == "Paused", "\n".join(logs)
             assert st["weight"] in (25, 50) and stack.router().get_weights() == (
                 100 - st["weight"],
@@ -331,7 +331,7 @@ def test_metrics_backend_outage_pauses_never_promotes_and_resumes(stack, package
         ctl.command(store, "resume", router=stack.router())
         rec = c.run(max_seconds=60)
         time.sleep(0.5)
-    assert rec["state"]["phase"] == "Promoted", "\n".join(logs)
+    assert rec.state["phase"] == "Promoted", "\n".join(logs)
     assert tg.result().failures() == []  # the outage cost no client request
 
 

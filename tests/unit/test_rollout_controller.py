@@ -8,6 +8,7 @@ loop, the gates and the state machine run exactly as they do against HAProxy and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import json
 import math
@@ -141,15 +142,15 @@ def test_good_canary_walks_the_steps_and_is_promoted(tmp_path):
     w = World()
     store, c, logs = make(tmp_path, w)
     rec = c.run(max_seconds=30)
-    assert rec["state"]["phase"] == "Promoted"
+    assert rec.state["phase"] == "Promoted"
     assert w.calls == [("set", 90, 10), ("set", 75, 25), ("set", 50, 50), ("set", 0, 100), ("promote",)]
-    assert rec["state"]["analyses"] == 4 and rec["pending"] is None
+    assert rec.state["analyses"] == 4 and rec.pending is None
     shares = [
-        p["requests"]["canary"] / (p["requests"]["canary"] + p["requests"]["stable"]) for p in rec["timeline"]
+        p["requests"]["canary"] / (p["requests"]["canary"] + p["requests"]["stable"]) for p in rec.timeline
     ]
     assert shares == pytest.approx([0.10, 0.25, 0.50, 1.0])
     assert any("drift_js=" in line and "PASS" in line for line in logs)
-    assert store.load()["state"]["phase"] == "Promoted"
+    assert store.load().state["phase"] == "Promoted"
 
 
 @pytest.mark.parametrize(
@@ -164,7 +165,7 @@ def test_bad_canaries_roll_back_after_threshold_failed_checks(tmp_path, fault, g
     w = World(**fault)
     _, c, _ = make(tmp_path, w)
     rec = c.run(max_seconds=30)
-    st = rec["state"]
+    st = rec.state
     assert st["phase"] == "RolledBack" and st["analyses"] == 2 and w.weights == (100, 0)
     assert w.calls == [("set", 90, 10), ("rollback",)]
     failed = {e["gate"] for e in st["history"][-1]["evidence"] if e["verdict"] == "fail"}
@@ -174,8 +175,8 @@ def test_bad_canaries_roll_back_after_threshold_failed_checks(tmp_path, fault, g
 def test_no_traffic_is_inconclusive_then_paused_never_promoted(tmp_path):
     w = World(rps=0.0)
     store, c, _ = make(tmp_path, w, max_inconclusive=3)
-    c.run(stop=lambda: store.load()["state"]["phase"] == "Paused", max_seconds=30)
-    st = store.load()["state"]
+    c.run(stop=lambda: store.load().state["phase"] == "Paused", max_seconds=30)
+    st = store.load().state
     assert st["phase"] == "Paused" and st["analyses"] == 3 and st["weight"] == 10
     assert all(h["action"] in ("set_weight", "hold", "pause") for h in st["history"])
     assert "inconclusive" in st["reason"]
@@ -185,8 +186,8 @@ def test_metrics_backend_down_is_inconclusive_not_a_pass(tmp_path):
     w = World(metrics_down=False)
     store, c, _ = make(tmp_path, w, max_inconclusive=2)
     w.on_sleep = lambda world: setattr(world, "metrics_down", world.t > 1_005)  # down after the first tick
-    c.run(stop=lambda: store.load()["state"]["phase"] == "Paused", max_seconds=30)
-    st = store.load()["state"]
+    c.run(stop=lambda: store.load().state["phase"] == "Paused", max_seconds=30)
+    st = store.load().state
     assert st["phase"] == "Paused" and st["weight"] == 10
     assert st["history"][-1]["evidence"][0]["gate"] == "metrics"
     assert "unreachable" in st["history"][-1]["evidence"][0]["detail"]
@@ -195,16 +196,16 @@ def test_metrics_backend_down_is_inconclusive_not_a_pass(tmp_path):
 def test_killed_controller_resumes_at_the_same_step(tmp_path):
     w = World()
     store, c, _ = make(tmp_path, w)
-    c.run(stop=lambda: store.load()["state"]["step_index"] == 2, max_seconds=30)  # "killed" at 50%
-    assert store.load()["state"]["weight"] == 50
+    c.run(stop=lambda: store.load().state["step_index"] == 2, max_seconds=30)  # "killed" at 50%
+    assert store.load().state["weight"] == 50
     w.weights = (100, 0)  # and the data plane lost its weights meanwhile
     logs: list[str] = []
     c2 = ctl.Controller(store, router=w, provider=w, clock=w.clock, sleep=w.sleep, log=logs.append)
     rec = c2.run(max_seconds=30)
     assert "resume rollout m:2.0.0 at step 3/4 (canary 50%" in logs[0]
     assert w.calls[3:] == [("set", 50, 50), ("set", 0, 100), ("promote",)]
-    assert [h["event"] for h in rec["state"]["history"]].count("start") == 1
-    assert rec["state"]["phase"] == "Promoted"
+    assert [h["event"] for h in rec.state["history"]].count("start") == 1
+    assert rec.state["phase"] == "Promoted"
 
 
 def test_a_pending_action_is_finished_on_restart(tmp_path):
@@ -212,12 +213,12 @@ def test_a_pending_action_is_finished_on_restart(tmp_path):
     store, c, _ = make(tmp_path, w)
     c.run(stop=lambda: True, max_seconds=5)  # first tick only
     store.update(
-        lambda r: {**r, "pending": {"action": "set_weight", "weight": 25}}
+        lambda r: dataclasses.replace(r, pending={"action": "set_weight", "weight": 25})
     )  # crashed before applying
     ctl.Controller(store, router=w, provider=w, clock=w.clock, sleep=w.sleep, log=lambda s: None).run(
         stop=lambda: True
     )
-    assert w.calls[-1] == ("set", 75, 25) and store.load()["pending"] is None
+    assert w.calls[-1] == ("set", 75, 25) and store.load().pending is None
 
 
 def test_operator_commands_pause_resume_abort(tmp_path):
@@ -225,12 +226,12 @@ def test_operator_commands_pause_resume_abort(tmp_path):
     store, c, _ = make(tmp_path, w)
     c.run(stop=lambda: True)
     rec = ctl.command(store, "pause", router=w, clock=w.clock)
-    assert rec["state"]["phase"] == "Paused"
+    assert rec.state["phase"] == "Paused"
     c.run(max_seconds=0.3)  # a paused rollout is not analysed
-    assert store.load()["state"]["analyses"] == 0
+    assert store.load().state["analyses"] == 0
     ctl.command(store, "resume", router=w, clock=w.clock)
     rec = ctl.command(store, "abort", router=w, clock=w.clock, reason="bad dashboard")
-    assert rec["state"]["phase"] == "Aborted" and w.calls[-1] == ("rollback",) and rec["pending"] is None
+    assert rec.state["phase"] == "Aborted" and w.calls[-1] == ("rollback",) and rec.pending is None
     with pytest.raises(Exception, match="already Aborted"):
         ctl.command(store, "promote", router=w)
 
@@ -245,9 +246,9 @@ def test_resume_starts_a_fresh_window(tmp_path):
     w.sleep(30)  # traffic (all canary answers failing) while paused
     w.error_rate = 0.0
     ctl.command(store, "resume", router=w, clock=w.clock)
-    assert store.load()["baselines"]["step"] is None
+    assert store.load().baselines["step"] is None
     rec = c.run(max_seconds=30)
-    assert rec["state"]["phase"] == "Promoted" and rec["state"]["failed_checks"] == 0
+    assert rec.state["phase"] == "Promoted" and rec.state["failed_checks"] == 0
 
 
 def test_begin_refuses_a_second_live_rollout_of_other_versions(tmp_path):
@@ -259,23 +260,31 @@ def test_begin_refuses_a_second_live_rollout_of_other_versions(tmp_path):
         ctl.begin(store, other)
     same = ctl.new_record(RolloutSpec(), GATES, STABLE, CANARY, DEAD_ROUTER, SCRAPE)
     rec, resumed = ctl.begin(store, same)
-    assert resumed and rec["state"] is not None
+    assert resumed and rec.state is not None
+
+
+def _counted(rec, n: int):
+    """``rec`` with ``n`` analysis points: a counter that lives in a valid record."""
+    rec.timeline = [{"t": float(i), "weight": 0, "action": "none"} for i in range(n)]
+    return rec
 
 
 def test_file_store_serialises_concurrent_updates(tmp_path):
     store = FileStateStore(tmp_path / "s.json")
-    store.update(lambda r: {"n": 0})
+    store.update(
+        lambda r: _counted(ctl.new_record(RolloutSpec(), GATES, STABLE, CANARY, DEAD_ROUTER, SCRAPE), 0)
+    )
 
     def bump():
         for _ in range(50):
-            store.update(lambda r: {"n": r["n"] + 1})
+            store.update(lambda r: _counted(r, len(r.timeline) + 1))
 
     threads = [threading.Thread(target=bump) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert store.load()["n"] == 200
+    assert len(store.load().timeline) == 200
 
 
 def test_report_text_and_png(tmp_path):
@@ -286,7 +295,7 @@ def test_report_text_and_png(tmp_path):
     assert "outcome: RolledBack after 2 analyses (2 failed)" in text
     assert text.count(" fail ") >= 2 and "success_rate=0.8" in text
     # each analysis point keeps every gate's verdict, so the PNG can mark the failing points
-    fails = [p["verdicts"]["success_rate"] for p in rec["timeline"] if p["verdict"] == "fail"]
+    fails = [p["verdicts"]["success_rate"] for p in rec.timeline if p["verdict"] == "fail"]
     assert fails and all(v == "fail" for v in fails)
     png = plot_timeline(rec, tmp_path / "t.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -348,7 +357,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv,
 def test_cli_status_pause_and_abort_on_a_stored_rollout(tmp_path, capsys):
     w = World()
     store, c, _ = make(tmp_path, w)
-    c.run(stop=lambda: store.load()["state"]["analyses"] >= 1, max_seconds=30)
+    c.run(stop=lambda: store.load().state["analyses"] >= 1, max_seconds=30)
     sf = str(tmp_path / "state.json")
     assert cli_main(["status", "--state-file", sf]) == 0
     out = capsys.readouterr().out
@@ -574,8 +583,8 @@ def test_a_quiet_canary_is_inconclusive_at_the_smallest_min_requests(tmp_path):
     )
     ctl.begin(store, rec)
     c = ctl.Controller(store, router=w, provider=w, clock=w.clock, sleep=w.sleep, log=lambda _m: None)
-    c.run(stop=lambda: store.load()["state"]["phase"] == "Paused", max_seconds=30)
-    st = store.load()["state"]
+    c.run(stop=lambda: store.load().state["phase"] == "Paused", max_seconds=30)
+    st = store.load().state
     assert st["phase"] == "Paused" and st["failed_checks"] == 0
     assert {e["verdict"] for e in st["history"][-1]["evidence"]} == {"inconclusive"}
 
@@ -663,7 +672,7 @@ def _stored_rollout(tmp_path, sock: str) -> Path:
     store, c, _ = make(
         tmp_path, w, router_cfg={"router": "local_proxy", "socket_path": sock}, max_inconclusive=100
     )
-    c.run(stop=lambda: store.load()["state"]["analyses"] >= 1, max_seconds=30)
+    c.run(stop=lambda: store.load().state["analyses"] >= 1, max_seconds=30)
     return tmp_path / "state.json"
 
 
@@ -775,7 +784,7 @@ def test_a_second_controller_is_refused_while_the_first_runs(tmp_path, capsys, h
     first.start()
     try:
         deadline = time.monotonic() + 10
-        while not (store.owner() and (store.load() or {}).get("state")) and time.monotonic() < deadline:
+        while not (store.owner() and getattr(store.load(), "state", None)) and time.monotonic() < deadline:
             time.sleep(0.01)
         owner = json.loads(store.owner_path.read_text())
         assert owner["pid"] == os.getpid() and store.owner()["pid"] == os.getpid()
@@ -796,7 +805,7 @@ def test_a_second_controller_is_refused_while_the_first_runs(tmp_path, capsys, h
         if first.is_alive():
             ctl.command(FileStateStore(sf), "abort", router=w, clock=w.clock)
             first.join(30)
-    assert done["rec"]["state"]["phase"] == "Aborted"
+    assert done["rec"].state["phase"] == "Aborted"
     assert haproxy.received == []  # the refused start sent nothing
     # the first one is gone: its lock file went with it, and a new controller may take over
     assert store.owner() is None and not store.owner_path.exists()
@@ -950,7 +959,7 @@ def test_configmap_controller_heartbeats_and_operators_command_while_it_holds():
     first.start()
     try:
         deadline = time.monotonic() + 10
-        while not (core.owner() and (store.load() or {}).get("state")) and time.monotonic() < deadline:
+        while not (core.owner() and getattr(store.load(), "state", None)) and time.monotonic() < deadline:
             time.sleep(0.01)
         first_beat = core.owner()["heartbeat"]
         clock.t += 5
@@ -969,15 +978,16 @@ def test_configmap_controller_heartbeats_and_operators_command_while_it_holds():
         if first.is_alive():
             ctl.command(cm_store(core, clock), "abort", router=w, clock=w.clock)
             first.join(30)
-    assert done["rec"]["state"]["phase"] == "Aborted" and w.weights == (100, 0)
+    assert done["rec"].state["phase"] == "Aborted" and w.weights == (100, 0)
     assert core.owner() is None  # released when the controller ended
 
 
 def test_configmap_update_to_none_removes_the_state_key():
     core, clock = FakeCoreV1(), Clock()
     store = cm_store(core, clock)
-    store.update(lambda _r: {"n": 1})
-    assert store.load() == {"n": 1}
+    rec = ctl.new_record(RolloutSpec(), GATES, STABLE, CANARY, DEAD_ROUTER, SCRAPE)
+    store.update(lambda _r: rec)
+    assert store.load() == rec and json.loads(core.obj["data"]["state"]) == rec.to_dict()
     assert store.update(lambda _r: None) is None
     assert store.load() is None and "state" not in core.obj.get("data", {})
 
@@ -1002,7 +1012,7 @@ def test_a_controller_whose_configmap_rollout_was_taken_over_stops():
     t = threading.Thread(target=run)
     t.start()
     deadline = time.monotonic() + 10
-    while not (core.owner() and (store.load() or {}).get("state")) and time.monotonic() < deadline:
+    while not (core.owner() and getattr(store.load(), "state", None)) and time.monotonic() < deadline:
         time.sleep(0.01)
     # another controller took the rollout over (say, ours was stuck past its time to live)
     intruder = {"holder": "other:1:x", "pid": 1, "host": "other", "since": clock.t, "heartbeat": clock.t}
