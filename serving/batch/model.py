@@ -49,8 +49,6 @@ def prob_column_names(class_names: list[str]) -> list[str]:
     return names
 
 
-
-
 def load_model(model_dir: str | os.PathLike, threads: int = 0, spinning: bool = False) -> BatchModel:
     """Find the package under ``model_dir``, verify its sha256 and open an onnxruntime session."""
     pkg = modelcard.find_package(model_dir)
