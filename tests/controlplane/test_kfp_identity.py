@@ -64,7 +64,7 @@ def test_kfp_steps_run_as_pipeline_runner(k, runner, release):
     out = deploy_v2(api, release)
     assert out["isvc"] == f"{release}-canary"
     rec = run_rollout(api, release, LiveTraffic(router(k.api(), release)), steps="50,100")
-    assert rec["state"]["phase"] == "Promoted"
+    assert rec.state["phase"] == "Promoted"
     assert served_uris(k, f"{release}-stable") == {V2_URI}
     # the writes are the runner's, under the controller's field manager
     managed = k.json("-n", NS, "get", "inferenceservice", f"{release}-stable", "--show-managed-fields")

@@ -25,6 +25,7 @@ import pytest
 from serving.rollout import cluster, kube, targets
 from serving.rollout import controller as ctl
 from serving.rollout.machine import RolloutSpec
+from serving.rollout.record import RolloutRecord
 from serving.rollout.routers import GatewayApiRouter, KServeKnativeRouter
 from serving.rollout.store import ConfigMapStore
 from tests.controlplane.conftest import CHART, NS, Kube
@@ -82,7 +83,7 @@ def deploy_v2(api, release: str, **kw) -> dict:
     )  # fmt: skip
 
 
-def run_rollout(api, release: str, traffic: World, **kw) -> dict:
+def run_rollout(api, release: str, traffic: World, **kw) -> RolloutRecord:
     """The KFP rollout step's function on scripted traffic, with short steps."""
     return cluster.progressive_rollout(
         api, namespace=NS, fullname=release, model=STABLE.model,
