@@ -1,4 +1,4 @@
-"""``python -m serving.rollout``: start | status | pause | resume | promote | abort | report."""
+"""``python -m serving.rollout``: start | status | pause | resume | promote | abort | report | operator."""
 
 from __future__ import annotations
 
@@ -152,7 +152,35 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write the text report and PNG timeline of the stored rollout")
     _store_args(rp)
     rp.add_argument("--out", required=True)
+    _operator_args(sub)
     return ap
+
+
+def _operator_args(sub) -> None:
+    o = sub.add_parser(
+        "operator", help="run the in-cluster operator: reconcile ModelRollouts (serving/rollout/operator.py)"
+    )
+    o.add_argument("--namespace", help="watch ModelRollouts in this namespace only (default: all)")
+    o.add_argument("--kubeconfig", help="kubeconfig path (default: in-cluster config, else ~/.kube/config)")
+    o.add_argument("--prometheus-url", default="", help="Prometheus for rollouts without spec.metrics.url")
+    o.add_argument(
+        "--interval-floor",
+        type=parse_duration,
+        help="shortest analysis interval (a spec's shorter one is raised)",
+    )
+    o.add_argument("--lease-name", default="mlrollout-operator", help="the leader-election Lease")
+    o.add_argument("--lease-namespace", default="default", help="the Lease's namespace")
+    o.add_argument("--identity", help="this replica's name in the Lease (default: host name + random)")
+    o.add_argument("--lease-duration", type=parse_duration, default=15.0, help="Lease duration (default 15s)")
+    o.add_argument("--metrics-port", type=int, help="serve the operator's Prometheus metrics on this port")
+    o.add_argument("--max-workers", type=int, default=32, help="rollouts driven at once (default 32)")
+    o.add_argument("--resync", type=parse_duration, default=30.0, help="full relist period (default 30s)")
+
+
+def cmd_operator(a: argparse.Namespace) -> int:
+    from serving.rollout import operator
+
+    return operator.main(a)
 
 
 def _store(a: argparse.Namespace, default_cm: str = "", owner: str = "") -> StateStore:
@@ -292,7 +320,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
 
-    handlers = {"start": cmd_start, "status": cmd_status, "report": cmd_report}
+    handlers = {"start": cmd_start, "status": cmd_status, "report": cmd_report, "operator": cmd_operator}
     try:
         return handlers.get(a.cmd, cmd_verb)(a)
     # MlrolloutError: the store, routers, metrics, state machine, controller, model package.
