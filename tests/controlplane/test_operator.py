@@ -176,7 +176,7 @@ def kc(k: Kube) -> Kube:
 @pytest.fixture
 def world(kc, request, tmp_path):
     """A release ``op<name>``, its scripted runtimes, operator processes; all stopped/removed after."""
-    made: dict = {"ops": [], "runtimes": None, "releases": [], "rollouts": []}
+    made: dict = {"ops": [], "runtimes": [], "releases": [], "rollouts": []}
 
     def release(name: str, **world_kw):
         full = install_canary(kc, name)
@@ -184,8 +184,8 @@ def world(kc, request, tmp_path):
         route = GatewayApiRouter(
             full, NS, f"{full}-stable-predictor", f"{full}-canary-predictor", api=kc.api()
         )
-        made["runtimes"] = Runtimes(route, **world_kw)
-        return full, made["runtimes"]
+        made["runtimes"].append(Runtimes(route, **world_kw))
+        return full, made["runtimes"][-1]
 
     def operator(identity: str, lease: str):
         op = OperatorProc(kc, identity, lease, tmp_path)
@@ -225,8 +225,8 @@ def world(kc, request, tmp_path):
             op.stop()
         for op in made["ops"]:
             print(f"--- operator {op.identity} (PID {op.pid}) log tail ---\n{op.text()[-3000:]}")
-        if made["runtimes"]:
-            made["runtimes"].close()
+        for rt in made["runtimes"]:
+            rt.close()
         for name in made["rollouts"]:
             kc.run("-n", NS, "delete", crd.PLURAL, name, "--ignore-not-found", "--wait=true", check=False)
         for name in made["releases"]:
@@ -245,12 +245,10 @@ def route_weights(k: Kube, full: str) -> list[int]:
 
 
 def events(k: Kube, name: str) -> list[dict]:
-    return [
-        e
-        for e in k.items(
-            "events", "--field-selector", f"involvedObject.name={name},involvedObject.kind={crd.KIND}"
-        )
-    ]
+    """The Events on this ModelRollout object (its uid: Events of an earlier one of that name outlive it)."""
+    uid = k.get(crd.PLURAL, name)["metadata"]["uid"]
+    sel = f"involvedObject.name={name},involvedObject.kind={crd.KIND},involvedObject.uid={uid}"
+    return k.items("events", "--field-selector", sel)
 
 
 def finished(k: Kube, name: str, timeout_s: float = 180) -> dict:
@@ -397,3 +395,23 @@ def test_two_replicas_one_acts_and_the_standby_resumes_at_the_same_step(world, k
     assert all(e["reportingInstance"] == "op-ha-a" for e in evs if e["reason"] == "Started"), (
         "only the leader acted before the kill"
     )
+
+
+def test_one_operator_drives_several_rollouts_at_once(world, kc):
+    one, rt1 = world.release("opmany1")
+    two, rt2 = world.release("opmany2", error_rate=0.3)
+    world.operator("op-many-a", "op-many")
+    world.rollout("opmany1", one, rt1, steps=[10, 20, 30, 50, 100])
+    world.rollout("opmany2", two, rt2, steps=[10, 20, 30, 50, 100], threshold=2)
+    # both progress side by side (one worker thread each), each to its own end
+    kc.wait(
+        "both live",
+        lambda: all(status(kc, n).get("step", 0) >= 1 for n in ("opmany1", "opmany2")),
+        120,
+    )
+    a, b = finished(kc, "opmany1"), finished(kc, "opmany2")
+    assert (a["phase"], b["phase"]) == ("Promoted", "RolledBack")
+    ra, rb = json.loads(a["record"]), json.loads(b["record"])
+    overlap = min(ra["timeline"][-1]["t"], rb["timeline"][-1]["t"]) - max(ra["created_at"], rb["created_at"])
+    assert overlap > 0, "the two rollouts ran at the same time"
+    assert route_weights(kc, one) == [100, 0] and route_weights(kc, two) == [100, 0]
