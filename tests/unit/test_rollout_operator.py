@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -230,3 +231,52 @@ def test_a_write_race_on_the_lease_is_lost_not_an_error():
     assert not b.try_acquire_or_renew(), "b's replace carries the old resourceVersion: 409, not leading"
     coord.read_namespaced_lease = real
     assert coord.lease.spec.holder_identity == "r0"
+
+
+# --------------------------------------------------------------------------- list/watch
+
+
+def _obj(name: str, rv: str, generation: int = 1) -> dict:
+    return {
+        "metadata": {"name": name, "namespace": "models", "resourceVersion": rv, "generation": generation}
+    }
+
+
+def test_the_watch_relists_on_410_gone_and_follows_events(monkeypatch):
+    """410 Gone (the resourceVersion is too old) relists; a watch that times out is re-opened from the
+    last resourceVersion seen; ADDED/MODIFIED/DELETED keep the cache."""
+    from kubernetes import watch
+    from kubernetes.client.rest import ApiException
+
+    lists = [
+        {"metadata": {"resourceVersion": "10"}, "items": [_obj("a", "9")]},
+        {"metadata": {"resourceVersion": "20"}, "items": [_obj("a", "9"), _obj("b", "19")]},
+    ]
+    streams: list[dict] = []
+
+    class FakeApi:
+        api_client = None
+
+        def list_namespaced_custom_object(self, *a, **kw):
+            return lists.pop(0) if len(lists) > 1 else lists[0]
+
+    o = op.Operator.__new__(op.Operator)
+    o.api, o.s = FakeApi(), op.Settings(namespace="models", watch_timeout_s=1)
+    o.stop = threading.Event()
+    o.objects, o.workers, o.cancel = {}, {}, {}
+    o._lock, o._kick = threading.Lock(), threading.Event()
+
+    def stream(self, fn, *args, **kw):
+        streams.append(kw)
+        if len(streams) == 1:
+            raise ApiException(status=410, reason="Gone")  # what Watch raises after its own one retry
+        if len(streams) == 2:
+            yield {"type": "MODIFIED", "object": _obj("b", "21", generation=2)}
+            return  # the server's timeout: re-watch from rv 21
+        yield {"type": "DELETED", "object": _obj("a", "22")}
+        o.stop.set()
+
+    monkeypatch.setattr(watch.Watch, "stream", stream)
+    o._watch_loop()
+    assert [s["resource_version"] for s in streams] == ["10", "20", "21"], streams
+    assert set(o.objects) == {("models", "b")} and o.objects[("models", "b")]["metadata"]["generation"] == 2
