@@ -175,8 +175,9 @@ def kc(k: Kube) -> Kube:
 
 @pytest.fixture
 def world(kc, request, tmp_path):
-    """A release ``op<name>``, its scripted runtimes, operator processes; all stopped/removed after."""
-    made: dict = {"ops": [], "runtimes": [], "releases": [], "rollouts": []}
+    """Releases ``op<name>``, their scripted runtimes, operator processes (by PID), ModelRollouts and
+    Leases; all stopped or removed after."""
+    made: dict = {"ops": [], "runtimes": [], "releases": [], "rollouts": [], "leases": set()}
 
     def release(name: str, **world_kw):
         full = install_canary(kc, name)
@@ -190,6 +191,7 @@ def world(kc, request, tmp_path):
     def operator(identity: str, lease: str):
         op = OperatorProc(kc, identity, lease, tmp_path)
         made["ops"].append(op)
+        made["leases"].add(lease)
         return op
 
     def rollout(name: str, full: str, runtimes: Runtimes, **strategy):
@@ -229,6 +231,8 @@ def world(kc, request, tmp_path):
             rt.close()
         for name in made["rollouts"]:
             kc.run("-n", NS, "delete", crd.PLURAL, name, "--ignore-not-found", "--wait=true", check=False)
+        for lease in made["leases"]:
+            kc.run("-n", NS, "delete", "lease", lease, "--ignore-not-found", check=False)
         for name in made["releases"]:
             kc.helm("uninstall", name, "-n", NS, "--wait", "--timeout", "60s", check=False)
 
