@@ -667,7 +667,10 @@ def main(args: Any) -> int:
     import signal
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    api = kube.custom_api(args.kubeconfig)
+    try:
+        api = kube.custom_api(args.kubeconfig)
+    except Exception as e:  # kubernetes ConfigException: no in-cluster config and no kubeconfig
+        raise kube.KubeError(f"cannot reach the API server: {' '.join(str(e).split())}") from None
     s = Settings(
         namespace=args.namespace,
         prometheus_url=args.prometheus_url or "",

@@ -280,3 +280,12 @@ def test_the_watch_relists_on_410_gone_and_follows_events(monkeypatch):
     o._watch_loop()
     assert [s["resource_version"] for s in streams] == ["10", "20", "21"], streams
     assert set(o.objects) == {("models", "b")} and o.objects[("models", "b")]["metadata"]["generation"] == 2
+
+
+def test_the_operator_command_without_a_cluster_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    from serving.rollout.cli import main
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert main(["operator", "--kubeconfig", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach the API server") and err.count("\n") == 1
