@@ -34,6 +34,7 @@ from serving.rollout.store import (
     R,
     Record,
     StoreError,
+    UpdateViaUpdateWith,
     _encode,
     _trim,
     decode,
@@ -144,7 +145,7 @@ def status_view(
     return view
 
 
-class ModelRolloutStatusStore:
+class ModelRolloutStatusStore(UpdateViaUpdateWith):
     """The rollout record of ModelRollout ``namespace/name``, in its status subresource.
 
     ``is_leader``: whether this replica may act (the operator's Lease); ``on_write(old, new, obj)``: called
@@ -190,11 +191,6 @@ class ModelRolloutStatusStore:
 
     def load(self, *, corrupt_ok: bool = False) -> Record | None:
         return self._parse(self.get(), corrupt_ok)
-
-    def update(
-        self, fn: Callable[[Record | None], Record | None], *, corrupt_ok: bool = False
-    ) -> Record | None:
-        return self.update_with(lambda rec: (fn(rec), None), corrupt_ok=corrupt_ok)[0]
 
     def update_with(
         self, fn: Callable[[Record | None], tuple[Record | None, R]], *, corrupt_ok: bool = False

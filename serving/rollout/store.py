@@ -154,7 +154,16 @@ def _held_by(info: dict[str, Any] | None) -> str:
     return f"controller PID {info.get('pid', '?')} (host {info.get('host', '?')}{when})"
 
 
-class FileStateStore:
+class UpdateViaUpdateWith:
+    """``update`` for every store, in terms of the store's own ``update_with``."""
+
+    def update(
+        self, fn: Callable[[Record | None], Record | None], *, corrupt_ok: bool = False
+    ) -> Record | None:
+        return self.update_with(lambda rec: (fn(rec), None), corrupt_ok=corrupt_ok)[0]
+
+
+class FileStateStore(UpdateViaUpdateWith):
     held = False
 
     def __init__(self, path: str | os.PathLike):
@@ -208,11 +217,6 @@ class FileStateStore:
         """The record, or None. Read-only: writers replace the file atomically, so no lock is needed
         (and none is created, nor any folder)."""
         return self._read(corrupt_ok)
-
-    def update(
-        self, fn: Callable[[Record | None], Record | None], *, corrupt_ok: bool = False
-    ) -> Record | None:
-        return self.update_with(lambda rec: (fn(rec), None), corrupt_ok=corrupt_ok)[0]
 
     def update_with(
         self, fn: Callable[[Record | None], tuple[Record | None, R]], *, corrupt_ok: bool = False
@@ -328,7 +332,7 @@ def _trim(record: dict[str, Any], budget: int = STATE_BUDGET) -> str:
     return text
 
 
-class ConfigMapStore:
+class ConfigMapStore(UpdateViaUpdateWith):
     """The key ``state`` of ConfigMap ``name``, created on first write, owned by ``owner_isvc``.
 
     ``core``: a CoreV1Api (default: one on ``api``'s connection); ``clock``: wall-clock seconds for the
@@ -439,11 +443,6 @@ class ConfigMapStore:
         self.core.patch_namespaced_config_map(
             self.name, self.namespace, body, field_manager=kube.FIELD_MANAGER
         )
-
-    def update(
-        self, fn: Callable[[Record | None], Record | None], *, corrupt_ok: bool = False
-    ) -> Record | None:
-        return self.update_with(lambda rec: (fn(rec), None), corrupt_ok=corrupt_ok)[0]
 
     def update_with(
         self, fn: Callable[[Record | None], tuple[Record | None, R]], *, corrupt_ok: bool = False
