@@ -100,11 +100,9 @@ def _precheck_deploy(args: dict[str, Any], local: bool) -> None:
             "-p deploy=true rolls the model out on a cluster (in-cluster credentials): a local run "
             "cannot; use `python -m pipelines submit ... -p deploy=true` or leave deploy off"
         )
-    missing = [name for name in ("release_fullname", "stable_version") if not args.get(name)]
-    if missing:
+    if not args.get("release_fullname"):
         raise UsageError(
-            f"-p deploy=true needs {' and '.join(f'-p {m}=...' for m in missing)} "
-            "(e.g. -p release_fullname=bc-mlrollout-model -p stable_version=1.0.0)"
+            "-p deploy=true needs -p release_fullname=... (e.g. -p release_fullname=bc-mlrollout-model)"
         )
 
 

@@ -1,6 +1,6 @@
 """The training pipeline: data -> validated -> split -> trained -> evaluated (gated) -> ONNX ->
 parity-verified -> packaged model (``<name>/1/model.onnx`` + ``model-card.json``), and with
-``deploy=True`` -> canary -> progressive rollout on measured gates (``components/rollout.py``).
+``deploy=True`` -> the package handed to the rollout operator (``components/rollout.py``).
 
 Every threshold is a pipeline parameter, so the Kubeflow dashboard shows and overrides them.
 """
@@ -66,7 +66,6 @@ def training_pipeline(
     deploy_namespace: str = "models",
     release_fullname: str = "",
     rollout_router: str = "gateway_api",
-    stable_version: str = "",
     rollout_steps: str = "10,25,50,100",
     rollout_interval_s: float = 60.0,
     prometheus_url: str = "http://prometheus.monitoring.svc.cluster.local:9090",
@@ -103,17 +102,16 @@ def training_pipeline(
         min_label_agreement: ONNX parity: least share of rows where ONNX and sklearn agree.
         model_name: Model name, a DNS-1123 label.
         model_version: Model version, a semantic version X.Y.Z.
-        deploy: Roll the package out after packaging (deploy-canary, progressive-rollout).
+        deploy: Roll the package out after packaging: progressive-rollout declares it on the release's
+            ModelRollout and waits for the rollout operator's outcome.
         deploy_namespace: Namespace of the model's Helm release.
         release_fullname: The release's fullname, ``<release>-mlrollout-model`` (required with deploy).
         rollout_router: ``gateway_api`` (chart strategy ``canary``) or ``kserve_knative`` (strategy
             ``knativeCanary``).
-        stable_version: Version the stable side serves now, as in its model card (required with
-            deploy).
         rollout_steps: Comma-separated canary weights in percent, e.g. ``10,25,50,100``.
         rollout_interval_s: Seconds between analyses (one per step, after the weight is set).
-        prometheus_url: Prometheus the gates query; empty = scrape the predictors' ``/metrics``
-            directly (``gateway_api`` only).
+        prometheus_url: Prometheus the operator's gates query; empty = the ModelRollout's own
+            ``spec.metrics`` (on create: the operator's ``--prometheus-url``).
         max_drift: Drift gate: largest Jensen-Shannon distance between canary and stable predictions.
 
     Returns:
@@ -185,7 +183,7 @@ def training_pipeline(
         model_version=model_version,
         pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     )
-    # deploy=True: deploy-canary -> progressive-rollout inside one dsl.If; skipped otherwise
+    # deploy=True: progressive-rollout (the hand-off to the operator) inside one dsl.If; skipped otherwise
     rollout.rollout_steps(
         package=packaged.outputs["package"],
         enabled=deploy,
@@ -193,7 +191,6 @@ def training_pipeline(
         release_fullname=release_fullname,
         router=rollout_router,
         model_name=model_name,
-        stable_version=stable_version,
         steps=rollout_steps,
         interval_s=rollout_interval_s,
         prometheus_url=prometheus_url,

@@ -1,84 +1,32 @@
-"""KFP v2 components that end a training run by rolling its model out: ``deploy_canary`` then
-``progressive_rollout``. Thin, hermetic wrappers over ``serving.rollout.cluster``.
+"""The KFP v2 component that ends a training run by handing its model to the rollout operator:
+``progressive_rollout``, a thin, hermetic wrapper over ``serving.rollout.cluster``.
 
-The rollout controller's code reaches the cluster embedded in the compiled YAML (``_env.component``:
-the ``serving.rollout`` modules the steps import, and what those import, nothing else: no local
-stack, no runtime, no CLI); the step installs the pinned kubernetes/httpx/prometheus-client/matplotlib it
-needs. Both steps talk to the Kubernetes API with the pod's in-cluster config, as the Helm
-chart's ``<fullname>-deployer`` Role allows (InferenceServices and HTTPRoutes in one namespace, the
-predictor Deployments read-only, the rollout's state ConfigMap).
+The step declares the trained package on the release's ModelRollout (``spec.model``: storageUri and
+version; ``spec.strategy`` from its parameters) and waits for the operator (serving/rollout/operator.py)
+to end the rollout, then reports the evidence from the object's status. It moves no traffic and touches
+no InferenceService: the operator deploys the canary, runs the state machine, promotes or rolls back.
+So KFP's ``pipeline-runner`` needs only get/create/patch/list/watch on modelrollouts in the model
+namespace (the Helm chart's ``<fullname>-pipeline`` Role).
+
+The code reaches the cluster embedded in the compiled YAML (``_env.component``: the ``serving.rollout``
+modules the step imports and what those import: the hand-off, the spec and gate checks, no controller,
+no local stack); the step installs only the pinned kubernetes client.
 """
 
 from kfp import dsl
-from kfp.dsl import Input, Markdown, Model, Output
+from kfp.dsl import Input, Markdown, Metrics, Model, Output
 
 from pipelines.components._env import component
 from serving.rollout.gates import DEFAULTS as GATE_DEFAULTS
 
-_PACKAGES = ("kubernetes", "httpx", "prometheus-client", "matplotlib")
 
-
-@component(*_PACKAGES)
-def deploy_canary(
+@component("kubernetes")
+def progressive_rollout(
     model: Input[Model],
     namespace: str,
     release_fullname: str,
     router: str,
-    ready_timeout_s: int,
-    rollout: dsl.EmbeddedInput[dsl.Dataset],
-) -> str:
-    """Serve the trained package as the canary (no traffic yet) and wait until its pods serve it.
-
-    Args:
-        model: The model package (``<name>/1/model.onnx`` + ``<name>/model-card.json``).
-        namespace: Namespace of the model's Helm release.
-        release_fullname: The Helm release's fullname (``<release>-mlrollout-model``).
-        router: ``gateway_api`` (chart strategy ``canary``: patches ``<fullname>-canary``) or
-            ``kserve_knative`` (chart strategy ``knativeCanary``: a new revision at 0%).
-        ready_timeout_s: Seconds to wait for the canary's pods to serve the new model.
-
-    Returns:
-        The canary's model version (from the package's model card).
-    """
-    import json
-    import os
-
-    from kubernetes import client, config
-
-    from serving.rollout import cluster
-
-    cards = [
-        os.path.join(root, f)
-        for root, _, files in os.walk(model.path)
-        for f in files
-        if f == "model-card.json"
-    ]
-    if len(cards) != 1:
-        raise ValueError(f"expected one model-card.json under the model artifact, found {len(cards)}")
-    with open(cards[0]) as f:
-        version = json.load(f)["version"]
-    config.load_incluster_config()
-    out = cluster.deploy_canary(
-        client.CustomObjectsApi(),
-        namespace=namespace,
-        fullname=release_fullname,
-        storage_uri=cluster.to_storage_uri(model.uri),
-        version=version,
-        router=router,
-        ready_timeout_s=ready_timeout_s,
-    )
-    print(f"canary {out['isvc']} serves {out['storage_uri']} (version {version}) at {out['url']}")
-    return version
-
-
-@component(*_PACKAGES)
-def progressive_rollout(
-    namespace: str,
-    release_fullname: str,
-    router: str,
     model_name: str,
-    stable_version: str,
-    canary_version: str,
     steps: str,
     interval_s: float,
     threshold: int,
@@ -86,54 +34,53 @@ def progressive_rollout(
     min_success_rate: float,
     max_p99_ms: float,
     max_drift: float,
-    max_seconds: float,
+    timeout_s: float,
     fail_on_rollback: bool,
     report: Output[Markdown],
+    metrics: Output[Metrics],
     rollout: dsl.EmbeddedInput[dsl.Dataset],
 ) -> str:
-    """Shift traffic step by step on measured gates (success rate, p99, prediction drift).
+    """Hand the package to the rollout operator (the release's ModelRollout) and wait for the outcome.
 
-    State persists in the ConfigMap ``<release_fullname>-rollout``, so a retried step resumes the
-    same rollout.
+    Creates or patches the ModelRollout ``<release_fullname>`` in ``namespace`` with this package as the
+    desired model and the strategy below, watches it until the operator shows Promoted, RolledBack or
+    Aborted for this version, and reports each analysis's evidence (gate, value, threshold, n,
+    verdict) and the history.
 
     Args:
-        namespace: Namespace of the model's Helm release.
-        release_fullname: The Helm release's fullname (``<release>-mlrollout-model``).
-        router: ``gateway_api`` or ``kserve_knative``, as for ``deploy_canary``.
+        model: The model package (``<name>/1/model.onnx`` + ``<name>/model-card.json``); its version is
+            the card's.
+        namespace: Namespace of the model's Helm release (and of its ModelRollout).
+        release_fullname: The Helm release's fullname (``<release>-mlrollout-model``): the rollout's
+            target and the ModelRollout's name.
+        router: ``gateway_api`` (chart strategy ``canary``) or ``kserve_knative`` (``knativeCanary``).
         model_name: The model's name (the metrics' ``model`` label).
-        stable_version: Version the stable side serves now.
-        canary_version: Version the canary serves (``deploy_canary``'s output).
-        steps: Comma-separated canary weights in percent, e.g. ``10,25,50,100``.
+        steps: Comma-separated canary weights in percent, the last 100, e.g. ``10,25,50,100``.
         interval_s: Seconds between analyses (one per step, after the weight is set).
-        threshold: Failed analyses in a row that roll the canary back.
-        prometheus_url: Prometheus the gates query; empty = scrape the predictors' ``/metrics``.
+        threshold: Failed analyses (over the rollout) that roll the canary back.
+        prometheus_url: Prometheus the operator's gates query; empty = the ModelRollout's own
+            ``spec.metrics``, or on create the operator's ``--prometheus-url``.
         min_success_rate: Success-rate gate: least share of non-5xx canary responses.
         max_p99_ms: Latency gate: largest canary p99 in milliseconds.
         max_drift: Drift gate: largest Jensen-Shannon distance between canary and stable predictions.
-        max_seconds: Seconds after which the step stops waiting (the rollout keeps its state).
+        timeout_s: Seconds the step waits for the end (then it fails; the operator carries on).
         fail_on_rollback: Fail the run when the canary is rolled back or aborted.
-        report: The rollout's timeline plot and text report.
+        report: Markdown: the outcome, the last analysis per gate, the history of decisions.
+        metrics: The outcome (``promoted`` 1/0), final weight and step, analyses by verdict, each
+            gate's last value and sample count.
 
     Returns:
-        The final phase: Promoted, RolledBack, Aborted, or the phase when ``max_seconds`` ran out.
+        The final phase: Promoted, or RolledBack/Aborted when ``fail_on_rollback`` is off.
     """
-    import base64
-    import os
-    import tempfile
+    from serving.rollout import cluster, kube
 
-    from kubernetes import client, config
-
-    from serving.rollout import cluster
-    from serving.rollout.report import plot_timeline, text_report
-
-    config.load_incluster_config()
-    rec = cluster.progressive_rollout(
-        client.CustomObjectsApi(),
+    return cluster.progressive_rollout(
+        kube.custom_api(),  # in-cluster: the pod's pipeline-runner token
+        package_dir=model.path,
+        package_uri=model.uri,
         namespace=namespace,
         fullname=release_fullname,
-        model=model_name,
-        stable_version=stable_version,
-        canary_version=canary_version,
+        model_name=model_name,
         router=router,
         steps=steps,
         interval_s=interval_s,
@@ -142,18 +89,11 @@ def progressive_rollout(
         min_success_rate=min_success_rate,
         max_p99_ms=max_p99_ms,
         max_drift=max_drift,
-        max_seconds=max_seconds,
+        timeout_s=timeout_s,
+        fail_on_rollback=fail_on_rollback,
+        report_path=report.path,
+        log_metric=metrics.log_metric,
     )
-    text = text_report(rec)
-    png = plot_timeline(rec, os.path.join(tempfile.mkdtemp(), "timeline.png"))
-    img = base64.b64encode(png.read_bytes()).decode()
-    with open(report.path, "w") as f:
-        f.write(f"# Rollout {canary_version}\n\n![timeline](data:image/png;base64,{img})\n\n```\n{text}```\n")
-    phase = rec.phase
-    print(text)
-    if fail_on_rollback and phase in ("RolledBack", "Aborted"):
-        raise RuntimeError(f"canary {canary_version} {phase}: {rec.state['reason']}")
-    return phase
 
 
 def rollout_steps(
@@ -164,7 +104,6 @@ def rollout_steps(
     release_fullname,
     router,
     model_name,
-    stable_version,
     steps,
     interval_s,
     prometheus_url,
@@ -172,38 +111,29 @@ def rollout_steps(
     min_success_rate=GATE_DEFAULTS["min_success_rate"],
     max_p99_ms=GATE_DEFAULTS["max_p99_ms"],
     threshold=2,
-    max_seconds=3600.0,
+    timeout_s=3600.0,
     fail_on_rollback=True,
-    ready_timeout_s=600,
 ):
-    """Append ``deploy_canary`` -> ``progressive_rollout`` to a pipeline, only when ``enabled`` is true.
+    """Append ``progressive_rollout`` to a pipeline, only when ``enabled`` is true.
 
     Call it inside a ``@dsl.pipeline`` function with the packaged model and pipeline parameters::
 
         rollout_steps(package=packaged.outputs["package"], enabled=deploy, namespace=namespace,
                       release_fullname=release_fullname, router=rollout_router, model_name=model_name,
-                      stable_version=stable_version, steps=rollout_steps_csv,
-                      interval_s=rollout_interval_s, prometheus_url=prometheus_url, max_drift=max_drift)
+                      steps=rollout_steps_csv, interval_s=rollout_interval_s,
+                      prometheus_url=prometheus_url, max_drift=max_drift)
 
-    Every argument is keyword-only (17 of them: a positional call would mix them up silently).
+    Every argument is keyword-only (15 of them: a positional call would mix them up silently).
 
     Returns the ``progressive_rollout`` task (its output is the final phase).
     """
     with dsl.If(enabled == True, name="rollout-enabled"):  # noqa: E712 (a KFP condition, not a Python bool)
-        dep = deploy_canary(
+        return progressive_rollout(
             model=package,
             namespace=namespace,
             release_fullname=release_fullname,
             router=router,
-            ready_timeout_s=ready_timeout_s,
-        )
-        return progressive_rollout(
-            namespace=namespace,
-            release_fullname=release_fullname,
-            router=router,
             model_name=model_name,
-            stable_version=stable_version,
-            canary_version=dep.output,
             steps=steps,
             interval_s=interval_s,
             threshold=threshold,
@@ -211,6 +141,6 @@ def rollout_steps(
             min_success_rate=min_success_rate,
             max_p99_ms=max_p99_ms,
             max_drift=max_drift,
-            max_seconds=max_seconds,
+            timeout_s=timeout_s,
             fail_on_rollback=fail_on_rollback,
         )

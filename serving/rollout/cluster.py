@@ -1,66 +1,34 @@
-"""The cluster steps behind the KFP components ``deploy_canary`` and ``progressive_rollout``.
+"""The cluster side of the KFP step ``progressive_rollout``: hand the model to the operator, wait, report.
+
+The step does not move traffic. It creates or patches the release's ModelRollout (named like the
+release, ``<fullname>``) with the trained model and the strategy (:func:`handoff.spec`), then watches
+that one object until the operator (operator.py) shows a terminal phase for this version
+(:func:`handoff.outcome`), and writes the evidence from its status as the step's Markdown report and
+KFP Metrics. So KFP's ``pipeline-runner`` needs get/create/patch/list/watch on modelrollouts and
+nothing on InferenceServices or HTTPRoutes (helm/mlrollout-model/templates/rbac.yaml); the operator
+deploys the canary, moves the weights, promotes or rolls back, and owns those objects.
 
 Plain functions over a ``CustomObjectsApi`` (in-cluster config inside a pipeline step), so the
-components stay thin and these are tested through the real kubernetes client. Names follow the
-Helm chart's contract (helm/mlrollout-model/README.md "For the rollout controller"): for
-``gateway_api`` the InferenceServices ``<fullname>-stable``/``<fullname>-canary`` behind the
-HTTPRoute ``<fullname>`` with backends ``<isvc>-predictor``; for ``kserve_knative`` the single
-InferenceService ``<fullname>``. The rollout state lives in the ConfigMap ``<fullname>-rollout``.
+component stays thin and this is tested through the real kubernetes client against a real API server
+and a real operator process (tests/controlplane/test_kfp_identity.py).
 """
 
 from __future__ import annotations
 
-import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
 from typing import Any
 
-from serving.rollout import controller as ctl
-from serving.rollout import kube, targets
-from serving.rollout.gates import DEFAULTS as GATE_DEFAULTS
-from serving.rollout.gates import defaults as default_gates
-from serving.rollout.machine import RolloutSpec, parse_steps
-from serving.rollout.metrics import Target
-from serving.rollout.routers import ROUTERS, RouterError, choices
-from serving.rollout.store import ConfigMapStore
+from serving.rollout import crd, handoff, kube
 
-TRACK_LABEL = targets.TRACK_LABEL
-# the KFP steps poll the API server this often: often enough for a 10 s interval, gentle for an hour
-POLL_S = 2.0
-
-
-def state_configmap(fullname: str) -> str:
-    return f"{fullname}-rollout"
-
-
-def deployer(fullname: str) -> str:
-    """The release's deploy identity (helm/mlrollout-model/templates/rbac.yaml)."""
-    return f"{fullname}-deployer"
-
-
-def as_deployer(api: Any, namespace: str, fullname: str, lifetime_s: float = 3600.0) -> Any:
-    """A CustomObjectsApi acting as ``<fullname>-deployer``, from a short-lived token the caller requests
-    (TokenRequest). The KFP pipeline's own account (pipeline-runner) may do only that in the model namespace,
-    so every change the steps make is the deployer's, bounded by its Role."""
-    from kubernetes import client
-
-    sa = deployer(fullname)
-    body = client.AuthenticationV1TokenRequest(
-        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=int(max(600, lifetime_s)))
-    )
-    try:
-        token = kube.core_api(api).create_namespaced_service_account_token(sa, namespace, body).status.token
-    except Exception as e:
-        if kube.status_of(e) in (403, 404):
-            raise RouterError(
-                f"cannot act as {namespace}/{sa} ({kube.status_of(e)}): install the release with "
-                "rbac.create=true and the pipeline's ServiceAccount in rbac.subjects"
-            ) from None
-        raise
-    cfg = copy.copy(api.api_client.configuration)
-    cfg.api_key = {"authorization": token}
-    cfg.api_key_prefix = {"authorization": "Bearer"}
-    cfg.refresh_api_key_hook = None  # the in-cluster hook would put the pod's own token back
-    cfg.cert_file = cfg.key_file = None  # a client certificate would authenticate as its owner instead
-    return client.CustomObjectsApi(client.ApiClient(cfg))
+# the step's writes are recorded under their own field manager, so managedFields tell the pipeline's
+# spec.model apart from a chart's or a person's
+FIELD_MANAGER = "mlrollout-kfp"
+# one watch request lasts at most this long (the API server ends it; the loop re-reads and re-watches)
+WATCH_S = 60
 
 
 def to_storage_uri(artifact_uri: str) -> str:
@@ -70,119 +38,197 @@ def to_storage_uri(artifact_uri: str) -> str:
     return artifact_uri
 
 
-def deploy_canary(
-    api,
-    *,
-    namespace: str,
-    fullname: str,
-    storage_uri: str,
-    version: str,
-    router: str = "gateway_api",
-    ready_timeout_s: float = 600.0,
-    poll_s: float = POLL_S,
-) -> dict[str, Any]:
-    """:func:`targets.deploy_canary` as ``<fullname>-deployer``; also where the release answers."""
-    api = as_deployer(api, namespace, fullname, ready_timeout_s + 600)
+def package_version(package_dir: str) -> str:
+    """The version in the model package's one ``model-card.json`` (package_model's output)."""
+    cards = [
+        os.path.join(root, f)
+        for root, _, files in os.walk(package_dir)
+        for f in files
+        if f == "model-card.json"
+    ]
+    if len(cards) != 1:
+        raise ValueError(f"expected one model-card.json under the model artifact, found {len(cards)}")
+    with open(cards[0]) as f:
+        return json.load(f)["version"]
+
+
+def _refusal(e: Exception, what: str) -> kube.KubeError:
+    """An API refusal as one line: the API server's own message (a CEL rule's, RBAC's) and what to do."""
+    status = kube.status_of(e)
     try:
-        name, obj = targets.deploy_canary(
-            api,
-            namespace=namespace,
-            fullname=fullname,
-            storage_uri=storage_uri,
-            version=version,
-            router=router,
-            ready_timeout_s=ready_timeout_s,
-            poll_s=poll_s,
+        msg = json.loads(getattr(e, "body", "") or "{}").get("message") or str(e)
+    except ValueError:
+        msg = str(e)
+    msg = " ".join(msg.split())
+    hint = {
+        403: " (the pipeline's ServiceAccount needs get/create/patch/list/watch on modelrollouts in this "
+        "namespace: install the release with rbac.create=true and it in rbac.subjects)",
+        404: " (is the ModelRollout CRD installed? helm/mlrollout-operator)",
+    }.get(status or 0, "")
+    return kube.KubeError(f"{what} refused ({status}): {msg}{hint}")
+
+
+def apply(api: Any, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Create ModelRollout ``namespace/name`` with ``spec``, or merge-patch its spec with it (the fields
+    the step sets; webhooks and anything else on the object stay as they are)."""
+    g, v, p = crd.MODELROLLOUT
+    try:
+        if kube.get(api, crd.MODELROLLOUT, namespace, name) is None:
+            try:
+                return api.create_namespaced_custom_object(
+                    g, v, namespace, p, handoff.manifest(name, namespace, spec), field_manager=FIELD_MANAGER
+                )
+            except Exception as e:
+                if kube.status_of(e) != 409:  # created in between: patch it like any other
+                    raise
+        return api.patch_namespaced_custom_object(
+            g, v, namespace, p, name, {"spec": spec}, field_manager=FIELD_MANAGER
         )
-    except kube.KubeError as e:
-        raise RouterError(str(e)) from e
-    return {
-        "isvc": name,
-        "storage_uri": storage_uri,
-        "version": version,
-        "url": endpoint(api, namespace, fullname, obj),
-    }
+    except kube.KubeError:
+        raise
+    except Exception as e:
+        if kube.status_of(e) is None:
+            raise
+        raise _refusal(e, f"ModelRollout {namespace}/{name}") from None
 
 
-def endpoint(api, namespace: str, fullname: str, isvc: dict) -> str:
-    """Where the release answers: the chart's HTTPRoute host (KServe's ``status.url`` names a host no
-    route serves when its own ingress is disabled), else the in-cluster address."""
-    route = kube.get(api, kube.HTTPROUTE, namespace, fullname)
-    hosts = (route or {}).get("spec", {}).get("hostnames") or []
-    if hosts:
-        return f"http://{hosts[0]}"
-    return isvc.get("status", {}).get("address", {}).get("url", "")
+class WaitTimeout(TimeoutError):
+    """The rollout did not end in time; ``obj`` is the ModelRollout as last seen."""
+
+    def __init__(self, message: str, obj: dict[str, Any]):
+        super().__init__(message)
+        self.obj = obj
 
 
-def _release_router(router: str) -> Any:
-    """The router class that drives a release of the chart (it has ``for_release``)."""
-    fit = [n for n, cls in ROUTERS.items() if hasattr(cls, "for_release")]
-    if router not in fit:
-        raise ValueError(f"router must be {choices(fit)}, got {router!r}")
-    return ROUTERS[router]
+def wait(
+    api: Any,
+    namespace: str,
+    name: str,
+    version: str,
+    timeout_s: float,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The ModelRollout once ``version``'s rollout has ended (:func:`handoff.outcome`), watching the one
+    object (a ``metadata.name`` field selector, so RBAC may limit list/watch to that name).
+    :class:`WaitTimeout` after ``timeout_s``: the rollout goes on, the operator owns it."""
+    from kubernetes import watch
+
+    g, v, p = crd.MODELROLLOUT
+    where = f"ModelRollout {namespace}/{name}"
+    gone = f"{where} was deleted while the step waited for {version}"
+    deadline = time.monotonic() + timeout_s
+    shown: list[tuple] = [()]
+
+    def seen(obj: dict[str, Any]) -> bool:
+        if shown[0] != handoff.progress(obj):
+            shown[0] = handoff.progress(obj)
+            log(handoff.progress_line(obj))
+        return handoff.outcome(obj, version) is not None
+
+    while True:
+        obj = kube.get(api, crd.MODELROLLOUT, namespace, name)
+        if obj is None:
+            raise kube.KubeError(gone)
+        if seen(obj):
+            return obj
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WaitTimeout(handoff.timeout_line(obj, version, timeout_s, f"{namespace}/{name}"), obj)
+        w = watch.Watch()
+        try:
+            for ev in w.stream(
+                api.list_namespaced_custom_object,
+                g,
+                v,
+                namespace,
+                p,
+                field_selector=f"metadata.name={name}",
+                resource_version=obj["metadata"]["resourceVersion"],
+                timeout_seconds=max(1, min(WATCH_S, math.ceil(left))),
+            ):
+                if ev["type"] == "DELETED":
+                    raise kube.KubeError(gone)
+                if ev["type"] in ("ADDED", "MODIFIED") and seen(ev["object"]):
+                    return ev["object"]
+                if time.monotonic() >= deadline:
+                    break
+        except kube.KubeError:
+            raise
+        except Exception as e:  # 410 Gone or a dropped stream: read the object again, watch again
+            if kube.status_of(e) == 403:
+                raise _refusal(e, f"watching {where}") from None
+            if kube.status_of(e) != 410:  # not a busy loop when the stream keeps breaking
+                log(f"watching {where}: {' '.join(str(e).split())[:200]}; reading it again")
+                time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        finally:
+            w.stop()
+
+
+def write_report(obj: dict[str, Any], report_path: str, log_metric: Callable[[str, float], None]) -> None:
+    """The step's outputs: the Markdown report and the KFP Metrics, both from the object's status."""
+    with open(report_path, "w") as f:
+        f.write(handoff.markdown(obj))
+    for key, value in handoff.kfp_metrics(obj).items():
+        log_metric(key, value)
 
 
 def progressive_rollout(
-    api,
+    api: Any,
     *,
+    package_dir: str,
+    package_uri: str,
     namespace: str,
     fullname: str,
-    model: str,
-    stable_version: str,
-    canary_version: str,
+    model_name: str,
     router: str = "gateway_api",
     steps: str = "10,25,50,100",
     interval_s: float = 60.0,
-    threshold: int = RolloutSpec.threshold,
-    max_inconclusive: int = 10,  # the KFP step waits longer than RolloutSpec (5) before pausing
+    threshold: int = 2,
     prometheus_url: str = "",
-    min_success_rate: float = GATE_DEFAULTS["min_success_rate"],
-    max_p99_ms: float = GATE_DEFAULTS["max_p99_ms"],
-    max_drift: float = GATE_DEFAULTS["max_drift"],
-    min_predictions: int = GATE_DEFAULTS["min_predictions"],
-    min_accuracy: float = -1.0,
-    max_seconds: float = 3600.0,
-    log=print,
-    provider: Any = None,
-) -> ctl.RolloutRecord:
-    """Drive a rollout to its end with the controller; state in the ConfigMap ``<fullname>-rollout``.
-    Acts as ``<fullname>-deployer`` (a token for the whole run, ``max_seconds`` and the promotion wait)."""
-    cls = _release_router(router)
-    release = cls.for_release(fullname, namespace)
-    if not (prometheus_url or all(release.metrics_urls)):
-        why = getattr(cls, "no_scrape", "no per-side /metrics to scrape")
-        raise ValueError(f"{router} needs prometheus_url ({why})")
-    # the spec, the gates and the versions refuse nonsense values (ValueError) before any API call
-    spec = RolloutSpec(parse_steps(steps), interval_s, threshold, max_inconclusive)
-    gates = default_gates(
+    min_success_rate: float | None = None,
+    max_p99_ms: float | None = None,
+    max_drift: float | None = None,
+    timeout_s: float = 3600.0,
+    fail_on_rollback: bool = True,
+    report_path: str,
+    log_metric: Callable[[str, float], None],
+    log: Callable[[str], None] = print,
+    metrics: dict[str, Any] | None = None,
+) -> str:
+    """What the KFP step does, end to end; returns the final phase.
+
+    Declares the package (``package_uri`` as KServe reads it, the version from its model card) on
+    ModelRollout ``namespace/<fullname>``, waits until the operator ends its rollout, writes the report
+    and the metrics, and raises RuntimeError with one line on RolledBack/Aborted/Failed when
+    ``fail_on_rollback``. ``metrics``: ``spec.metrics`` instead of what ``prometheus_url`` says (tests
+    point the operator at scripted runtimes)."""
+    version = package_version(package_dir)
+    spec = handoff.spec(
+        fullname=fullname,
+        model_name=model_name,
+        storage_uri=to_storage_uri(package_uri),
+        version=version,
+        router=router,
+        steps=steps,
+        interval_s=interval_s,
+        threshold=threshold,
         min_success_rate=min_success_rate,
         max_p99_ms=max_p99_ms,
         max_drift=max_drift,
-        min_predictions=min_predictions,
-        min_accuracy=min_accuracy if min_accuracy >= 0 else None,  # < 0: no accuracy gate
+        metrics=metrics if metrics is not None else handoff.prometheus(prometheus_url),
+    )  # every value checked (ValueError) before the first API call
+    obj = apply(api, namespace, fullname, spec)
+    log(
+        f"ModelRollout {namespace}/{fullname} (generation {obj['metadata'].get('generation')}) declares "
+        f"{model_name} {version} from {spec['model']['storageUri']}"
     )
-    if stable_version == canary_version:
-        raise ValueError(f"canary_version {canary_version!r} is also the stable version; a rollout needs two")
-    api = as_deployer(api, namespace, fullname, max_seconds + 900)
-    r = cls.from_config(release.config, api=api)
-    owner, urls = release.owner_isvc, release.metrics_urls
-    if prometheus_url:
-        metrics = {"provider": "prometheus", "url": prometheus_url}
-    else:
-        metrics = {"provider": "scrape"}
-        log(
-            "no prometheus_url: scraping each predictor Service's /metrics (exact only with one replica each)"
-        )
-    extra = {"namespace": namespace} if prometheus_url else {}
-    stable, canary = (
-        Target(model, stable_version, urls[0], extra),
-        Target(model, canary_version, urls[1], extra),
-    )
-    record = ctl.new_record(spec, gates, stable, canary, r.config(), metrics)
-    store = ConfigMapStore(state_configmap(fullname), namespace, owner_isvc=owner, api=api)
-    # one controller per rollout (a retried step refuses while the first one's heartbeat is fresh), the
-    # stored record checked, router and metrics reachable; then the loop
-    # provider: a MetricsProvider to use instead of the one `metrics` describes (tests script the traffic)
-    return ctl.drive(
-        store, record, router=r, provider=provider, log=log, poll_s=POLL_S, max_seconds=max_seconds
-    )
+    try:
+        obj = wait(api, namespace, fullname, version, timeout_s, log)
+    except WaitTimeout as e:
+        write_report(e.obj, report_path, log_metric)  # where it stands, for the run's page
+        raise
+    write_report(obj, report_path, log_metric)
+    phase = handoff.outcome(obj, version) or ""
+    if phase != handoff.PROMOTED and fail_on_rollback:
+        raise RuntimeError(handoff.failure_line(obj, version))
+    return phase

@@ -5,12 +5,14 @@ InferenceServices and the Deployments the real KServe controller makes from them
   `helm upgrade` mid-rollout stops with a conflict naming us instead of undoing the split (audit #12);
 - a state write does not roll the stable Deployment (pod-template hash and ReplicaSets before and
   after); the old annotation store did, shown as the control (audit #5);
-- deploy_canary and promote wait until the new model's pods are the ready ones, where the old wait (Ready +
-  observedGeneration) returned while only old pods were ready (audit #3, #4);
+- deploying the canary (targets.deploy_canary, what the operator does) and promote wait until the new model's
+  pods are the ready ones, where the old wait (Ready + observedGeneration) returned while only old pods
+  were ready (audit #3, #4);
 - promotion keeps the stable pods labelled `stable`, so each PDB still covers its own track (audit #11);
-- progressive_rollout end to end (metrics scripted from the live route's weights, as allowed: the
-  providers are tested against a real Prometheus elsewhere): a good canary is promoted, a bad one rolled
-  back, the evidence in the state ConfigMap;
+- the controller end to end with its ConfigMap store, as the CLI's `start --router gateway_api` runs it
+  (metrics scripted from the live route's weights, as allowed: the providers are tested against a real
+  Prometheus elsewhere): a good canary is promoted, a bad one rolled back, the evidence in the state
+  ConfigMap;
 - the Knative router's canaryTrafficPercent passes KServe's webhook and reaches the Knative Service KServe
   builds, as far as a control plane without Knative's controller shows.
 """
@@ -22,14 +24,20 @@ import time
 
 import pytest
 
-from serving.rollout import cluster, kube, targets
 from serving.rollout import controller as ctl
+from serving.rollout import kube, targets
 from serving.rollout.machine import RolloutSpec
 from serving.rollout.record import RolloutRecord
 from serving.rollout.routers import GatewayApiRouter, KServeKnativeRouter
 from serving.rollout.store import ConfigMapStore
 from tests.controlplane.conftest import CHART, NS, Kube
 from tests.unit.test_rollout_controller import CANARY, DEAD_ROUTER, GATES, SCRAPE, STABLE, World
+
+
+def state_configmap(fullname: str) -> str:
+    """Where the CLI keeps a release's rollout state (routers.ROUTERS' state location for gateway_api)."""
+    return f"{fullname}-rollout"
+
 
 V1_URI = "s3://mlpipeline/models/breast-cancer/1.0.0"
 V2_URI = "s3://mlpipeline/models/breast-cancer/2.0.0"
@@ -75,22 +83,24 @@ def router(api, full: str) -> GatewayApiRouter:
     )
 
 
-def deploy_v2(api, release: str, **kw) -> dict:
-    """The KFP deploy step's function: the canary to v2, waiting until its pods serve it."""
-    return cluster.deploy_canary(
+def deploy_v2(api, release: str, **kw) -> str:
+    """What the operator does before a rollout: the canary to v2, waiting until its pods serve it."""
+    name, _ = targets.deploy_canary(
         api, namespace=NS, fullname=release, storage_uri=V2_URI, version=CANARY.version,
         **{"ready_timeout_s": 90, "poll_s": 0.5, **kw},
     )  # fmt: skip
+    return name
 
 
-def run_rollout(api, release: str, traffic: World, **kw) -> RolloutRecord:
-    """The KFP rollout step's function on scripted traffic, with short steps."""
-    return cluster.progressive_rollout(
-        api, namespace=NS, fullname=release, model=STABLE.model,
-        stable_version=STABLE.version, canary_version=CANARY.version,
-        **{"steps": "20,50,100", "interval_s": 1.0, "max_seconds": 120, "log": lambda _m: None, **kw},
-        provider=traffic,
+def run_rollout(api, release: str, traffic: World, threshold: int = 2) -> RolloutRecord:
+    """The controller on scripted traffic with its ConfigMap store, as the CLI's `start` builds it."""
+    rec = ctl.new_record(
+        RolloutSpec((20, 50, 100), 1.0, threshold, 10), GATES, STABLE, CANARY,
+        router(api, release).config(), SCRAPE,
     )  # fmt: skip
+    store = ConfigMapStore(state_configmap(release), NS, owner_isvc=f"{release}-stable", api=api)
+    return ctl.drive(store, rec, router=router(api, release), provider=traffic, log=lambda _m: None,
+                     poll_s=0.25, max_seconds=120)  # fmt: skip
 
 
 def workload(k: Kube, isvc: str) -> dict:
@@ -187,12 +197,12 @@ def test_state_writes_do_not_restart_the_stable_pods(k, release):
     api = k.api()
     stable = f"{release}-stable"
     before = workload(k, stable)
-    store = ConfigMapStore(cluster.state_configmap(release), NS, owner_isvc=stable, api=api)
+    store = ConfigMapStore(state_configmap(release), NS, owner_isvc=stable, api=api)
     for i in range(5):
         store.update(lambda _rec, i=i: _record(created_at=float(i), timeline=_points(i * 50)))
     time.sleep(3)  # KServe reconciles InferenceService changes at once; give it the chance
     assert workload(k, stable) == before
-    cm = k.get("configmap", cluster.state_configmap(release))
+    cm = k.get("configmap", state_configmap(release))
     assert json.loads(cm["data"]["state"])["created_at"] == 4.0
     owner = cm["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"]) == ("InferenceService", stable)
@@ -207,11 +217,11 @@ def test_state_writes_do_not_restart_the_stable_pods(k, release):
 
 def test_state_configmap_is_garbage_collected_with_the_release(k):
     full = install_canary(k, "gc-state")
-    store = ConfigMapStore(cluster.state_configmap(full), NS, owner_isvc=f"{full}-stable", api=k.api())
+    store = ConfigMapStore(state_configmap(full), NS, owner_isvc=f"{full}-stable", api=k.api())
     store.update(lambda _rec: _record())
-    assert k.get("configmap", cluster.state_configmap(full))
+    assert k.get("configmap", state_configmap(full))
     k.helm("uninstall", "gc-state", "-n", NS, "--wait", "--timeout", "60s")
-    k.wait("state ConfigMap gone", lambda: k.get("configmap", cluster.state_configmap(full)) is None, 30)
+    k.wait("state ConfigMap gone", lambda: k.get("configmap", state_configmap(full)) is None, 30)
 
 
 def test_one_controller_owns_a_rollout_and_a_stale_one_is_taken_over(k, release):
@@ -221,7 +231,7 @@ def test_one_controller_owns_a_rollout_and_a_stale_one_is_taken_over(k, release)
     from serving.rollout.store import OWNER_ANNOTATION, OwnershipError
 
     api, now = k.api(), [1000.0]
-    name, stable = cluster.state_configmap(release), f"{release}-stable"
+    name, stable = state_configmap(release), f"{release}-stable"
     a = ConfigMapStore(name, NS, owner_isvc=stable, api=api, clock=lambda: now[0])
     b = ConfigMapStore(name, NS, owner_isvc=stable, api=api, clock=lambda: now[0])
     a.acquire("controller-a", interval_s=2)
@@ -258,13 +268,10 @@ def test_deploy_canary_returns_only_when_the_new_pods_serve(k, release):
     # put it back, then do it the fixed way
     kube.patch(api, kube.ISVC, NS, canary, {"spec": {"predictor": {"model": {"storageUri": V1_URI}}}})
     targets.wait_serving(api, NS, canary, V1_URI, timeout_s=60, poll_s=0.5)
-    out = deploy_v2(api, release)
+    assert deploy_v2(api, release) == canary
     assert served_uris(k, canary) == {V2_URI}
     dep = k.get("deployment", f"{canary}-predictor")
     assert dep["status"]["replicas"] == dep["status"]["updatedReplicas"] == dep["status"]["availableReplicas"]
-    assert out["url"] == f"http://{release}-{NS}.example.com", (
-        "the chart's route host, not KServe's status.url"
-    )
     assert time.monotonic() - start < 120
 
 
@@ -330,7 +337,7 @@ def test_progressive_rollout_end_to_end(k, release, good):
     traffic = LiveTraffic(router(api, release), error_rate=0.0 if good else 0.3)
     rec = run_rollout(api, release, traffic, threshold=1)
     assert rec.state["phase"] == ("Promoted" if good else "RolledBack")
-    stored = json.loads(k.get("configmap", cluster.state_configmap(release))["data"]["state"])
+    stored = json.loads(k.get("configmap", state_configmap(release))["data"]["state"])
     assert stored["state"]["phase"] == rec.state["phase"]
     assert any(h.get("evidence") for h in stored["state"]["history"]), "the decision's evidence is stored"
     assert [b["weight"] for b in k.get("httproute", release)["spec"]["rules"][0]["backendRefs"]] == [100, 0]
@@ -429,23 +436,19 @@ def test_promotion_keeps_traffic_on_the_canary_when_stable_never_serves(k, relea
 
 
 def test_deploy_canary_reports_a_canary_that_never_serves(k, release):
-    from serving.rollout.routers import RouterError
-
     api = k.api()
     kube.patch(api, kube.ISVC, NS, f"{release}-canary", UNSCHEDULABLE)
-    with pytest.raises(RouterError, match="does not serve the new model after 3s"):
+    with pytest.raises(kube.KubeError, match="does not serve the new model after 3s"):
         deploy_v2(api, release, ready_timeout_s=3)
 
 
 def test_deploy_canary_in_knative_mode_starts_a_dark_revision(k):
-    from serving.rollout.routers import RouterError
-
     k.helm("install", "kndark", str(CHART), "-n", NS, "-f", str(CHART / "ci" / "knative-canary-values.yaml"))
     try:
         api = k.api()
         # no Knative controller: the revision never reports ready, but the dark canary is requested
-        with pytest.raises(RouterError, match="latest revision"):
-            cluster.deploy_canary(
+        with pytest.raises(kube.KubeError, match="latest revision"):
+            targets.deploy_canary(
                 api,
                 namespace=NS,
                 fullname="kndark-mlrollout-model",

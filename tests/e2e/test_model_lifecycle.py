@@ -302,9 +302,10 @@ def test_model_pods_carry_the_restricted_fields(k, packages, strategy):
 
 
 def test_pipeline_with_deploy_true_rolls_its_own_model_out(k, kfp_url, gateway_url, packages):
-    """The compiled pipeline, deploy=true: deploy-canary and progressive-rollout run in KFP pods as
-    kubeflow/pipeline-runner (in-cluster config, the embedded controller, pip-installed kubernetes) against
-    a canary release, with Prometheus gates on live traffic, and end with the pipeline's model served."""
+    """The compiled pipeline, deploy=true: progressive-rollout runs in a KFP pod as kubeflow/pipeline-runner
+    (in-cluster config, the embedded hand-off, pip-installed kubernetes), declares the model on the canary
+    release's ModelRollout, and the rollout operator (`make cluster`) rolls it out on Prometheus gates
+    with live traffic, ending with the pipeline's model served."""
     import kfp
 
     from tests.e2e.helpers import COMPILED
@@ -323,7 +324,6 @@ def test_pipeline_with_deploy_true_rolls_its_own_model_out(k, kfp_url, gateway_u
                 "deploy": True,
                 "deploy_namespace": k.namespace,
                 "release_fullname": release,
-                "stable_version": V1,
                 "rollout_steps": "50,100",
                 "rollout_interval_s": 60.0,  # ~600 predictions per side per window at 20 rps
             },
@@ -333,8 +333,8 @@ def test_pipeline_with_deploy_true_rolls_its_own_model_out(k, kfp_url, gateway_u
         done = client.wait_for_run_completion(run.run_id, timeout=2700, sleep_duration=10)
     try:
         assert done.state == "SUCCEEDED", f"run {run.run_id}: {done.state} {done.error}"
-        state = k.json("-n", k.namespace, "get", "configmap", f"{release}-rollout")["data"]["state"]
-        assert '"phase":"Promoted"' in state
+        status = k.json("-n", k.namespace, "get", "modelrollouts", release)["status"]
+        assert (status["phase"], status["canaryVersion"]) == ("Promoted", new_version)
         assert all(s == 200 for _, s, _ in load.log), "a request failed during the pipeline's rollout"
         after = helpers.predict_many(gateway_url, host, release, 100)
         assert helpers.versions_seen(after) == {new_version: 100}

@@ -195,14 +195,14 @@ TRAINING_STEPS = {
 
 def test_default_run_skips_the_deploy_branch(cli_run):
     """deploy defaults to false: the run (of the YAML that contains the rollout branch) ran exactly the
-    training steps; deploy-canary and progressive-rollout neither ran nor left outputs."""
+    training steps; progressive-rollout neither ran nor left outputs."""
     assert "rollout-enabled" in COMPILED.read_text()  # the branch is in the file that was run
     shown = {line.split()[1] for line in cli_run["stdout"].splitlines() if line.startswith("  ok   ")}
     assert shown == TRAINING_STEPS, cli_run["stdout"]
     assert {p.name for p in cli_run["run_dir"].iterdir()} == TRAINING_STEPS
     log = Path(cli_run["stdout"].split("(log: ", 1)[1].split(")", 1)[0]).read_text()
-    for step in ("deploy-canary", "progressive-rollout"):
-        assert step not in cli_run["stdout"] and f"'{step}'" not in log, step
+    step = "progressive-rollout"
+    assert step not in cli_run["stdout"] and f"'{step}'" not in log, step
     assert "finished with status" in log and "FAILURE" not in log
 
 

@@ -118,7 +118,7 @@ def test_submit_needs_a_host(capsys, monkeypatch):
 
 def test_submit_with_deploy_needs_the_release(capsys):
     """Refused before the host is contacted (nothing listens on port 9 of 127.0.0.1)."""
-    argv = ["submit", "--host", "http://127.0.0.1:9", "-p", "deploy=true", "-p", "stable_version=1.0.0"]
+    argv = ["submit", "--host", "http://127.0.0.1:9", "-p", "deploy=true", "-p", "rollout_steps=50,100"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: -p deploy=true needs -p release_fullname=... (e.g."), err

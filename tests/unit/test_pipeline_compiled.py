@@ -92,7 +92,7 @@ TRAINING_TASKS = {
     "verify-onnx",
     "package-model",
 }
-ROLLOUT_TASKS = {"deploy-canary", "progressive-rollout"}
+ROLLOUT_TASKS = {"progressive-rollout"}
 
 
 def test_training_pipeline_interface():
@@ -122,7 +122,6 @@ def test_training_pipeline_interface():
         "deploy_namespace",
         "release_fullname",
         "rollout_router",
-        "stable_version",
         "rollout_steps",
         "rollout_interval_s",
         "prometheus_url",
@@ -140,21 +139,19 @@ def test_training_pipeline_interface():
     assert cond["inputs"]["parameters"]["pipelinechannel--deploy"] == {"componentInputParameter": "deploy"}
     branch = doc["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
     assert set(branch) == ROLLOUT_TASKS
-    # the canary is the package this run built, and the rollout takes its version from deploy-canary
-    model_in = branch["deploy-canary"]["inputs"]["artifacts"]["model"]["componentInputArtifact"]
+    # the model handed to the operator is the package this run built (its card gives the version)
+    model_in = branch["progressive-rollout"]["inputs"]["artifacts"]["model"]["componentInputArtifact"]
     assert cond["inputs"]["artifacts"][model_in]["taskOutputArtifact"] == {
         "outputArtifactKey": "package",
         "producerTask": "package-model",
     }
     rollout_in = branch["progressive-rollout"]["inputs"]["parameters"]
-    assert rollout_in["canary_version"]["taskOutputParameter"]["producerTask"] == "deploy-canary"
     # each step input comes from the pipeline parameter of that meaning
     wiring = {
         "namespace": "deploy_namespace",
         "release_fullname": "release_fullname",
         "router": "rollout_router",
         "model_name": "model_name",
-        "stable_version": "stable_version",
         "steps": "rollout_steps",
         "interval_s": "rollout_interval_s",
         "prometheus_url": "prometheus_url",
