@@ -18,7 +18,7 @@ from tests.chart.conftest import CHART, NAMESPACE, ROOT, versions_env
 from tests.chart.validators import (
     KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS,
     InvalidObject,
-    assert_deployer_rbac,
+    assert_pipeline_rbac,
     assert_restricted,
     check_httproute,
     check_knative_admissible,
@@ -52,9 +52,8 @@ def one(objs: list[dict], kind: str) -> dict:
 
 
 def predictor_sa(objs: list[dict]) -> dict:
-    """The predictors' ServiceAccount (the release also renders its deployer's, <fullname>-deployer)."""
-    (sa,) = [o for o in kinds(objs, "ServiceAccount") if not o["metadata"]["name"].endswith("-deployer")]
-    return sa
+    """The predictors' ServiceAccount (the release's only one)."""
+    return one(objs, "ServiceAccount")
 
 
 def by_name(objs: list[dict], kind: str, name: str) -> dict:
@@ -638,15 +637,12 @@ def test_rbac_is_least_privilege(render, values_file):
     if not kinds(objs, "Role"):
         return  # rbac.create=false (triton-pvc)
     runner = {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}
-    assert_deployer_rbac(objs, f"{FULL}-deployer", runner)
+    assert_pipeline_rbac(objs, f"{FULL}-pipeline", runner, name=FULL)
 
 
-def test_rbac_subjects_can_be_emptied_and_delete_is_opt_in(render):
-    objs = render(CANARY, sets=("rbac.subjects=null",))
-    assert_deployer_rbac(objs, f"{FULL}-deployer", None)
-    objs = render(CANARY, sets=("rbac.allowDelete=true",))
-    role = by_name(objs, "Role", f"{FULL}-deployer")
-    assert "delete" in role["rules"][0]["verbs"]
+def test_rbac_subjects_can_be_emptied(render):
+    assert_pipeline_rbac(render(CANARY, sets=("rbac.subjects=null",)), f"{FULL}-pipeline", None)
+    assert_pipeline_rbac(render(CANARY, sets=("rbac.create=false",)), f"{FULL}-pipeline", None)
 
 
 def test_network_policy_allows_only_gateway_prometheus_dns_and_storage(render):

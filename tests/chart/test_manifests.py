@@ -12,7 +12,7 @@ from tests.chart.conftest import MANIFESTS, NAMESPACE, load_docs
 from tests.chart.test_chart import by_name, kinds, one, predictor_sa
 from tests.chart.validators import (
     KNATIVE_CONTAINER_SECURITY_CONTEXT_FIELDS,
-    assert_deployer_rbac,
+    assert_pipeline_rbac,
     assert_restricted,
     check_knative_admissible,
     check_object,
@@ -89,9 +89,9 @@ def test_security_and_rbac(build, target):
     objs = build(target)
     assert assert_restricted(objs) >= 2
     runner = {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}
-    assert_deployer_rbac(objs, "mlrollout-model-deployer", runner, by_name=False)
+    assert_pipeline_rbac(objs, "mlrollout-model-pipeline", runner)
     assert not kinds(objs, "Secret")
-    (sa,) = [o for o in kinds(objs, "ServiceAccount") if not o["metadata"]["name"].endswith("-deployer")]
+    (sa,) = kinds(objs, "ServiceAccount")
     for isvc in kinds(objs, "InferenceService"):
         assert isvc["spec"]["predictor"]["serviceAccountName"] == sa["metadata"]["name"]
 
@@ -248,12 +248,10 @@ def test_configurations_carry_names_images_and_labels_into_inferenceservice(buil
     assert isvc["spec"]["predictor"]["serviceAccountName"] == "team-mlrollout-model"
     assert isvc["spec"]["predictor"]["model"]["image"] == "registry.local/custom-runtime:2.0"
     assert isvc["spec"]["predictor"]["labels"]["team"] == "fraud"
-    # the prefix reaches the deployer everywhere it is named, the token Role's resourceNames included
-    assert by_name(objs, "RoleBinding", "team-mlrollout-model-deployer")["roleRef"]["name"] == (
-        "team-mlrollout-model-deployer"
+    # the prefix reaches the pipeline's Role and the binding's reference to it
+    assert by_name(objs, "RoleBinding", "team-mlrollout-model-pipeline")["roleRef"]["name"] == (
+        "team-mlrollout-model-pipeline"
     )
-    token = by_name(objs, "Role", "team-mlrollout-model-deployer-token")
-    assert token["rules"][0]["resourceNames"] == ["team-mlrollout-model-deployer"]
 
 
 def test_overlay_images_reach_the_runtime(build, tmp_path):

@@ -347,44 +347,41 @@ def check_knative_admissible(isvc: dict, runtime: dict) -> None:
         )
 
 
-# ---------------------------------------------------------------- RBAC of a release (the deploy identity)
+# ---------------------------------------------------------------- RBAC of a release (the pipeline's hand-off)
+
+PIPELINE_VERBS = {"create", "get", "patch", "list", "watch"}
 
 
-def assert_deployer_rbac(objs: list[dict], deployer: str, runner: dict | None, by_name: bool = True) -> None:
-    """The release's RBAC is the deployer pattern (helm/mlrollout-model/templates/rbac.yaml): the
-    ServiceAccount ``deployer`` holds the only write Role; ``runner`` (KFP's pipeline-runner) may only request
-    a token for that one account; no wildcards, Secrets, delete or deletecollection anywhere. ``by_name``: the
-    state ConfigMap is named in the Role (the chart; kustomize overlays cannot rename such a name)."""
+def assert_pipeline_rbac(objs: list[dict], role: str, runner: dict | None, name: str | None = None) -> None:
+    """The release's RBAC (helm/mlrollout-model/templates/rbac.yaml): one Role ``role``, bound to ``runner``
+    (KFP's pipeline-runner) alone, that grants create/get/patch/list/watch on ModelRollouts and nothing
+    else: no InferenceServices, routes, ConfigMaps, Secrets, tokens, delete or wildcards anywhere, and no
+    identity for anybody to act as. ``name``: get/patch/list/watch are limited to that one ModelRollout
+    (the chart; kustomize overlays cannot rename such a name, so there they are not)."""
     assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    assert not [
+        o for o in objs if o["kind"] == "ServiceAccount" and o["metadata"]["name"].endswith("-deployer")
+    ]
     roles = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Role"}
     bindings = {o["metadata"]["name"]: o for o in objs if o["kind"] == "RoleBinding"}
-    for role in roles.values():
-        for rule in role["rules"]:
-            for field in ("apiGroups", "resources", "verbs"):
-                assert "*" not in rule[field], f"wildcard in {field}: {rule}"
-            assert "secrets" not in rule["resources"] and "deletecollection" not in rule["verbs"], rule
-            assert "delete" not in rule["verbs"], f"the deploy step never deletes: {rule}"
-    sa = [o for o in objs if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == deployer]
-    assert sa and sa[0].get("automountServiceAccountToken") is False
-    write = roles[deployer]
-    resources = {r for rule in write["rules"] for r in rule["resources"]}
-    assert resources == {"inferenceservices", "httproutes", "deployments", "configmaps"}
-    for rule in write["rules"]:
-        if "deployments" in rule["resources"]:
-            assert rule["verbs"] == ["get"], rule
-        if by_name and "configmaps" in rule["resources"] and rule["verbs"] != ["create"]:
-            assert rule.get("resourceNames") == [deployer.removesuffix("-deployer") + "-rollout"], rule
-    assert [s["name"] for s in bindings[deployer]["subjects"]] == [deployer]
     if runner is None:
-        assert f"{deployer}-token" not in roles
+        assert not roles and not bindings, sorted(roles)
         return
-    token_rules = roles[f"{deployer}-token"]["rules"]
-    assert token_rules == [
-        {
-            "apiGroups": [""],
-            "resources": ["serviceaccounts/token"],
-            "resourceNames": [deployer],
-            "verbs": ["create"],
-        }
-    ]
-    assert bindings[f"{deployer}-token"]["subjects"] == [runner]
+    assert set(roles) == {role} and set(bindings) == {role}, (sorted(roles), sorted(bindings))
+    rules = roles[role]["rules"]
+    for rule in rules:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field], f"wildcard in {field}: {rule}"
+        assert rule["apiGroups"] == ["mlrollout.io"] and rule["resources"] == ["modelrollouts"], rule
+        assert set(rule["verbs"]) <= PIPELINE_VERBS, rule
+    assert {v for rule in rules for v in rule["verbs"]} == PIPELINE_VERBS
+    if name is not None:
+        for rule in rules:
+            # create cannot be limited by name; everything else is, to the release's one ModelRollout
+            assert rule.get("resourceNames") == (None if rule["verbs"] == ["create"] else [name]), rule
+    assert bindings[role]["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role,
+    }
+    assert bindings[role]["subjects"] == [runner]

@@ -1,41 +1,41 @@
-"""The KFP steps' cluster functions run as `kubeflow/pipeline-runner`, with that account's own bound token
-(what a pipeline pod gets), against the RBAC `make cluster` and the chart install.
+"""The KFP step `progressive_rollout` as `kubeflow/pipeline-runner`, with that account's own bound token
+(what a pipeline pod gets), against the RBAC the chart installs and a real rollout operator process.
 
-pipeline-runner may do one thing in the model namespace: request a short-lived token for the release's
-deployer (`<fullname>-deployer`, hardening.md S6). Every call deploy_canary and progressive_rollout make
-with it is allowed (they complete) and made as the deployer; a negative list is refused by the real
-authorizer, for pipeline-runner (InferenceServices and routes directly, Secrets, pods/exec, tokens for other
-accounts, other namespaces, cluster-scoped writes) and for the deployer (Secrets, delete, pods, Deployments
-it does not name).
+pipeline-runner may create the release's ModelRollout and get/patch/list/watch that one object, nothing else
+(helm/mlrollout-model/templates/rbac.yaml). Shown here: the step's function (`cluster.progressive_rollout`,
+all the component does after loading its in-cluster config) with that token creates the ModelRollout,
+watches it while a real operator process (tests/controlplane/test_operator.py's, scripted runtimes that
+follow the real HTTPRoute) deploys the canary and walks it to promotion, and writes the Markdown report
+and the KFP metrics from the status; a retried step patches the same object and returns at once. The
+real authorizer refuses pipeline-runner InferenceServices and routes (by `kubectl auth can-i` and by a real
+API call), other ModelRollouts, the status subresource, delete, Secrets, tokens and other namespaces.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from kfp import dsl
 
-from serving.rollout import cluster, kube
-from tests.controlplane.conftest import NS, Kube
-from tests.controlplane.test_rollout import (
-    V2_URI,
-    LiveTraffic,
-    deploy_v2,
-    install_canary,
-    router,
-    run_rollout,
-    served_uris,
-)
+from serving.rollout import cluster, crd, kube
+from serving.rollout.routers import GatewayApiRouter
+from tests.controlplane.conftest import NS
+from tests.controlplane.test_operator import INTERVAL_S, OperatorProc, Runtimes, kc, lease_holder  # noqa: F401
+from tests.controlplane.test_rollout import V2_URI, install_canary, served_uris
+from tests.unit.test_rollout_controller import CANARY, STABLE
 
 RUNNER = "system:serviceaccount:kubeflow:pipeline-runner"
+LEASE = "kfp-op"
 
 
 @pytest.fixture(scope="module")
-def release(k):
-    full = install_canary(k, "kfp")
+def release(kc):  # noqa: F811 (the CRD fixture, imported)
+    full = install_canary(kc, "kfp")
     yield full
-    k.helm("uninstall", "kfp", "-n", NS, "--wait", "--timeout", "60s", check=False)
+    kc.run("-n", NS, "delete", crd.PLURAL, full, "--ignore-not-found", "--wait=true", check=False)
+    kc.run("-n", NS, "delete", "lease", LEASE, "--ignore-not-found", check=False)
+    kc.helm("uninstall", "kfp", "-n", NS, "--wait", "--timeout", "60s", check=False)
 
 
 def test_the_token_is_pipeline_runners_own(runner):
@@ -43,45 +43,131 @@ def test_the_token_is_pipeline_runners_own(runner):
     assert review["status"]["userInfo"]["username"] == RUNNER
 
 
-def whoami(api) -> str:
-    """The user the API server sees behind ``api`` (SelfSubjectReview)."""
-    from kubernetes import client
+def package(tmp_path, version: str):
+    """package_model's output as the step sees it: a card under ``<dir>/<name>/``, a minio:// URI."""
+    card = tmp_path / "package" / STABLE.model / "model-card.json"
+    card.parent.mkdir(parents=True, exist_ok=True)
+    card.write_text(json.dumps({"name": STABLE.model, "version": version}))
+    return str(tmp_path / "package"), V2_URI.replace("s3://", "minio://")
 
-    review = client.AuthenticationV1Api(api.api_client).create_self_subject_review(
-        client.V1SelfSubjectReview(api_version="authentication.k8s.io/v1", kind="SelfSubjectReview")
+
+def test_the_step_hands_the_model_to_the_operator_and_reports_the_outcome(kc, runner, release, tmp_path):  # noqa: F811
+    route = GatewayApiRouter(
+        release, NS, f"{release}-stable-predictor", f"{release}-canary-predictor", api=kc.api()
     )
-    return review.status.user_info.username
+    runtimes = Runtimes(route)
+    op = OperatorProc(kc, "kfp-op-a", LEASE, tmp_path)
+    try:
+        kc.wait("the operator leading", lambda: lease_holder(kc, LEASE) == "kfp-op-a", 30)
+        assert kc.get(crd.PLURAL, release) is None
+        pkg_dir, pkg_uri = package(tmp_path, CANARY.version)
+        report, metrics, lines = tmp_path / "report.md", dsl.Metrics(), []
+        scrape = {
+            "provider": "scrape",
+            "stableMetricsUrl": f"{runtimes.url}/stable/metrics",
+            "canaryMetricsUrl": f"{runtimes.url}/canary/metrics",
+        }
+
+        def step():
+            return cluster.progressive_rollout(
+                runner.api(),
+                package_dir=pkg_dir,
+                package_uri=pkg_uri,
+                namespace=NS,
+                fullname=release,
+                model_name=STABLE.model,
+                steps="50,100",
+                interval_s=INTERVAL_S,
+                threshold=1,
+                timeout_s=150,
+                report_path=str(report),
+                log_metric=metrics.log_metric,
+                log=lines.append,
+                metrics=scrape,
+            )
+
+        assert step() == "Promoted"
+        obj = kc.get(crd.PLURAL, release)
+        assert obj["spec"]["model"] == {"name": STABLE.model, "storageUri": V2_URI, "version": CANARY.version}
+        assert obj["spec"]["strategy"]["steps"] == [50, 100] and obj["spec"]["strategy"]["interval"] == "2s"
+        managed = kc.json("-n", NS, "get", crd.PLURAL, release, "--show-managed-fields")["metadata"]
+        assert cluster.FIELD_MANAGER in {m["manager"] for m in managed["managedFields"]}
+        st = obj["status"]
+        assert (st["phase"], st["stableVersion"], st["canaryVersion"]) == ("Promoted", "1.0.0", "2.0.0")
+        assert served_uris(kc, f"{release}-stable") == {V2_URI}, "the operator promoted the step's model"
+        # the evidence, from the status the operator wrote
+        md = report.read_text()
+        assert md.startswith("# Rollout of 2.0.0: Promoted\n")
+        for g in st["lastAnalysis"]:
+            assert f"| {g['gate']} | " in md and f"| {g['n']} |" in md
+        assert {g["gate"] for g in st["lastAnalysis"]} >= {"success_rate", "latency_p99", "drift_js"}
+        assert md.count("| **pass** |") == len(st["lastAnalysis"])
+        assert "| promote |" in md and f"## History ({len(st['history'])} decisions)" in md
+        m = metrics.metadata
+        assert (m["promoted"], m["canary_weight"], m["step"]) == (1.0, 100.0, 2.0)
+        assert m["analyses_pass"] >= 2 and m["analyses_fail"] == 0
+        assert 0.99 <= m["success_rate"] <= 1 and m["success_rate_n"] >= 20
+        assert any("Progressing 1.0.0 -> 2.0.0, step 1/2, canary 50%" in line for line in lines), lines
+        # a retried step patches the same spec (no new generation, no new rollout) and returns at once
+        generation, created = obj["metadata"]["generation"], json.loads(st["record"])["created_at"]
+        assert step() == "Promoted"
+        again = kc.get(crd.PLURAL, release)
+        assert again["metadata"]["generation"] == generation
+        assert json.loads(again["status"]["record"])["created_at"] == created
+    finally:
+        op.stop()
+        runtimes.close()
+        print(f"--- operator log tail ---\n{op.text()[-3000:]}")
 
 
-def test_the_steps_act_as_the_release_deployer(runner, release):
-    as_deployer = cluster.as_deployer(runner.api(), NS, release, 600)
-    assert whoami(runner.api()) == RUNNER
-    assert whoami(as_deployer) == f"system:serviceaccount:{NS}:{release}-deployer"
-
-
-def test_kfp_steps_run_as_pipeline_runner(k, runner, release):
+def test_a_real_write_to_an_inference_service_is_forbidden(runner, release):
     api = runner.api()
-    out = deploy_v2(api, release)
-    assert out["isvc"] == f"{release}-canary"
-    rec = run_rollout(api, release, LiveTraffic(router(k.api(), release)), steps="50,100")
-    assert rec.state["phase"] == "Promoted"
-    assert served_uris(k, f"{release}-stable") == {V2_URI}
-    # the writes are the runner's, under the controller's field manager
-    managed = k.json("-n", NS, "get", "inferenceservice", f"{release}-stable", "--show-managed-fields")
-    assert kube.FIELD_MANAGER in {m["manager"] for m in managed["metadata"]["managedFields"]}
+    for call in (
+        lambda: kube.patch(api, kube.ISVC, NS, f"{release}-stable", {"metadata": {"labels": {"x": "y"}}}),
+        lambda: api.create_namespaced_custom_object(
+            *kube.ISVC[:2],
+            NS,
+            kube.ISVC.plural,
+            {
+                "apiVersion": "serving.kserve.io/v1beta1",
+                "kind": "InferenceService",
+                "metadata": {"name": "sneaky"},
+                "spec": {"predictor": {"model": {"modelFormat": {"name": "onnx"}}}},
+            },
+        ),
+        lambda: kube.get(api, kube.ISVC, NS, f"{release}-stable"),
+    ):
+        with pytest.raises(Exception) as err:
+            call()
+        assert kube.status_of(err.value) == 403, err.value
 
+
+ALLOWED = [
+    ("create", "modelrollouts.mlrollout.io", ""),
+    ("get", "modelrollouts.mlrollout.io", "kfp-mlrollout-model"),
+    ("patch", "modelrollouts.mlrollout.io", "kfp-mlrollout-model"),
+    ("watch", "modelrollouts.mlrollout.io", "kfp-mlrollout-model"),
+    ("list", "modelrollouts.mlrollout.io", "kfp-mlrollout-model"),
+]
 
 REFUSED = [
-    ("patch", "inferenceservices.serving.kserve.io", NS),  # only through the deployer
+    ("patch", "inferenceservices.serving.kserve.io", NS),
     ("create", "inferenceservices.serving.kserve.io", NS),
+    ("get", "inferenceservices.serving.kserve.io", NS),
     ("patch", "httproutes.gateway.networking.k8s.io", NS),
     ("get", "configmaps", NS),
-    ("create", "serviceaccounts/token", NS),  # for any other account (tested by name below)
+    ("create", "serviceaccounts/token", NS),
     ("get", "secrets", NS),
     ("list", "secrets", NS),
     ("create", "pods/exec", NS),
     ("create", "pods", NS),
     ("delete", "deployments", NS),
+    ("delete", "modelrollouts.mlrollout.io", NS),
+    ("update", "modelrollouts.mlrollout.io", NS),
+    ("patch", "modelrollouts.mlrollout.io/someone-elses", NS),
+    ("get", "modelrollouts.mlrollout.io/someone-elses", NS),
+    ("list", "modelrollouts.mlrollout.io", NS),  # without the name: not every rollout of the namespace
+    ("create", "modelrollouts.mlrollout.io", "default"),
     ("get", "inferenceservices.serving.kserve.io", "default"),
     ("patch", "httproutes.gateway.networking.k8s.io", "kserve"),
     ("get", "configmaps", "kserve"),
@@ -92,8 +178,26 @@ REFUSED = [
 ]
 
 
+def test_what_the_chart_grants_is_what_the_step_needs(runner, release):
+    for verb, resource, name in ALLOWED:
+        target = f"{resource}/{name}" if name else resource
+        assert runner.run("auth", "can-i", verb, target, "-n", NS).stdout.strip() == "yes", (verb, target)
+    # only the operator writes the status
+    status = runner.run(
+        "auth",
+        "can-i",
+        "patch",
+        f"modelrollouts.mlrollout.io/{release}",
+        "--subresource=status",
+        "-n",
+        NS,
+        check=False,
+    )
+    assert status.stdout.strip() == "no"
+
+
 @pytest.mark.parametrize(("verb", "resource", "namespace"), REFUSED, ids=lambda x: str(x) or "cluster")
-def test_pipeline_runner_is_refused(runner, verb, resource, namespace):
+def test_pipeline_runner_is_refused(runner, release, verb, resource, namespace):
     args = ["auth", "can-i", verb, resource] + (["-n", namespace] if namespace else [])
     proc = runner.run(*args, check=False)
     assert proc.stdout.strip() == "no", (
@@ -105,62 +209,6 @@ def test_refusal_is_real_not_just_a_review(runner):
     """The authorizer answers the real request too: a Secret read is a 403 from the API server."""
     proc = runner.run("-n", NS, "get", "secret", "kfp-s3-credentials", check=False)
     assert proc.returncode != 0 and "Forbidden" in proc.stderr, proc.stderr
-
-
-def test_what_the_chart_grants_is_what_the_steps_need(k, runner, release, controlplane):
-    can = runner.run(
-        "auth", "can-i", "create", f"serviceaccounts/{release}-deployer", "--subresource=token", "-n", NS
-    )
-    assert can.stdout.strip() == "yes"
-    other = runner.run(
-        "auth", "can-i", "create", "serviceaccounts/kfp-s3", "--subresource=token", "-n", NS, check=False
-    )
-    assert other.stdout.strip() == "no", "a token for another account would be an escalation"
-    deployer = Kube(
-        controlplane, _token_kubeconfig(controlplane, cluster.as_deployer(runner.api(), NS, release, 600))
-    )
-    allowed = [
-        ("patch", "inferenceservices.serving.kserve.io", ""),
-        ("create", "inferenceservices.serving.kserve.io", ""),
-        ("patch", "httproutes.gateway.networking.k8s.io", ""),
-        ("get", "deployments.apps", f"{release}-stable-predictor"),
-        ("create", "configmaps", ""),
-        ("patch", "configmaps", f"{release}-rollout"),
-    ]
-    for verb, resource, name in allowed:
-        target = f"{resource}/{name}" if name else resource
-        assert deployer.run("auth", "can-i", verb, target, "-n", NS).stdout.strip() == "yes", (verb, target)
-    refused = [
-        ("delete", "inferenceservices.serving.kserve.io", ""),  # rbac.allowDelete is off by default
-        ("get", "secrets", ""),
-        ("create", "pods", ""),
-        ("get", "deployments.apps", "someone-elses-predictor"),
-        ("patch", "configmaps", "someone-elses-config"),
-        ("get", "inferenceservices.serving.kserve.io", ""),
-    ]
-    for verb, resource, name in refused[:-1]:
-        target = f"{resource}/{name}" if name else resource
-        assert deployer.run("auth", "can-i", verb, target, "-n", NS, check=False).stdout.strip() == "no", (
-            verb,
-            target,
-        )
-    assert (
-        deployer.run(
-            "auth", "can-i", "get", "inferenceservices.serving.kserve.io", "-n", "default", check=False
-        ).stdout.strip()
-        == "no"
-    )
-
-
-def _token_kubeconfig(controlplane, api) -> Path:
-    from infra.controlplane.pki import kubeconfig
-
-    token = api.api_client.configuration.api_key["authorization"]
-    path = controlplane.dir / "deployer.kubeconfig"
-    path.write_text(
-        kubeconfig(controlplane.server, controlplane.dir / "pki" / "ca.crt", user="deployer", token=token)
-    )
-    return path
 
 
 def test_runner_identity_is_bound_in_the_model_namespace_only(k):

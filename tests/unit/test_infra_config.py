@@ -380,7 +380,7 @@ def test_workloads_are_hardened_and_rbac_is_least_privilege():
     peer = policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]
     assert peer == {"kubernetes.io/metadata.name": "models"}
     assert [p["port"] for p in policy["spec"]["ingress"][0]["ports"]] == [8333]
-    # no namespace-wide Role for pipeline-runner: each release renders its own deployer identity
+    # no namespace-wide Role for pipeline-runner: each release binds its own (its ModelRollout only)
     assert not [d for d in ns_docs if d["kind"] in ("Role", "RoleBinding")]
 
 

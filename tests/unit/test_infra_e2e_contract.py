@@ -88,7 +88,7 @@ def test_release_fits_the_platform(strategy):
         model = isvc["spec"]["predictor"]["model"]
         assert model["runtime"] == runtime["metadata"]["name"]
         assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
-    # the model's own ServiceAccount (the one its pods run as), not the release's deployer
+    # the model's own ServiceAccount (the one its pods run as)
     isvc = next(d for d in docs if d["kind"] == "InferenceService")
     isvc_sa = isvc["spec"]["predictor"]["serviceAccountName"]
     sa = next(d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == isvc_sa)
