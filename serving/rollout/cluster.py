@@ -112,6 +112,8 @@ def wait(
     object (a ``metadata.name`` field selector, so RBAC may limit list/watch to that name).
     :class:`WaitTimeout` after ``timeout_s``: the rollout goes on, the operator owns it."""
     from kubernetes import watch
+    from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import HTTPError
 
     g, v, p = crd.MODELROLLOUT
     where = f"ModelRollout {namespace}/{name}"
@@ -152,9 +154,7 @@ def wait(
                     return ev["object"]
                 if time.monotonic() >= deadline:
                     break
-        except kube.KubeError:
-            raise
-        except Exception as e:  # 410 Gone or a dropped stream: read the object again, watch again
+        except (ApiException, HTTPError, OSError) as e:  # 410 Gone or a dropped stream: read, watch again
             if kube.status_of(e) == 403:
                 raise _refusal(e, f"watching {where}") from None
             if kube.status_of(e) != 410:  # not a busy loop when the stream keeps breaking

@@ -134,3 +134,86 @@ def test_rollout_steps_wire_into_a_pipeline_behind_a_parameter(tmp_path):
     assert set(inner) == {"progressive-rollout"}
     art = inner["progressive-rollout"]["inputs"]["artifacts"]["model"]["componentInputArtifact"]
     assert cond["inputs"]["artifacts"][art]["taskOutputArtifact"]["producerTask"] == "make-package"
+
+
+def test_the_component_body_runs_the_hand_off_and_fills_its_outputs(tmp_path, monkeypatch):
+    """The component's own function, called as kfp calls it (artifacts in, a Markdown and a Metrics out),
+    against a fake API: it creates the ModelRollout from the package's card and URI, returns the phase
+    the watch ends on, and fills both outputs."""
+    import json
+
+    from kfp import dsl
+    from kubernetes import watch
+
+    from pipelines.components.rollout import progressive_rollout
+    from serving.rollout import kube
+
+    created: list[dict] = []
+
+    class FakeApi:
+        def get_namespaced_custom_object(self, *a):
+            if not created:
+                raise type("NotFound", (Exception,), {"status": 404})()
+            return {**created[0], "metadata": {**created[0]["metadata"], "resourceVersion": "1"}}
+
+        def list_namespaced_custom_object(self, *a, **kw):
+            raise AssertionError("only through the watch")
+
+        def create_namespaced_custom_object(self, g, v, ns, plural, body, field_manager):
+            created.append(body)
+            return {**body, "metadata": {**body["metadata"], "generation": 1}}
+
+    status = {
+        "phase": "Promoted",
+        "canaryVersion": "2.0.0",
+        "stableVersion": "1.0.0",
+        "step": 2,
+        "canaryWeight": 100,
+        "lastAnalysis": [
+            {"gate": "success_rate", "value": 1.0, "threshold": 0.99, "op": ">=", "n": 500, "verdict": "pass"}
+        ],
+        "history": [],
+    }
+
+    def stream(self, fn, *a, **kw):
+        yield {"type": "MODIFIED", "object": {**created[0], "status": status}}
+
+    monkeypatch.setattr(kube, "custom_api", lambda *a, **kw: FakeApi())
+    monkeypatch.setattr(watch.Watch, "stream", stream)
+    card = tmp_path / "pkg" / "bc" / "model-card.json"
+    card.parent.mkdir(parents=True)
+    card.write_text(json.dumps({"version": "2.0.0"}))
+    model = dsl.Model(uri="minio://mlpipeline/v2/artifacts/run/package")
+    model.custom_path = str(tmp_path / "pkg")
+    report = dsl.Markdown(uri=str(tmp_path / "report.md"))
+    metrics = dsl.Metrics()
+    phase = progressive_rollout.python_func(
+        model=model,
+        namespace="models",
+        release_fullname="bc",
+        router="gateway_api",
+        model_name="bc",
+        steps="50,100",
+        interval_s=30.0,
+        threshold=2,
+        prometheus_url="http://prom:9090",
+        min_success_rate=0.99,
+        max_p99_ms=500.0,
+        max_drift=0.15,
+        timeout_s=60.0,
+        fail_on_rollback=True,
+        report=report,
+        metrics=metrics,
+        rollout=None,
+    )
+    assert phase == "Promoted"
+    (obj,) = created
+    assert obj["metadata"] == {"name": "bc", "namespace": "models"}
+    assert obj["spec"]["model"] == {
+        "name": "bc",
+        "storageUri": "s3://mlpipeline/v2/artifacts/run/package",
+        "version": "2.0.0",
+    }
+    assert obj["spec"]["metrics"] == {"provider": "prometheus", "url": "http://prom:9090"}
+    assert (tmp_path / "report.md").read_text().startswith("# Rollout of 2.0.0: Promoted")
+    assert metrics.metadata["promoted"] == 1.0 and metrics.metadata["success_rate_n"] == 500.0

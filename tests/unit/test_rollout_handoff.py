@@ -283,6 +283,9 @@ def test_the_wait_times_out_with_where_the_rollout_stands(monkeypatch):
         def get_namespaced_custom_object(self, *a):
             return live
 
+        def list_namespaced_custom_object(self, *a, **kw):
+            raise AssertionError("only through the watch")
+
     monkeypatch.setattr(watch.Watch, "stream", lambda self, fn, *a, **kw: iter(()))
     with pytest.raises(cluster.WaitTimeout, match=r"did not end within 0\.2 s: Paused at step 1, canary 50%"):
         cluster.wait(FakeApi(), "models", "bc", "2.0.0", 0.2, lambda _m: None)
