@@ -10,8 +10,8 @@
    promotes a good canary, and rolls a class-swapped canary back on the drift gate;
 4. blue-green switch; a rolling update under steady load with no failed request;
 5. every model pod of every release carries Pod Security `restricted`'s fields, container by container;
-6. the compiled pipeline with `deploy=true` runs deploy-canary and progressive-rollout as
-   `kubeflow/pipeline-runner` inside KFP and promotes its own model (audit #7).
+6. the compiled pipeline with `deploy=true` runs progressive-rollout as `kubeflow/pipeline-runner` inside
+   KFP, which hands its model to the rollout operator, and the operator promotes it (audit #7).
 
 Chart upgrades never use `helm --wait` for readiness: Helm 4's kstatus reads KServe's observedGeneration,
 which is the Deployment's, so it returns early or hangs (audit #3, #9; shown on the control plane in
