@@ -136,10 +136,11 @@ def test_rollout_steps_wire_into_a_pipeline_behind_a_parameter(tmp_path):
     assert cond["inputs"]["artifacts"][art]["taskOutputArtifact"]["producerTask"] == "make-package"
 
 
-def test_the_component_body_runs_the_hand_off_and_fills_its_outputs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("phase", ["Promoted", "RolledBack"])
+def test_the_component_body_runs_the_hand_off_and_fills_its_outputs(tmp_path, monkeypatch, phase):
     """The component's own function, called as kfp calls it (artifacts in, a Markdown and a Metrics out),
     against a fake API: it creates the ModelRollout from the package's card and URI, returns the phase
-    the watch ends on, and fills both outputs."""
+    the watch ends on (or fails with one line on a rollback), and fills both outputs either way."""
     import json
 
     from kfp import dsl
@@ -163,16 +164,25 @@ def test_the_component_body_runs_the_hand_off_and_fills_its_outputs(tmp_path, mo
             created.append(body)
             return {**body, "metadata": {**body["metadata"], "generation": 1}}
 
+    verdict = "pass" if phase == "Promoted" else "fail"
     status = {
-        "phase": "Promoted",
+        "phase": phase,
         "canaryVersion": "2.0.0",
         "stableVersion": "1.0.0",
         "step": 2,
         "canaryWeight": 100,
         "lastAnalysis": [
-            {"gate": "success_rate", "value": 1.0, "threshold": 0.99, "op": ">=", "n": 500, "verdict": "pass"}
+            {
+                "gate": "success_rate",
+                "value": 1.0,
+                "threshold": 0.99,
+                "op": ">=",
+                "n": 500,
+                "verdict": verdict,
+            }
         ],
         "history": [],
+        "message": f"{phase}: the reason",
     }
 
     def stream(self, fn, *a, **kw):
@@ -187,7 +197,7 @@ def test_the_component_body_runs_the_hand_off_and_fills_its_outputs(tmp_path, mo
     model.custom_path = str(tmp_path / "pkg")
     report = dsl.Markdown(uri=str(tmp_path / "report.md"))
     metrics = dsl.Metrics()
-    phase = progressive_rollout.python_func(
+    args = dict(
         model=model,
         namespace="models",
         release_fullname="bc",
@@ -206,7 +216,17 @@ def test_the_component_body_runs_the_hand_off_and_fills_its_outputs(tmp_path, mo
         metrics=metrics,
         rollout=None,
     )
-    assert phase == "Promoted"
+    if phase == "RolledBack":
+        with pytest.raises(RuntimeError) as err:
+            progressive_rollout.python_func(**args)
+        assert str(err.value) == (
+            "canary 2.0.0 RolledBack on ModelRollout models/bc: RolledBack: the reason "
+            "[failed gates: success_rate=1 (threshold >=0.99, n=500)]"
+        )
+        assert (tmp_path / "report.md").read_text().startswith("# Rollout of 2.0.0: RolledBack")
+        assert metrics.metadata["promoted"] == 0.0
+        return
+    assert progressive_rollout.python_func(**args) == "Promoted"
     (obj,) = created
     assert obj["metadata"] == {"name": "bc", "namespace": "models"}
     assert obj["spec"]["model"] == {
