@@ -101,8 +101,10 @@ def test_documented_wait_holds_until_the_new_model_serves(k):
             "--set",
             f"model.storageUri={V2_URI}",
         )
-        # straight after the upgrade KServe still shows Ready and only the old pods answer
-        assert k.isvc_ready(f"{full}-stable") and served_uris(k, f"{full}-stable") == {V1_URI}
+        # straight after the upgrade KServe still shows Ready (the old pods answering); which pods answer
+        # at this instant is a race with kwok's pod start on a busy machine, so it is not asserted here
+        # (test_helm_wait_returns_before_a_first_install_is_ready shows Ready before the model serves)
+        assert k.isvc_ready(f"{full}-stable")
         documented_wait(k, f"{full}-stable", V2_URI)
         assert served_uris(k, f"{full}-stable") == {V2_URI}
     finally:
