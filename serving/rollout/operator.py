@@ -11,7 +11,7 @@ every ``resync_s`` anyway) and, while this replica holds the Lease, runs one wor
    the one the last rollout ended with (the canary's after a promotion, the stable's after a rollback),
    or, before any, the chart's ``mlrollout.io/model-version`` annotation on ``<fullname>-stable``.
 2. **Persist, then act**: the record goes into ``status.record`` (:class:`ModelRolloutStatusStore`)
-   *before* the canary is deployed (:func:`targets.deploy_canary`, as the KFP ``deploy_canary`` step;
+   *before* the canary is deployed (:func:`gitops.deploy_canary`, as the KFP ``deploy_canary`` step;
    a record without a state means "deploy not known to be done", so a replica that takes over deploys
    again, which is idempotent).
 3. **Drive** with :class:`controller.Controller`, unchanged: every decision is the state machine's, every
@@ -45,7 +45,7 @@ from typing import Any
 
 from serving.contract.errors import MlrolloutError
 from serving.rollout import controller as ctl
-from serving.rollout import crd, kube, targets
+from serving.rollout import crd, gitops, kube
 from serving.rollout.crstore import ModelRolloutStatusStore
 from serving.rollout.gates import DEFAULTS as GATE_DEFAULTS
 from serving.rollout.gates import GateResult
@@ -115,12 +115,15 @@ def rollout_spec(strategy: dict[str, Any]) -> RolloutSpec:
 
 
 def release_router(obj: dict[str, Any]) -> tuple[Any, str]:
-    """(the router class, the release fullname) for a release target (gateway_api by default)."""
+    """(the router class, the release fullname) for the target: a release (gateway_api by default), or
+    one Knative InferenceService (kserve_knative, whose ``for_release`` takes the InferenceService's name)."""
     spec = obj["spec"]
-    fullname = ((spec.get("target") or {}).get("release") or {}).get("fullname")
+    target = spec.get("target") or {}
+    isvc = (target.get("inferenceService") or {}).get("name")
+    fullname = (target.get("release") or {}).get("fullname") or isvc
     if not fullname:
-        raise SpecError("only spec.target.release is driven by this operator yet")
-    name = (spec.get("strategy") or {}).get("router") or "gateway_api"
+        raise SpecError("spec.target names neither a release nor an inferenceService")
+    name = (spec.get("strategy") or {}).get("router") or ("kserve_knative" if isvc else "gateway_api")
     cls = ROUTERS.get(name)
     if cls is None or not hasattr(cls, "for_release"):
         raise SpecError(f"router {name!r} cannot drive a release")
@@ -162,14 +165,17 @@ def stable_version_of(api: Any, obj: dict[str, Any], rec: ctl.RolloutRecord | No
     """The version serving as stable: what the last rollout left there, else the chart's annotation."""
     if rec is not None and rec.state is not None:
         return rec.canary["version"] if rec.phase == Phase.PROMOTED.value else rec.stable["version"]
-    _, fullname = release_router(obj)
+    cls, fullname = release_router(obj)
     ns = obj["metadata"]["namespace"]
-    isvc = kube.get(api, kube.ISVC, ns, f"{fullname}-stable")
+    name = cls.for_release(fullname, ns).owner_isvc
+    isvc = kube.get(api, kube.ISVC, ns, name)
     if isvc is None:
-        raise SpecError(f"InferenceService {ns}/{fullname}-stable does not exist (install the release)")
+        raise SpecError(f"InferenceService {ns}/{name} does not exist (install the release)")
+    # the chart's annotation, else (operator mode: the ISVCs carry no version) what initialization recorded
     version = (isvc["metadata"].get("annotations") or {}).get(VERSION_ANNOTATION)
+    version = version or gitops.stable_version_fallback(obj, isvc)
     if not version:
-        raise SpecError(f"{fullname}-stable has no {VERSION_ANNOTATION} annotation (set model.version)")
+        raise SpecError(f"{name} has no {VERSION_ANNOTATION} annotation (set model.version)")
     return version
 
 
@@ -609,9 +615,19 @@ class Operator:
             if (obj.get("status") or {}).get("message") != str(e):
                 self._status_message(obj, str(e))
             return
+        cls, fullname = release_router(obj)
+        release = cls.for_release(fullname, ns)
+        # GitOps (gitops.py): a first install gets the desired model as stable directly; the route's
+        # rules follow the chart's template (operator mode), with the live weights
+        if rec is None or rec.state is None or Phase(rec.phase).terminal:
+            if msg := gitops.initialize(self.api, obj, release):
+                self.event(obj, "Normal", "Initialized", msg)
+                return
+            gitops.ensure_route(self.api, release)
         stable = stable_version_of(self.api, obj, rec)
         if rec is None or rec.state is None or Phase(rec.phase).terminal:
             if not wanted(obj, rec, stable) and not (rec is not None and rec.state is None):
+                gitops.observe(self.api, obj)  # seen, nothing to do (Argo CD's health check reads it)
                 return
             if rec is None or rec.state is not None:
                 record = build_record(obj, stable, self.s.prometheus_url, self.s.interval_floor_s)
@@ -619,15 +635,14 @@ class Operator:
                 rec = store.update(lambda _old: record)
                 log.info("%s/%s: new rollout %s -> %s", ns, name, record.stable["version"],
                          record.canary["version"])  # fmt: skip
-        cls, fullname = release_router(obj)
         router: TrafficRouter = cls.from_config(rec.router, api=self.api)
         if rec.state is None:
             if not self._leading(key):
                 return
-            targets.deploy_canary(
-                self.api, namespace=ns, fullname=fullname, storage_uri=obj["spec"]["model"]["storageUri"],
-                version=rec.canary["version"], router=cls.name, ready_timeout_s=self.s.deploy_timeout_s,
-                poll_s=1.0,
+            gitops.deploy_canary(
+                self.api, namespace=ns, fullname=fullname, release=release,
+                storage_uri=obj["spec"]["model"]["storageUri"], version=rec.canary["version"],
+                ready_timeout_s=self.s.deploy_timeout_s, poll_s=1.0,
             )  # fmt: skip
         provider = self.provider or build_provider(rec.metrics)
         interval = float(rec.spec["interval_s"])

@@ -251,6 +251,55 @@ BAD_VALUES = {
         'InferenceService name "fraud-detector-gradient-boosted-classifier-eu-west-prod" is 55 characters, '
         "over the limit of 48",
     ),
+    # operator mode (tests/chart/test_operator_mode.py): the operator owns the canary's model and the split
+    "operator with rolling": (
+        ["model.storageUri=s3://m/a", "model.version=1.0.0", "operator.enabled=true"],
+        "at '/strategy/type': value must be one of 'canary', 'knativeCanary'",
+    ),
+    "operator with a canary storageUri": (
+        [
+            "model.storageUri=s3://m/a",
+            "model.version=1.0.0",
+            "strategy.type=canary",
+            "operator.enabled=true",
+            "strategy.canary.storageUri=s3://m/b",
+        ],
+        "at '/strategy/canary/storageUri': value must be ''",
+    ),
+    "operator with a canary weight": (
+        [
+            "model.storageUri=s3://m/a",
+            "model.version=1.0.0",
+            "strategy.type=canary",
+            "operator.enabled=true",
+            "strategy.canary.weight=10",
+        ],
+        "at '/strategy/canary/weight': value must be 0",
+    ),
+    "operator with a Knative trafficPercent": (
+        [
+            "model.storageUri=s3://m/a",
+            "model.version=1.0.0",
+            "strategy.type=knativeCanary",
+            "operator.enabled=true",
+            "strategy.knativeCanary.trafficPercent=20",
+        ],
+        "at '/strategy/knativeCanary/trafficPercent': got number, want null",
+    ),
+    "operator without a semver model.version": (
+        ["model.storageUri=s3://m/a", "strategy.type=canary", "operator.enabled=true"],
+        "at '/model/version': '' does not match pattern",
+    ),
+    "operator strategy typo": (
+        [
+            "model.storageUri=s3://m/a",
+            "model.version=1.0.0",
+            "strategy.type=canary",
+            "operator.enabled=true",
+            "operator.strategy.intervall=2s",
+        ],
+        "additional properties 'intervall' not allowed",
+    ),
 }
 
 

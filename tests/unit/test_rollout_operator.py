@@ -83,10 +83,26 @@ def test_no_drift_gate_scrape_urls_model_name_and_interval_floor():
 
 
 def test_specs_the_operator_cannot_drive_are_refused_with_a_reason():
-    with pytest.raises(op.SpecError, match=r"spec\.target\.release"):
-        op.build_record(cr(target={"inferenceService": {"name": "kn"}}), "1.0.0", "http://p")
+    with pytest.raises(op.SpecError, match="neither a release nor an inferenceService"):
+        op.build_record(cr(target={}), "1.0.0", "http://p")
     with pytest.raises(op.SpecError, match="--prometheus-url"):
         op.build_record(CR, "1.0.0", "")
+
+
+def test_a_knative_inference_service_target_is_driven_by_kserve_knative():
+    """spec.target.inferenceService (the chart's knativeCanary in operator mode): canaryTrafficPercent on
+    that one InferenceService, which is also the stable one (its version, its state)."""
+    obj = cr(target={"inferenceService": {"name": "churn-kn"}})
+    rec = op.build_record(obj, "1.0.0", "http://prom:9090")
+    assert rec.router == {"router": "kserve_knative", "isvc": "churn-kn", "namespace": "models",
+                          "kubeconfig": None}  # fmt: skip
+    cls, name = op.release_router(obj)
+    assert (cls.name, name, cls.for_release(name, "models").owner_isvc) == ("kserve_knative", "churn-kn",
+                                                                             "churn-kn")  # fmt: skip
+    # a release of the chart's knativeCanary names the router itself; the CRD refuses gateway_api there
+    obj = cr(target={"release": {"fullname": "kn"}})
+    obj["spec"]["strategy"]["router"] = "kserve_knative"
+    assert op.build_record(obj, "1.0.0", "http://p").router["isvc"] == "kn"
 
 
 def _driven(tmp_path, **world_kw):

@@ -178,6 +178,14 @@ rolling and knativeCanary: one InferenceService named <fullname>, track "stable"
 {{- printf "%s-predictor" . }}
 {{- end }}
 
+{{/*
+Operator mode ("true" or ""): the rollout operator drives this release through the ModelRollout <fullname>
+(templates/modelrollout.yaml). The schema allows operator.enabled only with strategy canary or knativeCanary.
+*/}}
+{{- define "mlrollout-model.operatorMode" -}}
+{{- if and .Values.operator.enabled (has .Values.strategy.type (list "canary" "knativeCanary")) }}true{{ end }}
+{{- end }}
+
 {{/* Whether the HTTPRoute renders. */}}
 {{- define "mlrollout-model.routeEnabled" -}}
 {{- $t := .Values.strategy.type }}
