@@ -24,5 +24,8 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 CONDITION_TYPES = ("Progressing", "Promoted", "RolledBack", "Paused", "Ready")
 # spec.webhooks[].type
 WEBHOOK_TYPES = ("pre-rollout", "confirm-promotion", "post-rollout", "rollback")
+# status.phase of a first install (gitops.initialize): the desired model made stable with no rollout, as
+# Flagger's "Initialized"; every other phase is the state machine's (machine.Phase)
+INITIALIZED = "Initialized"
 # status.history is bounded on the object (machine.HISTORY_LIMIT bounds the state machine's own)
 STATUS_HISTORY_LIMIT = 50

@@ -18,7 +18,8 @@ What to do is decided by pure functions here (:func:`desired_rules`, :func:`need
 rest are thin calls to the API server. Flagger's *initialization*: on the first install (the stable
 InferenceService serves no model yet) the desired model becomes the stable one directly, with no analysis
 (:func:`initialize`). The stable version is then recorded in the ModelRollout's ``status.stableVersion``
-(the ISVCs carry no version in this mode), written before the models are set (persist, then act).
+(the ISVCs carry no version in this mode) with ``phase: Initialized``, written before the models are set
+(persist, then act).
 """
 
 from __future__ import annotations
@@ -189,7 +190,9 @@ def initialize(api: Any, obj: dict[str, Any], release: Release) -> str | None:
         "no analysis (the operator owns which model each InferenceService serves and the route's rules)"
     )
     # persist, then act: a replica that takes over after a crash here sees no model and does it again
-    _set_status(api, obj, {"stableVersion": model["version"], "message": msg[:2000]})
+    _set_status(
+        api, obj, {"phase": crd.INITIALIZED, "stableVersion": model["version"], "message": msg[:2000]}
+    )
     ensure_route(api, release)
     for name in release_isvcs(release):
         if not model_of(kube.get(api, kube.ISVC, ns, name)):

@@ -136,7 +136,12 @@ def test_initialization_records_the_version_first_then_sets_only_owned_fields():
     kinds = [(w[0], w[1]) for w in api.writes]
     assert kinds == [("modelrollouts/status", "m"), ("httproutes", "m"),
                      ("inferenceservices", "m-stable"), ("inferenceservices", "m-canary")]  # fmt: skip
-    assert api.writes[0][2]["status"]["stableVersion"] == "1.0.0"
+    assert api.writes[0][2]["status"] | {"message": ""} == {
+        "phase": "Initialized",
+        "stableVersion": "1.0.0",
+        "message": "",
+        "observedGeneration": 1,
+    }
     assert api.writes[1][2]["spec"]["rules"] == weighted(100, 0)
     assert api.writes[1][2]["metadata"] == {"resourceVersion": "7"}, "the route write is optimistic"
     for w in api.writes[2:]:
