@@ -4,11 +4,11 @@ operator mode (`operator.enabled`), a real operator process, the real KServe con
 One release (strategy canary) goes through its whole life: `helm install` with v1 (the operator makes
 v1 the stable model directly: Flagger's initialization, no analysis), `helm upgrade` to v2 (a gated
 rollout to Promoted, the metrics scripted by the test's runtimes that follow the live HTTPRoute weights,
-as in test_operator.py),
-then the very same `helm upgrade` again: no conflict, and every object of the release keeps its
-resourceVersion (InferenceServices, HTTPRoute, ModelRollout and the rest), while the stable
-InferenceService serves the promoted v2. The managed fields show why: helm owns no `storageUri` and no
-`spec.rules`; the operator's field manager does.
+as in test_operator.py; the same upgrade once more mid-rollout, as an Argo CD auto-sync would, neither
+conflicts nor resets the split), then the very same `helm upgrade` again: no conflict, and every object
+of the release keeps its resourceVersion (InferenceServices, HTTPRoute, ModelRollout and the rest),
+while the stable InferenceService serves the promoted v2. The managed fields show why: helm owns no
+`storageUri` and no `spec.rules`; the operator's field manager does.
 
 Beside it, a `knativeCanary` release in operator mode (target: its one InferenceService, router
 kserve_knative) is initialized the same way, and its `helm upgrade` makes the operator add the new model
@@ -148,6 +148,13 @@ def test_helm_declares_the_model_the_operator_rolls_it_out_and_the_same_upgrade_
         for path in (["f:storageUri"], ["f:canaryTrafficPercent"]):
             full = ["f:spec", "f:predictor", *(["f:model"] if path == ["f:storageUri"] else []), *path]
             assert managers_of(kc, "inferenceservice", KN_FULL, full) == {kube.FIELD_MANAGER}
+        # Argo CD re-applies git all the time: mid-rollout, the same upgrade conflicts with nothing
+        # and leaves the operator's split alone
+        kc.wait("a live step", lambda: status(kc, FULL).get("canaryWeight", 0) >= 50, 90, every_s=0.2)
+        generation = kc.get(crd.PLURAL, FULL)["metadata"]["generation"]
+        helm_model(kc, "upgrade", vals, V2_URI, CANARY.version)  # raises on a conflict
+        assert managers_of(kc, "httproute", FULL, ["f:spec", "f:rules"]) == {kube.FIELD_MANAGER}
+        assert kc.get(crd.PLURAL, FULL)["metadata"]["generation"] == generation, "the same spec: no restart"
         st = finished(kc, FULL)
         assert st["phase"] == "Promoted", st.get("message")
         assert (st["stableVersion"], st["canaryVersion"]) == (STABLE.version, CANARY.version)
