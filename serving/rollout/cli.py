@@ -126,6 +126,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-accuracy", type=float, help="enable the accuracy gate on labelled feedback")
     g.add_argument("--max-accuracy-drop", type=float, default=d["max_accuracy_drop"])
     g.add_argument("--min-labelled", type=int, default=d["min_labelled"])
+    c = s.add_argument_group("comparisons with stable (sequential tests, valid at every interval)")
+    c.add_argument(
+        "--compare",
+        action="store_true",
+        help="judge canary vs stable (error rate, latency histograms, drift test, accuracy) at a stated "
+        "false-rollback rate, beside the absolute p99 limit, instead of the absolute gates",
+    )
+    c.add_argument(
+        "--alpha", type=float, default=d["alpha"], help="the rollout's false-rollback rate (default 0.01)"
+    )
+    c.add_argument(
+        "--max-error-increase",
+        type=float,
+        default=d["max_error_increase"],
+        help="smallest error-rate increase worth catching, as a share (0.005 = 0.5 points)",
+    )
+    c.add_argument(
+        "--latency-min-effect",
+        type=float,
+        default=d["latency_min_effect"],
+        help="smallest slowdown worth catching: P(canary slower than stable) - 1/2",
+    )
+    c.add_argument(
+        "--drift-min-effect",
+        type=float,
+        default=d["drift_min_effect"],
+        help="smallest score-histogram change worth catching (Cohen's w)",
+    )
+    c.add_argument(
+        "--accuracy-min-effect",
+        type=float,
+        help="enable the accuracy comparison: smallest accuracy drop worth catching (0.02 = 2 points)",
+    )
     s.add_argument(
         "--report-dir",
         default="rollout-report",
@@ -195,7 +228,9 @@ def _store(a: argparse.Namespace, default_cm: str = "", owner: str = "") -> Stat
 
 
 def gates_from_args(a: argparse.Namespace) -> list[Gate]:
-    return gates.defaults(drift=not a.no_drift_gate, **{k: getattr(a, k) for k in gates.DEFAULTS})
+    return gates.defaults(
+        drift=not a.no_drift_gate, compare=a.compare, **{k: getattr(a, k) for k in gates.DEFAULTS}
+    )
 
 
 def cmd_start(a: argparse.Namespace) -> int:

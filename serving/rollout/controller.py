@@ -377,7 +377,9 @@ class Controller:
         if snaps is not None:
             base, ref = rec.step_baseline, rec.rollout_baseline
             win_c, win_s = snaps["canary"] - base["canary"], snaps["stable"] - base["stable"]
-            results = evaluate_all(self.gates, win_c, win_s, snaps["stable"] - ref["stable"])
+            results = evaluate_all(
+                self.gates, win_c, win_s, snaps["stable"] - ref["stable"], snaps["canary"] - ref["canary"]
+            )
 
         def fn(cur: RolloutRecord) -> tuple[RolloutRecord, Decision]:
             cs = cur.rollout_state

@@ -61,6 +61,9 @@ def _evidence(g: dict[str, Any]) -> dict[str, Any]:
     }
     if g.get("baseline_samples") is not None:
         out["baselineN"] = int(g["baseline_samples"])
+    for k in ("effect", "statistic", "boundary"):  # a comparison's evidence (absent for a limit)
+        if g.get(k) is not None:
+            out[k] = g[k]
     return {k: v for k, v in out.items() if v is not None or k == "value"}
 
 

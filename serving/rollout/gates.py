@@ -3,17 +3,42 @@
 A gate returns a :class:`GateResult` that carries its evidence: the gate's name, the measured
 value, the threshold and comparator, and the sample counts it was computed from. Too few
 samples is :attr:`Verdict.INCONCLUSIVE`: never a silent pass, never a promotion.
+
+Two families:
+
+* **absolute limits** (:class:`SuccessRateGate`, :class:`LatencyGate`, :class:`DriftGate`,
+  :class:`AccuracyGate`): the canary's window against a fixed number, as Flagger and Argo Rollouts do;
+* **comparisons with stable at a stated error rate** (:class:`ErrorRateVsStable`,
+  :class:`LatencyVsStable`, :class:`DriftTest`, :class:`AccuracyVsStable`): canary vs stable over the
+  whole rollout so far, a chi-square-type statistic judged by the normal-mixture sequential
+  probability ratio test (mSPRT; Johari, Koomen, Pekelis & Walsh 2017, "Peeking at A/B tests"), so a
+  FAIL keeps its false-rollback rate ``alpha`` however many intervals are checked, and fails as soon
+  as the evidence is strong, whatever the step's window holds. :func:`defaults` with ``compare=True``
+  splits the rollout's ``alpha`` over them (Bonferroni).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from serving.rollout.stats import Snapshot, coarsen, histogram_quantile, js_distance, psi
+from serving.rollout.stats import (
+    Snapshot,
+    aligned_counts,
+    chi2_two_sample,
+    coarsen,
+    histogram_quantile,
+    js_distance,
+    mann_whitney,
+    mixture_boundary,
+    mixture_log_lr,
+    psi,
+    two_proportion,
+)
 
 
 class Verdict(StrEnum):
@@ -33,6 +58,14 @@ class GateResult:
     baseline_samples: int | None = None  # stable samples, for comparative gates
     unit: str = ""
     detail: str = ""
+    # the evidence of a sequential comparison (None for an absolute limit): the effect size (canary
+    # minus stable, in the gate's own scale), and the test statistic with its decision boundary at this
+    # look (a z-scale: the signed z, or sqrt(X^2) for the two-sided drift test); ``sequential``: a FAIL
+    # already holds its error rate, so the state machine rolls back at once
+    effect: float | None = None
+    statistic: float | None = None
+    boundary: float | None = None
+    sequential: bool = False
 
     @classmethod
     def inconclusive(
@@ -56,6 +89,8 @@ class GateResult:
         )
         cmp = {Verdict.PASS: self.op, Verdict.FAIL: _negate(self.op), Verdict.INCONCLUSIVE: "?"}[self.verdict]
         s = f"{self.gate}={v} {cmp} {t} ({n}) {self.verdict.value.upper()}"
+        if self.sequential and self.effect is not None and not math.isnan(self.effect):
+            s = f"{self.gate}: effect {self.effect:+.4g}, z={v} {cmp} {t} ({n}) {self.verdict.value.upper()}"
         return s + (f" [{self.detail}]" if self.detail else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,11 +105,19 @@ class GateResult:
             "baseline_samples": self.baseline_samples,
             "unit": self.unit,
             "detail": self.detail,
+            "effect": _finite(self.effect),
+            "statistic": _finite(self.statistic),
+            "boundary": _finite(self.boundary),
+            "sequential": self.sequential,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GateResult:
         return cls(**{**d, "verdict": Verdict(d["verdict"])})
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
 
 
 def _fmt(x: float, unit: str) -> str:
@@ -139,8 +182,11 @@ class Gate(Protocol):
         """The value the gate compares with (what a report draws as the line)."""
         ...
 
-    def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
-        """``canary``/``stable``: this window's increments; ``stable_ref``: stable since the rollout began."""
+    def evaluate(
+        self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot, canary_ref: Snapshot | None = None
+    ) -> GateResult:
+        """``canary``/``stable``: this window's increments; ``stable_ref``/``canary_ref``: each side since
+        the rollout began (the absolute limits judge the window only)."""
         ...
 
 
@@ -162,7 +208,9 @@ class SuccessRateGate:
         """What the measured value is compared with."""
         return self.min_rate
 
-    def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
+    def evaluate(
+        self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot, canary_ref: Snapshot | None = None
+    ) -> GateResult:
         n = int(canary.total_requests)
         if n < self.min_requests or n <= 0:  # n <= 0: never divide by zero, whatever min_requests says
             return GateResult.inconclusive(
@@ -192,7 +240,9 @@ class LatencyGate:
         """What the measured value is compared with."""
         return self.max_ms
 
-    def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
+    def evaluate(
+        self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot, canary_ref: Snapshot | None = None
+    ) -> GateResult:
         n = int(canary.latency_count)
         q_ms = histogram_quantile(self.quantile, canary.latency) * 1000.0 if n > 0 else math.nan
         if n < self.min_requests or math.isnan(q_ms):  # an empty histogram is no evidence, not a FAIL
@@ -239,7 +289,9 @@ class DriftGate:
         """What the measured value is compared with."""
         return self.max_drift
 
-    def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
+    def evaluate(
+        self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot, canary_ref: Snapshot | None = None
+    ) -> GateResult:
         n = int(canary.predictions)
         base = stable if stable.predictions >= self.min_samples else stable_ref
         m = int(base.predictions)
@@ -281,7 +333,9 @@ class AccuracyGate:
         """The configured floor (a stable baseline may raise it per analysis)."""
         return self.min_accuracy
 
-    def evaluate(self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot) -> GateResult:
+    def evaluate(
+        self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot, canary_ref: Snapshot | None = None
+    ) -> GateResult:
         n = int(canary.labelled_total)
         m = int(stable_ref.labelled_total)
         threshold = self.min_accuracy
@@ -298,6 +352,291 @@ class AccuracyGate:
             )
         acc = canary.labelled_correct / n
         return GateResult(self.name, _judge(acc >= threshold), acc, threshold, ">=", n, m)
+
+
+# ------------------------------------------------------------------ comparisons with stable (sequential)
+
+
+def sequential_verdict(
+    gate: str,
+    *,
+    x2: float,
+    d: int,
+    r: float,
+    alpha: float,
+    harmful: bool,
+    enough: bool,
+    effect: float,
+    n: int,
+    m: int,
+    signed: float | None = None,
+    detail: str = "",
+) -> GateResult:
+    """The verdict of one look of a sequential comparison (pure; every comparative gate ends here).
+
+    FAIL when the mixture likelihood ratio (:func:`stats.mixture_log_lr` of ``x2`` with ``d`` degrees
+    of freedom and information ``r``) reaches 1/``alpha`` and the difference is ``harmful`` (canary
+    worse; a one-sided gate ignores a better canary, which only makes it more conservative). Else PASS
+    when ``enough`` samples back the look, else INCONCLUSIVE. The result carries the effect, the
+    statistic (``signed`` z, or sqrt(X^2)) and its boundary (sqrt of the X^2 the ratio needs) at this n.
+    """
+    stat = math.sqrt(x2) if signed is None else signed
+    if math.isnan(x2) or math.isnan(stat):
+        return GateResult(
+            gate,
+            Verdict.INCONCLUSIVE,
+            None,
+            0.0,
+            "<=",
+            n,
+            m,
+            detail=detail or "no samples to compare",
+            effect=None,
+            sequential=True,
+        )
+    log_lr = mixture_log_lr(x2, r, d)
+    bound = mixture_boundary(alpha, r, d)
+    boundary = math.sqrt(bound) if math.isfinite(bound) else None
+    failed = harmful and log_lr >= math.log(1.0 / alpha)
+    verdict = Verdict.FAIL if failed else Verdict.PASS if enough else Verdict.INCONCLUSIVE
+    why = f"log LR {log_lr:.2f} vs log(1/alpha) {math.log(1 / alpha):.2f}, alpha {alpha:.3g}"
+    return GateResult(
+        gate,
+        verdict,
+        stat,
+        0.0 if boundary is None else boundary,
+        "<=",
+        n,
+        m,
+        detail=f"{detail}; {why}" if detail else why,
+        effect=effect,
+        statistic=stat,
+        boundary=boundary,
+        sequential=True,
+    )
+
+
+def _rollout_sides(canary: Snapshot, stable_ref: Snapshot, canary_ref: Snapshot | None) -> Snapshot:
+    # the evidence of a comparison accumulates over the whole rollout (canary and stable since it began:
+    # the same period, so both sides saw the same load and inputs); without canary_ref, the step window
+    return canary if canary_ref is None else canary_ref
+
+
+def _check_alpha(gate: str, alpha: Any) -> None:
+    _in_range(gate, "alpha", "--alpha", alpha, 0.0, 0.5, lo_open=True)
+
+
+def _proportion_vs_stable(
+    gate: str,
+    alpha: float,
+    min_effect: float,
+    min_n: int,
+    bad: Callable[[Snapshot], tuple[float, float]],
+    what: str,
+    canary: Snapshot,
+    stable_ref: Snapshot,
+    canary_ref: Snapshot | None,
+) -> GateResult:
+    # one-sided two-proportion comparison of the share of ``bad`` outcomes ((bad, trials) of a side)
+    c = _rollout_sides(canary, stable_ref, canary_ref)
+    (k_c, n_c), (k_s, n_s) = bad(c), bad(stable_ref)
+    n, m = int(n_c), int(n_s)
+    diff, z, var = two_proportion(k_c, n_c, k_s, n_s)
+    r = min_effect**2 / var if var and var > 0 else 0.0
+    enough = bad(canary)[1] >= min_n and m >= min_n
+    detail = (
+        f"canary {_pct(k_c, n)} vs stable {_pct(k_s, m)} {what}"
+        if n and m
+        else f"fewer than {min_n} {what} counted on a side"
+    )
+    return sequential_verdict(
+        gate,
+        x2=z * z if z == z else math.nan,
+        d=1,
+        r=r,
+        alpha=alpha,
+        harmful=diff > 0,
+        enough=enough,
+        effect=diff,
+        n=n,
+        m=m,
+        signed=z,
+        detail=detail,
+    )
+
+
+def _errors(s: Snapshot) -> tuple[float, float]:
+    return s.failed_requests, s.total_requests
+
+
+def _wrong(s: Snapshot) -> tuple[float, float]:
+    return s.labelled_total - s.labelled_correct, s.labelled_total
+
+
+@dataclass(frozen=True)
+class _Comparison:
+    """What every comparison with stable shares: its ``alpha`` and the smallest effect worth catching
+    (the scale tau of its mSPRT mixture, so the test is most sensitive there)."""
+
+    alpha: float = 0.01
+    min_effect: float = 0.05
+
+    @property
+    def threshold(self) -> float:
+        """The smallest effect worth catching (the decision boundary itself moves with n)."""
+        return self.min_effect
+
+
+@dataclass(frozen=True)
+class _ProportionVsStable(_Comparison):
+    """A share of bad outcomes, canary vs stable (two proportions), one-sided: FAIL only when the
+    canary is worse; ``min_effect``, the smallest increase worth catching in absolute share, is the
+    mixture's scale tau (the test is most sensitive there); ``min_n`` trials in the step's window and
+    on stable make a PASS."""
+
+    min_effect: float = 0.005
+    min_n: int = 20
+    name: str = ""
+    # per subclass: what is counted, the flags that set min_effect and min_n
+    what: ClassVar[str] = ""
+    flags: ClassVar[tuple[str, str]] = ("", "")
+    counts: ClassVar[Callable[[Snapshot], tuple[float, float]]]
+
+    def __post_init__(self) -> None:
+        _check_alpha(self.name, self.alpha)
+        _in_range(self.name, "min_effect", self.flags[0], self.min_effect, 0.0, 1.0, lo_open=True)
+        _count(self.name, "min_n", self.flags[1], self.min_n)
+        _name(self.name)
+
+    def evaluate(
+        self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot, canary_ref: Snapshot | None = None
+    ) -> GateResult:
+        return _proportion_vs_stable(
+            self.name, self.alpha, self.min_effect, self.min_n, type(self).counts, self.what,
+            canary, stable_ref, canary_ref,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ErrorRateVsStable(_ProportionVsStable):
+    """Server-error share canary vs stable; ``min_effect`` 0.005 = 0.5 points more errors."""
+
+    name: str = "error_rate_vs_stable"
+    what: ClassVar[str] = "errors"
+    flags: ClassVar[tuple[str, str]] = ("--max-error-increase", "--min-requests")
+    counts = staticmethod(_errors)
+
+
+@dataclass(frozen=True)
+class AccuracyVsStable(_ProportionVsStable):
+    """Wrong-answer share on labelled feedback; ``min_effect`` 0.02 = a 2-point accuracy drop."""
+
+    min_effect: float = 0.02
+    min_n: int = 50
+    name: str = "accuracy_vs_stable"
+    what: ClassVar[str] = "wrong (labelled)"
+    flags: ClassVar[tuple[str, str]] = ("--accuracy-min-effect", "--min-labelled")
+    counts = staticmethod(_wrong)
+
+
+@dataclass(frozen=True)
+class LatencyVsStable(_Comparison):
+    """The two latency histograms compared whole: the Mann-Whitney rank statistic over the runtime's
+    duration buckets (ties within a bucket), one-sided (FAIL only when the canary is slower).
+
+    The effect is AUC - 1/2: the chance that a canary request is slower than a stable one, minus 1/2
+    (ties count half). ``min_effect`` 0.05 means "slower in 55 % of pairs"; a +20 % slowdown of a
+    log-normal latency with sigma 0.5 is about 0.14 before bucketing."""
+
+    min_requests: int = 20
+    name: str = "latency_vs_stable"
+
+    def __post_init__(self) -> None:
+        _check_alpha("latency", self.alpha)
+        _in_range("latency", "min_effect", "--latency-min-effect", self.min_effect, 0.0, 0.5, lo_open=True)
+        _count("latency", "min_requests", "--min-requests", self.min_requests)
+        _name(self.name)
+
+    def evaluate(
+        self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot, canary_ref: Snapshot | None = None
+    ) -> GateResult:
+        c = _rollout_sides(canary, stable_ref, canary_ref)
+        n, m = int(c.latency_count), int(stable_ref.latency_count)
+        cc, sc = aligned_counts(c.latency, stable_ref.latency)
+        eff, z, var = mann_whitney(cc, sc)
+        r = self.min_effect**2 / var if var and var > 0 else 0.0
+        enough = canary.latency_count >= self.min_requests and m >= self.min_requests
+        p99 = ""
+        if n and m:
+            q_c = histogram_quantile(0.99, c.latency) * 1000
+            q_s = histogram_quantile(0.99, stable_ref.latency) * 1000
+            p99 = f"p99 canary {q_c:.1f}ms vs stable {q_s:.1f}ms"
+        return sequential_verdict(
+            self.name,
+            x2=z * z if z == z else math.nan,
+            d=1,
+            r=r,
+            alpha=self.alpha,
+            harmful=eff > 0,
+            enough=enough,
+            effect=eff,
+            n=n,
+            m=m,
+            signed=z,
+            detail=p99,
+        )
+
+
+@dataclass(frozen=True)
+class DriftTest(_Comparison):
+    """Prediction drift as a test: the Pearson chi-square of the two score histograms (merged into
+    ``bins`` equal-width bins), two-sided, judged against its sampling noise at the n on each side.
+
+    The effect is Cohen's w between the two histograms (:func:`stats.chi2_two_sample`); ``min_effect``
+    0.1 is Cohen's "small" w. Two samples of the same model have w about sqrt((bins-1)/n_eff), so a
+    fixed cut-off on a distance fails thin windows and passes shifts at high traffic; the boundary here
+    moves with n instead."""
+
+    min_effect: float = 0.1
+    min_samples: int = 20
+    bins: int = 5
+    name: str = "drift_chi2"
+
+    def __post_init__(self) -> None:
+        _check_alpha("drift", self.alpha)
+        _in_range("drift", "min_effect", "--drift-min-effect", self.min_effect, 0.0, 2.0, lo_open=True)
+        _count("drift", "min_samples", "--min-requests", self.min_samples)
+        _count("drift", "bins", "--drift-bins", self.bins, lo=2, hi=100)
+        _name(self.name)
+
+    def evaluate(
+        self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot, canary_ref: Snapshot | None = None
+    ) -> GateResult:
+        c = _rollout_sides(canary, stable_ref, canary_ref)
+        n, m = int(c.predictions), int(stable_ref.predictions)
+        cc, sc = aligned_counts(coarsen(c.scores, self.bins), coarsen(stable_ref.scores, self.bins))
+        x2, d, w = chi2_two_sample(cc, sc)
+        n_eff = n * m / (n + m) if n + m else 0.0
+        # an isotropic N(0, tau^2/d) mixture per standardised bin: the expected w^2 is tau^2
+        r = self.min_effect**2 * n_eff / d if d else 0.0
+        enough = canary.predictions >= self.min_samples and m >= self.min_samples
+        return sequential_verdict(
+            self.name,
+            x2=x2,
+            d=max(d, 1),
+            r=r,
+            alpha=self.alpha,
+            harmful=True,
+            enough=enough,
+            effect=w,
+            n=n,
+            m=m,
+            detail=f"{d + 1} bins" if d else "fewer than 2 non-empty bins",
+        )
+
+
+def _pct(k: float, n: float) -> str:
+    return f"{100 * k / n:.2f}% of {int(n)}" if n else "n/a"
 
 
 def _field_default(cls: type, field: str) -> Any:
@@ -317,16 +656,52 @@ DEFAULTS: dict[str, Any] = {
     "min_accuracy": None,  # None: no accuracy gate (it needs labelled feedback)
     "max_accuracy_drop": _field_default(AccuracyGate, "max_drop"),
     "min_labelled": _field_default(AccuracyGate, "min_labelled"),
+    # the comparisons with stable (defaults(compare=True)): the rollout's false-rollback rate, split
+    # over them, and the smallest effect worth catching per gate
+    "alpha": _field_default(ErrorRateVsStable, "alpha"),
+    "max_error_increase": _field_default(ErrorRateVsStable, "min_effect"),
+    "latency_min_effect": _field_default(LatencyVsStable, "min_effect"),
+    "drift_min_effect": _field_default(DriftTest, "min_effect"),
+    "accuracy_min_effect": None,  # None: no accuracy comparison (it needs labelled feedback)
 }
 assert DEFAULTS["min_requests"] == _field_default(LatencyGate, "min_requests")
+assert DEFAULTS["min_requests"] == _field_default(DriftTest, "min_samples")
 
 
-def defaults(*, drift: bool = True, **overrides: Any) -> list[Gate]:
+def comparisons(*, drift: bool = True, **overrides: Any) -> list[Gate]:
+    """The comparisons with stable: error rate, latency, drift (unless ``drift=False``), and accuracy
+    when ``accuracy_min_effect`` is given, each at ``alpha`` / (their number), so the rollout's
+    false-rollback rate from all of them together stays at most ``alpha`` (a union bound)."""
+    o = {**DEFAULTS, **overrides}
+    k = 2 + int(drift) + int(o["accuracy_min_effect"] is not None)
+    _check_alpha("comparison", o["alpha"])
+    a = o["alpha"] / k
+    out: list[Gate] = [
+        ErrorRateVsStable(alpha=a, min_effect=o["max_error_increase"], min_n=o["min_requests"]),
+        LatencyVsStable(alpha=a, min_effect=o["latency_min_effect"], min_requests=o["min_requests"]),
+    ]
+    if drift:
+        out.append(
+            DriftTest(
+                alpha=a, min_effect=o["drift_min_effect"], min_samples=o["min_requests"], bins=o["drift_bins"]
+            )
+        )
+    if o["accuracy_min_effect"] is not None:
+        out.append(AccuracyVsStable(alpha=a, min_effect=o["accuracy_min_effect"], min_n=o["min_labelled"]))
+    return out
+
+
+def defaults(*, drift: bool = True, compare: bool = False, **overrides: Any) -> list[Gate]:
     """The standard gates: success rate, p99 latency, drift (unless ``drift=False``), and accuracy when
-    ``min_accuracy`` is given. ``overrides`` use the names of :data:`DEFAULTS` (TypeError for another)."""
+    ``min_accuracy`` is given; with ``compare=True`` instead the absolute p99 limit and the comparisons
+    with stable (:func:`comparisons`). ``overrides`` use the names of :data:`DEFAULTS` (TypeError for
+    another); every setting is checked either way, so a bad one is refused whichever set is chosen."""
     if unknown := sorted(set(overrides) - set(DEFAULTS)):
         raise TypeError(f"unknown gate settings {unknown}; known: {sorted(DEFAULTS)}")
     o = {**DEFAULTS, **overrides}
+    compared = comparisons(drift=drift, **overrides)
+    if compare:
+        return [LatencyGate(max_ms=o["max_p99_ms"], min_requests=o["min_requests"]), *compared]
     gates: list[Gate] = [
         SuccessRateGate(min_rate=o["min_success_rate"], min_requests=o["min_requests"]),
         LatencyGate(max_ms=o["max_p99_ms"], min_requests=o["min_requests"]),
@@ -352,16 +727,32 @@ def defaults(*, drift: bool = True, **overrides: Any) -> list[Gate]:
 
 
 def evaluate_all(
-    gates: list[Gate], canary: Snapshot, stable: Snapshot, stable_ref: Snapshot
+    gates: list[Gate],
+    canary: Snapshot,
+    stable: Snapshot,
+    stable_ref: Snapshot,
+    canary_ref: Snapshot | None = None,
 ) -> list[GateResult]:
-    return [g.evaluate(canary, stable, stable_ref) for g in gates]
+    return [g.evaluate(canary, stable, stable_ref, canary_ref) for g in gates]
 
 
 def gates_to_config(gates: list[Gate]) -> list[dict[str, Any]]:
     return [{"kind": type(g).__name__, **{k: v for k, v in vars(g).items()}} for g in gates]
 
 
-_KINDS = {c.__name__: c for c in (SuccessRateGate, LatencyGate, DriftGate, AccuracyGate)}
+_KINDS = {
+    c.__name__: c
+    for c in (
+        SuccessRateGate,
+        LatencyGate,
+        DriftGate,
+        AccuracyGate,
+        ErrorRateVsStable,
+        LatencyVsStable,
+        DriftTest,
+        AccuracyVsStable,
+    )
+}
 
 
 def gates_from_config(cfg: list[dict[str, Any]]) -> list[Gate]:

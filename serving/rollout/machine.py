@@ -12,7 +12,9 @@ Rules (see serving/rollout/README.md for the reasoning):
   like Flagger's ``maxWeight``).
 * an analysis FAILS when any gate fails; ``failed_checks`` counts failed analyses over the whole
   rollout (a flapping canary does not reset its count by passing once) and reaching
-  ``threshold`` rolls back.
+  ``threshold`` rolls back. A FAIL of a *sequential* comparison (``GateResult.sequential``) rolls
+  back at once: its false-rollback rate is already held at its ``alpha`` over every look, and
+  waiting for a second failed check would only let a bad canary answer one more interval.
 * an analysis is INCONCLUSIVE when no gate fails but at least one lacks samples: the weight is
   held and the analysis window keeps growing; ``max_inconclusive`` consecutive inconclusive
   analyses pause the rollout for an operator. Inconclusive is never a pass: it never advances
@@ -211,8 +213,14 @@ def analyse(
 
     if verdict is Verdict.FAIL:
         n, bad = state.failed_checks + 1, _failing(results, Verdict.FAIL)
-        if n >= spec.threshold:
-            why = f"rollback: failed check {n}/{spec.threshold}: {bad}"
+        # a sequential comparison's FAIL already holds its error rate: no second check needed
+        decisive = any(g.sequential for g in results if g.verdict is Verdict.FAIL)
+        if decisive or n >= spec.threshold:
+            why = (
+                f"rollback: a sequential comparison failed at its stated error rate: {bad}"
+                if decisive
+                else f"rollback: failed check {n}/{spec.threshold}: {bad}"
+            )
             return fold(
                 Action.ROLLBACK,
                 0,

@@ -59,7 +59,8 @@ log = logging.getLogger("mlrollout.operator")
 
 COMPONENT = "mlrollout-operator"
 VERSION_ANNOTATION = "mlrollout.io/model-version"
-# spec.strategy.gates (camelCase, the CRD) -> gates.defaults() names; driftGate is defaults(drift=...)
+# spec.strategy.gates (camelCase, the CRD) -> gates.defaults() names; driftGate is defaults(drift=...),
+# compareWithStable is defaults(compare=...)
 GATE_FIELDS = {
     "minSuccessRate": "min_success_rate",
     "maxP99Ms": "max_p99_ms",
@@ -71,6 +72,11 @@ GATE_FIELDS = {
     "minAccuracy": "min_accuracy",
     "maxAccuracyDrop": "max_accuracy_drop",
     "minLabelled": "min_labelled",
+    "alpha": "alpha",
+    "maxErrorIncrease": "max_error_increase",
+    "latencyMinEffect": "latency_min_effect",
+    "driftMinEffect": "drift_min_effect",
+    "accuracyMinEffect": "accuracy_min_effect",
 }
 assert set(GATE_FIELDS.values()) == set(GATE_DEFAULTS)
 # history actions that are decisions (an Event each); "hold" is an analysis that changed nothing
@@ -101,7 +107,10 @@ class SpecError(MlrolloutError, ValueError):
 
 def gates_from_spec(g: dict[str, Any]) -> list:
     over = {GATE_FIELDS[k]: v for k, v in (g or {}).items() if k in GATE_FIELDS}
-    return default_gates(drift=bool((g or {}).get("driftGate", True)), **over)
+    g = g or {}
+    return default_gates(
+        drift=bool(g.get("driftGate", True)), compare=bool(g.get("compareWithStable")), **over
+    )
 
 
 def rollout_spec(strategy: dict[str, Any]) -> RolloutSpec:

@@ -92,6 +92,8 @@ def _check_gate_result(where: str, g: Any) -> None:
         and (r.baseline_samples is None or _int(r.baseline_samples))
         and isinstance(r.unit, str)
         and isinstance(r.detail, str)
+        and all(x is None or _num(x) for x in (r.effect, r.statistic, r.boundary))
+        and isinstance(r.sequential, bool)
     ):
         raise RecordError(f"{where}: not a gate result ({g!r:.120})")
 

@@ -148,7 +148,8 @@ def histogram_quantile(q: float, cumulative: dict[float, float]) -> float:
     return bounds[-1]
 
 
-def _aligned(p_cum: dict[float, float], q_cum: dict[float, float]) -> tuple[list[float], list[float]]:
+def aligned_counts(p_cum: dict[float, float], q_cum: dict[float, float]) -> tuple[list[float], list[float]]:
+    """Per-bucket counts of two cumulative histograms over the union of their bounds."""
     bounds = sorted(set(p_cum) | set(q_cum))
 
     # a bound missing on one side: carry the cumulative count of the bound below it
@@ -191,7 +192,7 @@ def psi(canary_cum: dict[float, float], stable_cum: dict[float, float], alpha: f
     ``c_i``/``s_i`` are the canary/stable shares of bucket i after additive (Laplace) smoothing
     with ``alpha`` pseudo-counts, so an empty bucket on one side stays finite.
     """
-    p, q = _aligned(canary_cum, stable_cum)
+    p, q = aligned_counts(canary_cum, stable_cum)
     k = len(p)
     if k == 0 or sum(p) <= 0 or sum(q) <= 0:
         return math.nan
@@ -209,7 +210,7 @@ def psi(canary_cum: dict[float, float], stable_cum: dict[float, float], alpha: f
 
 def js_distance(canary_cum: dict[float, float], stable_cum: dict[float, float]) -> float:
     """Jensen-Shannon distance, base 2, in [0, 1]: sqrt(JSD), JSD = (KL(P||M) + KL(Q||M))/2, M = (P+Q)/2."""
-    p, q = _aligned(canary_cum, stable_cum)
+    p, q = aligned_counts(canary_cum, stable_cum)
     sp, sq = sum(p), sum(q)
     if sp <= 0 or sq <= 0:
         return math.nan
@@ -222,3 +223,94 @@ def js_distance(canary_cum: dict[float, float], stable_cum: dict[float, float]) 
         if qb > 0:
             jsd += 0.5 * qb * math.log2(qb / m)
     return math.sqrt(max(jsd, 0.0))
+
+
+# --------------------------------------------------------------------------- comparative statistics
+# Canary vs stable on counts, each reduced to a chi-square-type statistic X^2 with d degrees of freedom
+# (asymptotically chi2(d) when the two versions behave the same), judged by one sequential rule
+# (:func:`mixture_log_lr`). Plain floats in and out; the tests compare each with scipy.stats.
+
+
+def two_proportion(k_c: float, n_c: float, k_s: float, n_s: float) -> tuple[float, float, float]:
+    """Canary vs stable share of "bad" outcomes (errors, wrong answers): (difference, z, variance).
+
+    ``difference = k_c/n_c - k_s/n_s``; ``z`` its pooled-variance score statistic (z^2 is the Pearson
+    chi-square of the 2x2 table without continuity correction, scipy's ``chi2_contingency(...,
+    correction=False)``); ``variance`` = p(1-p)(1/n_c + 1/n_s) with the pooled p. No bad outcome on
+    either side (or all bad) is no evidence of a difference: z = 0.
+    """
+    if n_c <= 0 or n_s <= 0:
+        return math.nan, math.nan, math.nan
+    p = (k_c + k_s) / (n_c + n_s)
+    diff = k_c / n_c - k_s / n_s
+    var = p * (1.0 - p) * (1.0 / n_c + 1.0 / n_s)
+    if var <= 0:
+        return diff, 0.0, 0.0
+    return diff, diff / math.sqrt(var), var
+
+
+def chi2_two_sample(c: list[float], s: list[float]) -> tuple[float, int, float]:
+    """Pearson chi-square of the 2 x k table (canary and stable counts per histogram bin):
+    (X^2, degrees of freedom, Cohen's w).
+
+    Bins empty on both sides are dropped (d = non-empty bins - 1). ``w = sqrt(sum (c_i - s_i)^2 / m_i)``
+    over the canary's and stable's shares c_i, s_i and the pooled share m_i is the distance between the
+    two histograms; X^2 = n_eff * w^2 exactly, with n_eff = n_c n_s / (n_c + n_s). Under "same
+    distribution" w is not 0 but about sqrt(d / n_eff): the sampling noise a fixed cut-off ignores.
+    """
+    pairs = [(a, b) for a, b in zip(c, s, strict=True) if a + b > 0]
+    n_c, n_s = sum(a for a, _ in pairs), sum(b for _, b in pairs)
+    if n_c <= 0 or n_s <= 0 or len(pairs) < 2:
+        return math.nan, 0, math.nan
+    n = n_c + n_s
+    w2 = sum((a / n_c - b / n_s) ** 2 / ((a + b) / n) for a, b in pairs)
+    return n_c * n_s / n * w2, len(pairs) - 1, math.sqrt(w2)
+
+
+def mann_whitney(c: list[float], s: list[float]) -> tuple[float, float, float]:
+    """Mann-Whitney U of binned samples (counts per ordered bin, ties within a bin): (AUC - 1/2, z, var).
+
+    ``AUC = U / (n_c n_s)`` is P(a canary value > a stable one) + P(equal)/2, so AUC - 1/2 > 0 means the
+    canary is slower (for latency). ``z`` uses the tie-corrected variance (scipy's ``mannwhitneyu``,
+    ``method="asymptotic"``, ``use_continuity=False``); ``var`` is the variance of AUC under "same
+    distribution".
+    """
+    n_c, n_s = sum(c), sum(s)
+    if n_c <= 0 or n_s <= 0:
+        return math.nan, math.nan, math.nan
+    u, below, ties = 0.0, 0.0, 0.0
+    for a, b in zip(c, s, strict=True):
+        u += a * (below + 0.5 * b)
+        below += b
+        t = a + b
+        ties += t**3 - t
+    n = n_c + n_s
+    var_u = n_c * n_s / 12.0 * ((n + 1) - ties / (n * (n - 1)))
+    auc = u / (n_c * n_s)
+    if var_u <= 0:
+        return auc - 0.5, 0.0, 0.0
+    return auc - 0.5, (u - n_c * n_s / 2.0) / math.sqrt(var_u), var_u / (n_c * n_s) ** 2
+
+
+def mixture_log_lr(x2: float, r: float, d: int = 1) -> float:
+    """log of the normal-mixture likelihood ratio (the mSPRT statistic) for a chi-square-type X^2.
+
+    Johari, Koomen, Pekelis & Walsh (2017), "Peeking at A/B tests: why it matters, and what to do about
+    it" (KDD), eq. for the mixture SPRT: with an effect estimate of variance V and a N(0, tau^2) mixture
+    over the true effect, Lambda = sqrt(V / (V + tau^2)) exp(tau^2 theta^2 / (2 V (V + tau^2))). With
+    z^2 = theta^2 / V and r = tau^2 / V (the information at this look times tau^2) that is
+    ``-d/2 log(1 + r) + r / (1 + r) * X^2 / 2``, for d independent coordinates (an isotropic mixture;
+    X^2 = the squared length of the standardised difference vector). Lambda is a nonnegative martingale
+    with mean 1 when the versions are the same, so by Ville's inequality P(Lambda ever >= 1/alpha) <=
+    alpha: rejecting at the first look where it crosses keeps the error rate however often one looks.
+    """
+    if not (r > 0) or math.isnan(x2):
+        return 0.0
+    return -0.5 * d * math.log1p(r) + r / (1.0 + r) * x2 / 2.0
+
+
+def mixture_boundary(alpha: float, r: float, d: int = 1) -> float:
+    """The X^2 at which :func:`mixture_log_lr` reaches log(1/alpha) (inf when there is no information)."""
+    if not (r > 0):
+        return math.inf
+    return (1.0 + r) / r * (2.0 * math.log(1.0 / alpha) + d * math.log1p(r))
