@@ -15,7 +15,7 @@ APT_PACKAGES := haproxy prometheus shellcheck
 # servers), so two workers finish sooner than one even on 2 cores; TEST_WORKERS=0 runs it in one process
 TEST_WORKERS ?= 2
 
-.PHONY: help venv sysdeps tools demo test test-fast chart-test lint fmt compile bench bench-serving bench-soak wrk-tool bench-runtime bench-batch lock lock-runtime cluster cluster-down e2e controlplane-build controlplane controlplane-down controlplane-test clean
+.PHONY: help venv sysdeps tools demo test test-fast chart-test lint fmt compile bench bench-serving bench-soak wrk-tool bench-runtime bench-batch bench-gates lock lock-runtime cluster cluster-down e2e controlplane-build controlplane controlplane-down controlplane-test clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -85,6 +85,9 @@ bench-soak: venv wrk-tool ## 5-minute soak at c=32 (errors, p99, RSS growth), vs
 
 bench-runtime: venv ## runtime request path in-process vs the bare onnxruntime call (batch 1, ratios)
 	$(BIN)/python -m serving.bench.runtime $(ARGS)
+
+bench-gates: venv ## gate quality: false rollbacks, missed bad canaries, requests to rollback, vs Flagger/Argo-style policies (simulated, ~2 min), ARGS=--rollouts N
+	$(BIN)/python -m serving.bench.gates $(ARGS)
 
 bench-batch: venv ## batch scoring: command vs raw onnxruntime vs sklearn on 1M rows (Parquet, CSV); ARGS=--rows N
 	$(BIN)/python -m serving.bench.batch $(ARGS)

@@ -71,11 +71,17 @@ def test_mann_whitney_on_bins_is_scipys_with_ties(seed):
 def test_mixture_lr_is_the_johari_closed_form_and_crosses_at_its_boundary():
     # Johari et al. (2017): Lambda = sqrt(V/(V+tau^2)) exp(tau^2 theta^2 / (2 V (V + tau^2)))
     theta, var, tau = 0.02, 4e-5, 0.005
-    lam = math.sqrt(var / (var + tau**2)) * math.exp(tau**2 * theta**2 / (2 * var * (var + tau**2)))
-    assert mixture_log_lr(theta**2 / var, tau**2 / var, 1) == pytest.approx(math.log(lam), rel=1e-12)
+
+    def lam(tau: float) -> float:
+        return math.sqrt(var / (var + tau**2)) * math.exp(tau**2 * theta**2 / (2 * var * (var + tau**2)))
+
+    assert mixture_log_lr(theta**2 / var, tau**2 / var, 1, scales=(1.0,)) == pytest.approx(math.log(lam(tau)))
+    # the default: the equal-weight average over tau, 4 tau and 16 tau
+    mean = (lam(tau) + lam(4 * tau) + lam(16 * tau)) / 3
+    assert mixture_log_lr(theta**2 / var, tau**2 / var, 1) == pytest.approx(math.log(mean), rel=1e-12)
     for r, d in ((0.3, 1), (5.0, 4), (200.0, 9)):
         b = mixture_boundary(0.01, r, d)
-        assert mixture_log_lr(b, r, d) == pytest.approx(math.log(100), rel=1e-12)
+        assert mixture_log_lr(b, r, d) == pytest.approx(math.log(100), rel=1e-9)
         # always wider than the fixed-sample chi-square cut-off at the same alpha: the price of peeking
         assert b > sps.chi2.ppf(0.99, d)
     assert mixture_log_lr(50.0, 0.0) == 0.0 and mixture_boundary(0.01, 0.0) == math.inf
