@@ -83,7 +83,8 @@ class GateResult:
 
     def summary(self) -> str:
         v = "n/a" if self.value is None or math.isnan(self.value) else _fmt(self.value, self.unit)
-        t = _fmt(self.threshold, self.unit)
+        # a comparison without information (no spread on either side) has no boundary yet
+        t = "n/a" if self.sequential and self.boundary is None else _fmt(self.threshold, self.unit)
         n = f"n={self.samples}" + (
             f" vs {self.baseline_samples}" if self.baseline_samples is not None else ""
         )
@@ -699,9 +700,6 @@ def defaults(*, drift: bool = True, compare: bool = False, **overrides: Any) -> 
     if unknown := sorted(set(overrides) - set(DEFAULTS)):
         raise TypeError(f"unknown gate settings {unknown}; known: {sorted(DEFAULTS)}")
     o = {**DEFAULTS, **overrides}
-    compared = comparisons(drift=drift, **overrides)
-    if compare:
-        return [LatencyGate(max_ms=o["max_p99_ms"], min_requests=o["min_requests"]), *compared]
     gates: list[Gate] = [
         SuccessRateGate(min_rate=o["min_success_rate"], min_requests=o["min_requests"]),
         LatencyGate(max_ms=o["max_p99_ms"], min_requests=o["min_requests"]),
@@ -723,6 +721,9 @@ def defaults(*, drift: bool = True, compare: bool = False, **overrides: Any) -> 
                 min_labelled=o["min_labelled"],
             )
         )
+    compared = comparisons(drift=drift, **overrides)  # after the absolute gates: their refusals first
+    if compare:
+        return [gates[1], *compared]  # the absolute p99 limit beside the comparisons
     return gates
 
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from serving.rollout.gates import GateResult
 from serving.rollout.record import RolloutRecord
 
 
@@ -57,6 +58,12 @@ def text_report(record: RolloutRecord, traffic: Any = None) -> str:
             f"    +{h['t'] - t0:6.1f}s {h['event']:<8} {h['action']:<10} weight {h['weight']:3d}%  "
             f"{h['reason']}"
         )
+    last = next((h for h in reversed((st or {}).get("history", [])) if h.get("evidence")), None)
+    if last is not None:
+        # every gate of the deciding analysis with its evidence: value, boundary, n on each side, and
+        # for a comparison with stable the effect size and its sequential test
+        lines += ["", f"  evidence of the last analysis (+{last['t'] - t0:.1f}s):"]
+        lines += [f"    {GateResult.from_dict(g).summary()}" for g in last["evidence"]]
     if traffic is not None and traffic.total:
         fails = traffic.failures()
         proxy = traffic.proxy_failures()

@@ -245,3 +245,51 @@ def test_gate_result_evidence_round_trips_and_infinite_boundary_is_dropped():
     d = r.to_dict()
     assert d["boundary"] is None and d["effect"] == 0.01 and d["sequential"] is True
     assert g.GateResult.from_dict(d).statistic == 1.0
+
+
+# ------------------------------------------------------------------- through the controller loop
+
+
+def _controller(tmp_path, world):
+    from serving.rollout import controller as ctl
+    from serving.rollout.store import FileStateStore
+    from tests.unit.test_rollout_controller import CANARY, SCRAPE, STABLE
+
+    store = FileStateStore(tmp_path / "state.json")
+    rec = ctl.new_record(
+        machine.RolloutSpec((10, 25, 50, 100), 10.0, 2, 3), g.defaults(compare=True), STABLE, CANARY,
+        {"router": "local_proxy", "socket_path": "/nonexistent"}, SCRAPE,
+    )  # fmt: skip
+    ctl.begin(store, rec)
+    logs: list[str] = []
+    c = ctl.Controller(
+        store, router=world, provider=world, clock=world.clock, sleep=world.sleep, log=logs.append
+    )
+    return c, logs
+
+
+def test_controller_rolls_back_a_5pct_erroring_canary_at_its_first_analysis_with_the_evidence(tmp_path):
+    from serving.rollout import crstore
+    from serving.rollout.report import text_report
+    from tests.unit.test_rollout_controller import World
+
+    c, logs = _controller(tmp_path, World(error_rate=0.05))
+    rec = c.run(max_seconds=60)
+    assert rec.state["phase"] == "RolledBack" and rec.state["analyses"] == 1
+    assert "sequential comparison failed" in rec.state["reason"]
+    assert any("error_rate_vs_stable: effect +0.05" in line and "FAIL" in line for line in logs)
+    text = text_report(rec)
+    assert "evidence of the last analysis" in text and "error_rate_vs_stable: effect +0.05" in text
+    # the operator's status.lastAnalysis carries the same evidence
+    ev = next(e for e in rec.state["history"][-1]["evidence"] if e["gate"] == "error_rate_vs_stable")
+    view = crstore._evidence(ev)
+    assert view["effect"] == pytest.approx(0.05) and view["statistic"] >= view["boundary"] > 0
+    assert view["n"] > 0 and view["baselineN"] > 0
+
+
+def test_controller_promotes_a_good_canary_under_the_comparisons(tmp_path):
+    from tests.unit.test_rollout_controller import World
+
+    c, _ = _controller(tmp_path, World())
+    rec = c.run(max_seconds=120)
+    assert rec.state["phase"] == "Promoted" and rec.state["analyses"] == 4
