@@ -95,6 +95,11 @@ def test_a_valid_rollout_is_accepted_and_defaulted(kc):
         "minPredictions": gates.DEFAULTS["min_predictions"],
         "maxAccuracyDrop": gates.DEFAULTS["max_accuracy_drop"],
         "minLabelled": gates.DEFAULTS["min_labelled"],
+        "compareWithStable": False,
+        "alpha": gates.DEFAULTS["alpha"],
+        "maxErrorIncrease": gates.DEFAULTS["max_error_increase"],
+        "latencyMinEffect": gates.DEFAULTS["latency_min_effect"],
+        "driftMinEffect": gates.DEFAULTS["drift_min_effect"],
     }
     assert "status" not in obj  # only the operator writes it
 
