@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         def v1():
             x, want = core.parse_v1(orjson.loads(v1_body), spec, 1024, maybe_bool=False)
             labels, proba = model.run(x)
-            return orjson.dumps(core.v1_response(labels, proba, want))
+            return orjson.dumps(core.v1_response(labels, proba, want, spec.class_names))
 
         def v2():
             req = core.parse_v2(orjson.loads(v2_body), spec, 1024, maybe_bool=False)

@@ -104,6 +104,9 @@ class RuntimeMiddleware:
         self.v2_versioned_path = f"/v2/models/{name}/versions/{version}/infer"
         self.v2_versions_prefix = f"/v2/models/{name}/versions/"
         self.v1_model_prefix = f"/v1/models/{name}:"
+        # KServe's metadata answer has no versions, platform or class names; ours comes from the card
+        self.metadata_paths = (f"/v2/models/{name}", f"/v2/models/{name}/versions/{version}")
+        self.metadata_body = orjson.dumps(core.model_metadata(self.spec))
         self.metrics = model.metrics
 
     # --- ASGI entry ---------------------------------------------------------------------------------------
@@ -132,6 +135,8 @@ class RuntimeMiddleware:
                 else {"ready": False, "error": f"model {self.spec.name} is not ready"}
             )
             return await self._respond(send, 200 if ready else 503, body)
+        if path in self.metadata_paths and method == "GET":
+            return await self._respond(send, 200, self.metadata_body)
         protocol = self._inference_protocol(path)
         if protocol is None:
             return await self._not_ours(scope, receive, send, path, method)
@@ -343,9 +348,10 @@ class RuntimeMiddleware:
     async def _v1(self, send, body: bytes) -> int:
         doc = self._loads(body)
         maybe_bool = b"true" in body or b"false" in body
-        x, want_proba = core.parse_v1(doc, self.spec, self.model.max_batch_size, maybe_bool=maybe_bool)
+        x, want = core.parse_v1(doc, self.spec, self.model.max_batch_size, maybe_bool=maybe_bool)
         labels, proba = await self.model.infer(x)
-        await self._respond(send, 200, orjson.dumps(core.v1_response(labels, proba, want_proba)))
+        answer = core.v1_response(labels, proba, want, self.spec.class_names)
+        await self._respond(send, 200, orjson.dumps(answer))
         return 200
 
     async def _v2(self, send, body: bytes, json_len: int | None) -> int:

@@ -8,6 +8,7 @@ validated exactly once and the same way on every protocol.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ class ModelSpec:
     outputs: tuple[dict, ...]  # [{name, datatype, shape}] as in the card
     classes: tuple[Any, ...]
     task: str
+    class_names: tuple[str, ...] = ()  # what each class index means, e.g. ("malignant", "benign")
     feature_index: dict[str, int] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -65,6 +67,7 @@ class ModelSpec:
             outputs=tuple({k: o[k] for k in ("name", "datatype", "shape")} for o in card["outputs"]),
             classes=tuple(card.get("classes") or ()),
             task=card.get("task", "binary_classification"),
+            class_names=tuple(str(c) for c in card.get("class_names") or card.get("classes") or ()),
             feature_index={f: i for i, f in enumerate(features)},
         )
 
@@ -183,8 +186,21 @@ def check_matrix(x: np.ndarray, spec: ModelSpec, max_batch: int, what: str = "in
 # V1: {"instances": [[...], ...]} or {"instances": [{"feature": value, ...}, ...]}
 
 
-def parse_v1(body: Any, spec: ModelSpec, max_batch: int, maybe_bool: bool = True) -> tuple[np.ndarray, bool]:
-    """Returns (float32 matrix, whether probabilities were requested)."""
+@dataclass(frozen=True)
+class V1Options:
+    """What a V1 request asked for beyond the predicted class indices (its ``parameters``)."""
+
+    probabilities: bool = False
+    class_names: bool = False
+
+
+V1_PARAMETERS = tuple(f.name for f in dataclasses.fields(V1Options))
+
+
+def parse_v1(
+    body: Any, spec: ModelSpec, max_batch: int, maybe_bool: bool = True
+) -> tuple[np.ndarray, V1Options]:
+    """Returns (float32 matrix, the extra outputs the request asked for)."""
     if not isinstance(body, dict):
         raise InputError('V1 request body must be a JSON object: {"instances": [[...numbers...], ...]}')
     instances = body.get("instances")
@@ -193,7 +209,7 @@ def parse_v1(body: Any, spec: ModelSpec, max_batch: int, maybe_bool: bool = True
         raise InputError(f"V1 request body has no 'instances' list{extra}")
     if not isinstance(instances, list):
         raise InputError(f"'instances' must be a list of rows, got {type(instances).__name__}")
-    want_proba = _v1_wants_probabilities(body)
+    want = _v1_options(body)
     if not instances:
         raise InputError("empty batch: 'instances' holds no rows")
     if len(instances) > max_batch:
@@ -213,22 +229,26 @@ def parse_v1(body: Any, spec: ModelSpec, max_batch: int, maybe_bool: bool = True
             f"got {_describe(instances[0])}"
         )
     arr = numbers_to_array(instances, spec, "instance", maybe_bool)
-    return check_matrix(to_float32(arr), spec, max_batch), want_proba
+    return check_matrix(to_float32(arr), spec, max_batch), want
 
 
-def _v1_wants_probabilities(body: dict) -> bool:
+def _v1_options(body: dict) -> V1Options:
     params = body.get("parameters")
     if params is None:
-        return False
+        return V1Options()
     if not isinstance(params, dict):
         raise InputError("'parameters' must be an object, e.g. {\"probabilities\": true}")
-    unknown = sorted(set(params) - {"probabilities"})
+    unknown = sorted(set(params) - set(V1_PARAMETERS))
     if unknown:
-        raise InputError(f"unknown V1 parameter(s) {unknown}: only 'probabilities' (true/false) is supported")
-    value = params.get("probabilities", False)
-    if not isinstance(value, bool):
-        raise InputError("parameter 'probabilities' must be true or false")
-    return value
+        raise InputError(
+            f"unknown V1 parameter(s) {unknown}: supported are "
+            + ", ".join(f"'{p}'" for p in V1_PARAMETERS)
+            + " (true/false)"
+        )
+    for name in V1_PARAMETERS:
+        if not isinstance(params.get(name, False), bool):
+            raise InputError(f"parameter '{name}' must be true or false")
+    return V1Options(**{k: params[k] for k in V1_PARAMETERS if k in params})
 
 
 def _named_rows(instances: list, spec: ModelSpec) -> list[list]:
@@ -250,11 +270,38 @@ def _named_rows(instances: list, spec: ModelSpec) -> list[list]:
     return rows
 
 
-def v1_response(labels: np.ndarray, proba: np.ndarray, want_proba: bool) -> dict:
+def v1_response(
+    labels: np.ndarray, proba: np.ndarray, want: V1Options, class_names: tuple[str, ...] = ()
+) -> dict:
+    """``predictions`` are class indices (KServe's V1 shape); the names are opt-in so the default answer
+    stays what every V1 client expects."""
     out: dict[str, Any] = {"predictions": labels.tolist()}
-    if want_proba:
+    if want.probabilities:
         out["probabilities"] = proba.tolist()
+    if want.class_names:
+        names = class_names or tuple(str(i) for i in range(proba.shape[-1]))
+        out["class_names"] = [names[i] for i in out["predictions"]]
     return out
+
+
+def model_metadata(spec: ModelSpec) -> dict:
+    """The V2 model metadata answer, with what a client needs to read an answer: the class names behind
+    the label indices and the feature names behind the input columns (in ``parameters``, which the Open
+    Inference Protocol leaves to the server)."""
+    return {
+        "name": spec.name,
+        "versions": [spec.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {"name": spec.input_name, "datatype": spec.input_datatype, "shape": [-1, spec.n_features]}
+        ],
+        "outputs": [dict(o) for o in spec.outputs],
+        "parameters": {
+            "classes": list(spec.classes),
+            "class_names": list(spec.class_names),
+            "features": list(spec.feature_names),
+        },
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

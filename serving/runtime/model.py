@@ -239,11 +239,11 @@ class OnnxModel(Model):
         try:
             if isinstance(payload, InferRequest):
                 return await self._predict_v2(payload)
-            x, want_proba = core.parse_v1(payload, self.spec, self.max_batch_size)
+            x, want = core.parse_v1(payload, self.spec, self.max_batch_size)
         except core.InputError as e:
             raise InvalidInput(e.message) from None
         labels, proba = await self.infer(x)
-        return core.v1_response(labels, proba, want_proba)
+        return core.v1_response(labels, proba, want, self.spec.class_names)
 
     async def _predict_v2(self, request: InferRequest) -> InferResponse:
         body, raw = _infer_request_to_dict(request)

@@ -100,6 +100,10 @@ def test_v1_positional_and_named_match_onnxruntime(server, data, reference):
     r = _v1(srv, {"instances": named})
     assert r.status_code == 200, r.text
     assert r.json() == {"predictions": labels[:5].tolist()}
+    # the names behind the indices, when asked for
+    r = _v1(srv, {"instances": rows[:5].tolist(), "parameters": {"class_names": True}})
+    names = ["malignant", "benign"]  # sklearn's breast_cancer target_names: index 0, 1
+    assert r.json()["class_names"] == [names[i] for i in labels[:5].tolist()]
 
 
 def test_v2_rest_tritonclient_json_and_binary_match_onnxruntime(server, data, reference):
@@ -115,6 +119,8 @@ def test_v2_rest_tritonclient_json_and_binary_match_onnxruntime(server, data, re
             "label": ("INT64", [-1]),
             "probabilities": ("FP32", [-1, 2]),
         }
+        assert meta["versions"] == [server.version]
+        assert meta["parameters"]["class_names"] == ["malignant", "benign"]
         for binary in (False, True):
             inp = thttp.InferInput("input", list(rows.shape), "FP32")
             inp.set_data_from_numpy(rows, binary_data=binary)

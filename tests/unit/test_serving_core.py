@@ -32,7 +32,26 @@ def test_v1_positional_and_named_give_the_same_matrix():
     )
     assert x1.dtype == np.float32 and x1.tolist() == [[1, 2.5, 3, 4]]
     np.testing.assert_array_equal(x1, x2)
-    assert (p1, p2) == (False, True)
+    assert (p1, p2) == (core.V1Options(), core.V1Options(probabilities=True))
+
+
+def test_v1_class_names_are_opt_in_and_name_each_prediction():
+    spec = core.ModelSpec.from_card({**CARD, "class_names": ["malignant", "benign"]})
+    _, want = core.parse_v1({"instances": [[1, 2, 3, 4]], "parameters": {"class_names": True}}, spec, 10)
+    labels, proba = np.array([1, 0]), np.array([[0.1, 0.9], [0.8, 0.2]], np.float32)
+    assert core.v1_response(labels, proba, core.V1Options(), spec.class_names) == {"predictions": [1, 0]}
+    assert core.v1_response(labels, proba, want, spec.class_names) == {
+        "predictions": [1, 0],
+        "class_names": ["benign", "malignant"],
+    }
+
+
+def test_v2_metadata_names_the_classes_features_and_version():
+    meta = core.model_metadata(core.ModelSpec.from_card({**CARD, "class_names": ["no", "yes"]}))
+    assert meta["versions"] == ["1.2.3"] and meta["platform"] == "onnxruntime_onnx"
+    assert meta["parameters"] == {"classes": [0, 1], "class_names": ["no", "yes"], "features": FEATURES}
+    # a card without class_names still says what the indices are
+    assert core.model_metadata(SPEC)["parameters"]["class_names"] == ["0", "1"]
 
 
 @pytest.mark.parametrize(
@@ -52,6 +71,7 @@ def test_v1_positional_and_named_give_the_same_matrix():
         ({"instances": [[1, 2, 3, 4]] * 11}, "maximum of 10"),
         ({"instances": "1,2,3,4"}, "must be a list of rows"),
         ({"instances": [[1, 2, 3, 4]], "parameters": {"probabilities": "yes"}}, "true or false"),
+        ({"instances": [[1, 2, 3, 4]], "parameters": {"names": True}}, "'probabilities', 'class_names'"),
         ({"inputs": [[1, 2, 3, 4]]}, "'inputs' is not supported"),
     ],
 )
