@@ -25,7 +25,7 @@ from serving.demo.localstack import LocalStack, TrafficGenerator
 from serving.rollout import controller as ctl
 from serving.rollout import gates
 from serving.rollout.machine import RolloutSpec
-from serving.rollout.report import write_report
+from serving.rollout.report import describe_failures, write_report
 from serving.rollout.store import FileStateStore
 
 FAULTS = {
@@ -139,7 +139,15 @@ def rollout_once(
             time.sleep(min(interval_s, 2.0))  # traffic after the final decision: stable keeps serving
         traffic = tg.result()
     txt, png = write_report(rec, out, stem, traffic=traffic)
-    return {"record": rec, "traffic": traffic, "report": txt, "png": png, "phase": rec.phase}
+    return {
+        "record": rec,
+        "traffic": traffic,
+        "report": txt,
+        "png": png,
+        "state": state,
+        "phase": rec.phase,
+        "failures": describe_failures(rec),
+    }
 
 
 def _bump(version: str) -> str:
@@ -181,7 +189,8 @@ def run_demo(
     if expected > 0.12:
         log(
             "warning: the canary's predictions differ from stable's nearly as much as the drift gate allows; "
-            "the 'good' rollout may be rolled back on drift (train v2 closer to v1, or raise max_drift)"
+            "the 'good' rollout may be rolled back on drift "
+            "(train the canary closer to stable, or raise max_drift)"
         )
     log(
         f"== rollout 1/2: {c_card['name']} {modelcard.load_card(stable)['version']} -> {c_card['version']} "
@@ -216,19 +225,21 @@ def run_demo(
     ok = good["phase"] == "Promoted" and bad_run["phase"] == "RolledBack"
     summary = {
         "ok": ok,
-        "good": {"phase": good["phase"], "report": str(good["report"]), "png": str(good["png"])},
-        "bad": {
-            "phase": bad_run["phase"],
-            "kind": bad,
-            "report": str(bad_run["report"]),
-            "png": str(bad_run["png"]),
-        },
+        "good": _part(good, c_card["version"]),
+        "bad": {**_part(bad_run, bad_version), "kind": bad},
     }
     log(
-        f"rollout demo: good canary {good['phase']}, bad canary ({bad}) {bad_run['phase']} -> "
-        f"{'OK' if ok else 'UNEXPECTED'}; reports and timelines in {out}"
+        f"rollout demo: good canary {good['phase']}, bad canary {bad_version} ({bad}) {bad_run['phase']} "
+        f"(failed: {bad_run['failures']}) -> {'OK' if ok else 'UNEXPECTED'}; reports and timelines in {out}"
     )
     return summary
+
+
+def _part(run: dict[str, Any], version: str) -> dict[str, Any]:
+    keys = ("report", "png", "state")
+    return {"phase": run["phase"], "version": version, "failures": run["failures"]} | {
+        k: str(run[k]) for k in keys
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,11 +197,9 @@ def _fmt_time(t: float) -> str:
 
 def describe_decision(state: RolloutState, spec: RolloutSpec, d: Decision, now: float) -> str:
     head = f"[{_fmt_time(now)}] step {state.step_index + 1}/{len(spec.steps)}"
-    lines = [
-        f"{head} {d.verdict.value.upper() if d.verdict else ''} -> {d.action.value}: {d.reason}".replace(
-            "  ", " "
-        )
-    ]
+    verdict = d.verdict.value.upper() if d.verdict else ""
+    line = machine.decision_line(d.action.value, d.reason)
+    lines = [f"{head} {verdict} -> {line}".replace("  ", " ")]
     for g in d.evidence:
         lines.append(f"      {g.summary()}")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -131,6 +132,15 @@ class Decision:
             "verdict": self.verdict.value if self.verdict else None,
             "evidence": [g.to_dict() for g in self.evidence],
         }
+
+
+_VERB = re.compile(r"^[a-z_]+: ")
+
+
+def decision_line(action: str, reason: str) -> str:
+    """``action: reason`` said once: the machine's reasons already open with their verb ("hold: ...",
+    "advance: ..."), so those are shown as they are; an operator's free text gets the action in front."""
+    return reason if _VERB.match(reason) else f"{action}: {reason}"
 
 
 @dataclass(frozen=True)

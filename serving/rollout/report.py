@@ -1,4 +1,5 @@
-"""The end-of-rollout report: a text summary and a PNG timeline (weights, success rate, p99, drift)."""
+"""The end-of-rollout report: a text summary and a PNG timeline (a verdict strip, the weights, and one panel
+per gate that ran: success rate, p99, drift, accuracy)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.rollout.gates import GateResult
+from serving.rollout.machine import decision_line
 from serving.rollout.record import RolloutRecord
 
 
@@ -55,8 +57,8 @@ def text_report(record: RolloutRecord, traffic: Any = None) -> str:
     lines.append("  decisions:")
     for h in (st or {}).get("history", []):
         lines.append(
-            f"    +{h['t'] - t0:6.1f}s {h['event']:<8} {h['action']:<10} weight {h['weight']:3d}%  "
-            f"{h['reason']}"
+            f"    +{h['t'] - t0:6.1f}s {h['event']:<8} weight {h['weight']:3d}%  "
+            f"{decision_line(h['action'], h['reason'])}"
         )
     last = next((h for h in reversed((st or {}).get("history", [])) if h.get("evidence")), None)
     if last is not None:
@@ -101,47 +103,127 @@ def client_shares(
     return out
 
 
-# how each analysis point of a gate is drawn, by that gate's verdict
-VERDICT_STYLE = (("pass", "o", "tab:green"), ("inconclusive", "o", "tab:gray"), ("fail", "X", "tab:red"))
+# how each analysis point of a gate is drawn, by that gate's verdict; an analysis with no value (too few
+# samples) still gets a mark, at the bottom edge of its panel, so no analysis is invisible
+VERDICT_STYLE = {
+    "pass": ("o", "tab:green", "pass"),
+    "fail": ("X", "tab:red", "fail"),
+    "inconclusive": ("v", "tab:gray", "inconclusive (no value: too few samples), at the panel's edge"),
+}
+# y-axis label and scale per gate kind: every axis says its unit; latency is on a log scale so a few-ms
+# p99 and a threshold of hundreds of ms are both readable
+_AXES = {
+    "SuccessRateGate": ("fraction", "linear", "share of canary requests answered without error"),
+    "LatencyGate": ("ms (log scale)", "log", "p99 latency of canary requests"),
+    "DriftGate": ("{method} distance", "linear", "prediction drift canary vs stable (0 = same)"),
+    "AccuracyGate": (
+        "fraction",
+        "linear",
+        "accuracy on labelled feedback; threshold: stable's minus the drop",
+    ),
+}
+_REASON_CHARS = 36  # the verdict strip's labels are rotated text: keep each to what fits its height
 
 
-def plot_timeline(
-    record: RolloutRecord, path: str | os.PathLike, title: str | None = None, traffic: Any = None
-) -> Path:
-    import matplotlib
+def _is_value(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    st = record.state
-    hist = st.get("history", [])
-    t0 = hist[0]["t"] if hist else record.created_at
-    tl = record.timeline
-    thresholds = _thresholds(record)
+def analyses(record: RolloutRecord) -> list[dict[str, Any]]:
+    """Every analysis of the rollout: its time, decision, overall verdict, a short reason, and per gate
+    (value, verdict, detail). The details (why a gate was inconclusive) come from the decision history."""
+    evidence = {
+        h["t"]: {e["gate"]: e for e in h.get("evidence", [])} for h in (record.state or {}).get("history", [])
+    }
+    out = []
+    for p in record.timeline:
+        ev = evidence.get(p["t"], {})
+        gates = {
+            k: (
+                v if _is_value(v) else None,
+                p.get("verdicts", {}).get(k, "pass"),
+                ev.get(k, {}).get("detail", ""),
+                ev.get(k, {}).get("threshold"),  # comparative gates move theirs with the stable side
+            )
+            for k, v in p["gates"].items()
+        }
+        out.append(
+            {"t": p["t"], "action": p["action"], "verdict": p["verdict"] or "inconclusive", "gates": gates}
+        )
+    for a in out:
+        a["reason"] = short_reason(a)
+    return out
 
-    fig, axes = plt.subplots(4, 1, figsize=(9, 9), sharex=True, constrained_layout=True)
-    # weights: a step line from the decision history (what the router was told)
+
+def short_reason(analysis: dict[str, Any]) -> str:
+    """``fail: accuracy, drift_js`` / ``inconclusive: drift_js (fewer than 400 ...)`` / ``pass``."""
+    verdict = analysis["verdict"]
+    named = [(k, g[2]) for k, g in analysis["gates"].items() if g[1] == verdict]
+    if verdict == "pass" or not named:
+        return verdict
+    gates = ", ".join(k for k, _ in named) if len(named) <= 2 else f"{len(named)} gates"
+    text = f"{verdict}: {gates}"
+    detail = next((d for _, d in named if d), "")
+    if detail and verdict == "inconclusive":
+        text += f" ({detail})"
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+
+
+def failure_order(record: RolloutRecord) -> list[tuple[float, str]]:
+    """(seconds since start, gate) for each gate that failed, at its first failure, in that order: the
+    story of a rollback ("accuracy at 3 s, then drift_js at 6 s") rather than only its last reason."""
+    t0, seen, out = _t0(record), set(), []
+    for a in analyses(record):
+        for k, g in a["gates"].items():
+            if g[1] == "fail" and k not in seen:
+                seen.add(k)
+                out.append((a["t"] - t0, k))
+    return out
+
+
+def describe_failures(record: RolloutRecord) -> str:
+    """``accuracy at 3.0 s, then drift_js at 6.0 s``, or ``no gate failed``."""
+    order = failure_order(record)
+    if not order:
+        return "no gate failed"
+    return ", then ".join(f"{gate} at {t:.1f} s" for t, gate in order)
+
+
+def _t0(record: RolloutRecord) -> float:
+    hist = (record.state or {}).get("history", [])
+    return hist[0]["t"] if hist else record.created_at
+
+
+def _axis(cfg: dict[str, Any]) -> tuple[str, str, str]:
+    """(y label with the unit, y scale, what the panel shows) for a gate's config."""
+    label, scale, about = _AXES.get(cfg.get("kind", ""), ("value", "linear", ""))
+    return label.format(method=str(cfg.get("method", "")).upper() or "drift"), scale, about
+
+
+def _plot_weights(ax, record: RolloutRecord, t0: float, traffic: Any) -> None:
+    hist = record.state.get("history", [])
     ts, ws = [], []
-    for h in hist:
+    for h in hist:  # a step line from the decision history (what the router was told)
         if ts:
             ts.append(h["t"] - t0)
             ws.append(ws[-1])
         ts.append(h["t"] - t0)
         ws.append(h["weight"])
-    end = max([ts[-1] if ts else 0] + [p["t"] - t0 for p in tl]) + record.spec["interval_s"] * 0.3
+    end = (
+        max([ts[-1] if ts else 0] + [p["t"] - t0 for p in record.timeline]) + record.spec["interval_s"] * 0.3
+    )
     if ts:
         ts.append(end)
         ws.append(ws[-1])
-    ax = axes[0]
-    ax.plot(ts, ws, drawstyle="default", color="tab:blue", label="canary weight (set)")
-    obs_t, obs = [], []
-    for p in tl:
+    ax.plot(ts, ws, color="tab:blue", label="canary weight (set)")
+    obs = []
+    for p in record.timeline:
         req = p.get("requests") or {}
         tot = req.get("stable", 0) + req.get("canary", 0)
         if tot:
-            obs_t.append(p["t"] - t0)
-            obs.append(100 * req["canary"] / tot)
-    ax.plot(obs_t, obs, "o", color="tab:orange", label="canary share, analysis window (server counters)")
+            obs.append((p["t"] - t0, 100 * req["canary"] / tot))
+    if obs:
+        ax.plot(*zip(*obs, strict=True), "o", color="tab:orange", label="canary share in the analysis window")
     if traffic is not None and traffic.total:
         cs = client_shares(record, traffic)
         ax.plot(
@@ -152,46 +234,123 @@ def plot_timeline(
             ms=9,
             label="canary share of client answers (x-model-version)",
         )
-    ax.set_ylabel("canary %")
+    ax.set_ylabel("canary traffic (%)")
     ax.set_ylim(-5, 105)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=7)
 
-    def series(gate_prefix: str, scale: float = 1.0):
-        xs, ys, failed, name = [], [], [], None
-        for p in tl:
-            for k, v in p["gates"].items():
-                if k.startswith(gate_prefix):
-                    name = k
-                    if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                        xs.append(p["t"] - t0)
-                        ys.append(v * scale)
-                        failed.append(p.get("verdicts", {}).get(k, "pass"))
-        return xs, ys, failed, name
 
-    for ax, prefix, label in (
-        (axes[1], "success_rate", "success rate"),
-        (axes[2], "latency_p99", "p99 latency (ms)"),
-        (axes[3], "drift", "drift"),
-    ):
-        xs, ys, verdicts, name = series(prefix)
-        ax.plot(xs, ys, "-", color="tab:gray", lw=1)
-        for verdict, marker, color in VERDICT_STYLE:
-            pts = [(x, y) for x, y, v in zip(xs, ys, verdicts, strict=True) if v == verdict]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker, color=color, ms=8, label=verdict)
-        thr = thresholds.get(name or "")
-        if thr is not None:
-            ax.axhline(thr, color="tab:red", ls="--", lw=1, label=f"threshold {thr:g}")
-            ax.legend(loc="upper left", fontsize=8)
-        ax.set_ylabel(label if name is None else name.replace("_", " "))
-        if not xs:
-            ax.text(0.5, 0.5, "no conclusive sample", transform=ax.transAxes, ha="center", color="gray")
-    for h in hist:
+def _plot_strip(ax, items: list[dict[str, Any]], t0: float) -> None:
+    """One mark per analysis, coloured by its verdict, with the verdict and its reason written above."""
+    for a in items:
+        marker, color, _ = VERDICT_STYLE[a["verdict"]]
+        ax.plot(a["t"] - t0, 0, marker, color=color, ms=10)
+        ax.annotate(a["reason"], (a["t"] - t0, 0.25), rotation=90, fontsize=7, ha="center", va="bottom")
+    ax.set_ylim(-0.5, 4)
+    ax.set_yticks([])
+    ax.set_ylabel("analyses")
+
+
+def _plot_gate(ax, name: str, cfg: dict[str, Any], items, t0: float, threshold: float | None) -> None:
+    label, scale, about = _axis(cfg)
+    ax.set_yscale(scale)
+    pts = [(a["t"] - t0, *a["gates"][name]) for a in items if name in a["gates"]]
+    valued = [(x, y, v) for x, y, v, _, _ in pts if y is not None]
+    ax.plot([x for x, _, _ in valued], [y for _, y, _ in valued], "-", color="0.7")
+    for verdict, (marker, color, _) in VERDICT_STYLE.items():
+        mine = [(x, y) for x, y, v in valued if v == verdict]
+        if mine:
+            ax.plot(*zip(*mine, strict=True), marker, color=color, ms=8)
+    empty = [x for x, y, *_ in pts if y is None]
+    # no value to plot: a mark at the bottom edge (x in data, y in axes fraction)
+    ax.plot(empty, [0.04] * len(empty), "v", color="tab:gray", ms=8, transform=ax.get_xaxis_transform())
+    _plot_threshold(ax, [(x, thr) for x, *_, thr in pts if thr is not None], threshold)
+    ax.set_ylabel(label, fontsize=8)
+    ax.set_title(f"{name}: {about}" if about else name, fontsize=8, loc="left")
+
+
+def _plot_threshold(ax, per_analysis: list[tuple[float, float]], fixed: float | None) -> None:
+    """The threshold each analysis was judged against (a comparative gate's moves with stable), else the
+    gate's configured one."""
+    if per_analysis:
+        xs, ys = zip(*per_analysis, strict=True)
+        if len(set(ys)) == 1:
+            ax.axhline(ys[0], color="tab:red", ls="--", lw=1)
+        else:
+            ax.plot(xs, ys, ls="--", color="tab:red", lw=1, drawstyle="steps-post")
+        last = ys[-1]
+    elif fixed is not None:
+        ax.axhline(fixed, color="tab:red", ls="--", lw=1)
+        last = fixed
+    else:
+        return
+    ax.annotate(
+        f"threshold {last:.4g}",
+        (1, last),
+        xycoords=("axes fraction", "data"),
+        ha="right",
+        va="bottom",
+        fontsize=7,
+        color="tab:red",
+    )
+
+
+def _mark_decisions(axes, record: RolloutRecord, t0: float) -> None:
+    for h in record.state.get("history", []):
         if h["action"] in ("promote", "rollback"):
+            color = "black" if h["action"] == "promote" else "tab:red"
             for ax in axes:
-                ax.axvline(h["t"] - t0, color="black" if h["action"] == "promote" else "tab:red", lw=1)
-            axes[0].annotate(h["action"], (h["t"] - t0, 50), rotation=90, fontsize=8, va="center")
-    axes[-1].set_xlabel("seconds since rollout start")
+                ax.axvline(h["t"] - t0, color=color, lw=1)
+            axes[1].annotate(h["action"], (h["t"] - t0, 50), rotation=90, fontsize=8, va="center")
+
+
+def _legend(fig) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], ls="", marker=m, color=c, ms=8, label=text) for m, c, text in VERDICT_STYLE.values()
+    ]
+    handles += [
+        Line2D([], [], color="tab:red", ls="--", lw=1, label="gate threshold"),
+        Line2D([], [], color="black", lw=1, label="promote"),
+        Line2D([], [], color="tab:red", lw=1, label="rollback"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=7)
+
+
+def panel_names(record: RolloutRecord) -> list[str]:
+    """The PNG's panels top to bottom: the verdict strip, the weights, then every gate that ran."""
+    return ["analyses", "canary weight", *_gate_cfg(record)]
+
+
+def plot_timeline(
+    record: RolloutRecord, path: str | os.PathLike, title: str | None = None, traffic: Any = None
+) -> Path:
+    """A verdict strip (every analysis, its verdict and reason), the canary weight, then one panel per
+    gate that ran, sharing the time axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0, items, cfgs = _t0(record), analyses(record), _gate_cfg(record)
+    thresholds = _thresholds(record)
+    ratios = [1.6, 2.0] + [1.3] * (len(panel_names(record)) - 2)
+    fig, axes = plt.subplots(
+        len(ratios),
+        1,
+        figsize=(9, 1.3 * sum(ratios) + 1),
+        sharex=True,
+        layout="constrained",
+        gridspec_kw={"height_ratios": ratios},
+    )
+    _plot_strip(axes[0], items, t0)
+    _plot_weights(axes[1], record, t0, traffic)
+    for ax, (name, cfg) in zip(axes[2:], cfgs.items(), strict=True):
+        _plot_gate(ax, name, cfg, items, t0, thresholds.get(name))
+    _mark_decisions(axes, record, t0)
+    _legend(fig)
+    axes[-1].set_xlabel("time since rollout start (s)")
+    st = record.state
     fig.suptitle(
         title
         or f"{record.canary['model']} {record.stable['version']} -> {record.canary['version']}: {st['phase']}"
