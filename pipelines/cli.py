@@ -106,6 +106,31 @@ def _precheck_deploy(args: dict[str, Any], local: bool) -> None:
         )
 
 
+def _precheck_overwrite(pipeline: Any, args: dict[str, Any], output: Path, force: bool) -> None:
+    """Two different models must not share a name and version: refuse to replace one already in
+    ``output`` (before the run, not after it) unless ``--force``."""
+    inputs = pipeline.component_spec.inputs or {}
+
+    def value(key: str) -> str:
+        return str(args.get(key) or (inputs[key].default if key in inputs else "") or "")
+
+    name, version = value("model_name"), value("model_version")
+    dest = output / name
+    if force or not name or not (dest / "model-card.json").is_file():
+        return
+    from serving.contract import modelcard
+
+    try:
+        existing = modelcard.load_card(dest)
+    except (modelcard.ModelPackageError, ValueError):
+        return  # not a readable package: replaced as before
+    if str(existing.get("version")) == version:
+        raise UsageError(
+            f"{dest} already holds {name} {version}: pass --version X.Y.Z for a new version, "
+            "--model-name NAME for another model, --output DIR for another place, or --force to replace it"
+        )
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
     from pipelines.core import package
     from pipelines.local import run_local
@@ -150,6 +175,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         args["baseline_card"] = str(Path(baseline).resolve())
     _precheck_training(args)
     _precheck_deploy(args, local=True)
+    _precheck_overwrite(pipeline, args, Path(ns.output), ns.force)
 
     print(f"running {ns.pipeline} locally (kfp.local, SubprocessRunner); artifacts under {ns.pipeline_root}")
     result = run_local(pipeline, args, ns.pipeline_root, verbose=ns.verbose)
@@ -265,6 +291,11 @@ def _parser() -> argparse.ArgumentParser:
         help="where kfp.local writes step artifacts and the run log (default: local_outputs/)",
     )
     r.add_argument("-v", "--verbose", action="store_true", help="show kfp.local's full output")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a package of the same model name and version already in --output",
+    )
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compile", help="compile every registered pipeline into pipelines/compiled/")

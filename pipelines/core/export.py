@@ -17,6 +17,9 @@ from serving.contract.errors import MlrolloutError
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("label", "probabilities")
+# skl2onnx names the graph with a fresh uuid4 unless told: the one field that made two identical
+# trainings give different bytes, so a different sha256 in the card (reproducible packages need it fixed)
+GRAPH_NAME = "mlrollout"
 
 
 class ExportError(MlrolloutError, ValueError):
@@ -39,6 +42,7 @@ def to_onnx(model: Any, n_features: int, target_opset: dict[str, int] | None = N
             initial_types=[(INPUT_NAME, FloatTensorType([None, int(n_features)]))],
             options={"zipmap": False},
             target_opset=target_opset or TARGET_OPSET,
+            name=GRAPH_NAME,
         )
     except (MissingShapeCalculator, MissingConverter, RuntimeError, NotImplementedError) as e:
         raise ExportError(

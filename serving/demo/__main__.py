@@ -34,7 +34,18 @@ def train(out: Path, version: str, extra: list[str]) -> tuple[Path, Path | None]
 
     dest = out / "models" / f"v{version}"
     before = set(_evaluation_reports(out))
-    argv = ["run", "--output", str(dest), "--version", version, "--pipeline-root", str(out / "kfp"), *extra]
+    # --force: demo_outputs/ is the demo's own; every demo run retrains the same versions
+    argv = [
+        "run",
+        "--output",
+        str(dest),
+        "--version",
+        version,
+        "--pipeline-root",
+        str(out / "kfp"),
+        "--force",
+    ]
+    argv += extra
     print(f"$ python -m pipelines {' '.join(argv)}", flush=True)
     rc = pipelines_main(argv)
     if rc != 0:

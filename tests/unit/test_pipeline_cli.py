@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipelines.cli import main, pipeline_arguments
@@ -58,6 +60,33 @@ def test_run_refuses_bad_input_in_one_line(tmp_path, capsys, argv, rc, message):
     assert out.err.startswith(message), out.err
     assert len(out.err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()  # refused before kfp.local started
+
+
+def test_run_refuses_to_replace_the_same_name_and_version_unless_forced(tmp_path, capsys):
+    from pipelines.cli import _precheck_overwrite
+
+    pkg = tmp_path / "m" / "breast-cancer"
+    pkg.mkdir(parents=True)
+    card = {"name": "breast-cancer", "version": "1.0.0", "sha256": "x", "inputs": [], "outputs": []}
+    (pkg / "model-card.json").write_text(json.dumps(card))
+    argv = [
+        "run",
+        "--output",
+        str(tmp_path / "m"),
+        "--pipeline-root",
+        str(tmp_path / "r"),
+        "--version",
+        "1.0.0",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {pkg} already holds breast-cancer 1.0.0: pass --version") and "--force" in err
+    )
+    assert not (tmp_path / "r").exists()  # refused before kfp.local started
+    pipeline = PIPELINES["training_pipeline"]
+    _precheck_overwrite(pipeline, {"model_version": "1.0.0"}, tmp_path / "m", force=True)
+    _precheck_overwrite(pipeline, {"model_version": "1.1.0"}, tmp_path / "m", force=False)  # a new version
 
 
 @pytest.mark.parametrize("command", ["run", "submit"])

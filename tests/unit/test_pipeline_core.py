@@ -307,6 +307,17 @@ def test_hyperparameters_and_errors():
 # ---------------------------------------------------------------- export and parity
 
 
+@pytest.mark.parametrize("est", ["logistic_regression", "random_forest"])
+def test_same_data_params_and_seed_give_byte_identical_onnx(fitted, split, est):
+    """Reproducible packages: a second training with the same data, parameters, seed and libraries
+    exports the same bytes, so the card's sha256 matches (skl2onnx's random graph name is pinned)."""
+    X, y, _, _, features, _ = split
+    again = export.to_onnx(train.train(X, y, est, seed=0), len(features))
+    first = export.to_onnx(fitted[est], len(features))
+    assert again == first
+    assert onnx.load_from_string(first).graph.name == export.GRAPH_NAME
+
+
 @pytest.mark.parametrize("est", train.ESTIMATORS)
 def test_onnx_contract_and_parity(fitted, split, est):
     _, _, Xt, _, features, _ = split
