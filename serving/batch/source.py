@@ -296,6 +296,18 @@ def auto_chunk_rows(n_features: int) -> int:
     return int(min(max(CHUNK_BYTES // (4 * max(1, n_features)), 1024), 1 << 20))
 
 
+# Why a row with a gap is refused. Not because it cannot be scored: packages trained by this project's
+# pipeline carry the training medians in their graph (an ONNX Imputer before the estimator) and would
+# score it; but a batch answer for that row would rest on a filled-in value nobody asked for.
+MISSING_POLICY = (
+    "refused on purpose: a package from this project's pipeline would fill any of its feature columns "
+    "with the training median inside its graph and score the row on that guess; fill or drop those rows first"
+)
+INFINITE_POLICY = (
+    "infinity is no measurement (the graph fills only missing values): fix or drop those rows first"
+)
+
+
 def to_matrix(batch: pa.RecordBatch, features: list[str], first_row: int = 0) -> np.ndarray:
     """One C-contiguous float32 ``[rows, len(features)]`` matrix; rejects nulls and NaN/inf.
 
@@ -312,15 +324,15 @@ def to_matrix(batch: pa.RecordBatch, features: list[str], first_row: int = 0) ->
             row = first_row + int(pc.index(pc.is_null(col), True).as_py())
             raise SchemaMismatchError(
                 f"column {name!r} has {col.null_count} missing value(s) (empty/NA/null; first at row {row}); "
-                "the model cannot score missing values: impute or drop those rows"
+                + MISSING_POLICY
             )
         # numpy casts (float64/int -> float32) while it scatters into the row-major matrix: one pass
         out[:, j] = _as_numpy(col)
     finite = np.isfinite(out)
     if not finite.all():
         r, c = np.argwhere(~finite)[0]
+        why = MISSING_POLICY if np.isnan(out[r, c]) else INFINITE_POLICY
         raise SchemaMismatchError(
-            f"column {features[c]!r} has a non-finite value ({out[r, c]}) at row {first_row + int(r)}; "
-            "the model cannot score NaN or infinity: impute or drop those rows"
+            f"column {features[c]!r} has a non-finite value ({out[r, c]}) at row {first_row + int(r)}; " + why
         )
     return out
