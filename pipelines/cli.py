@@ -162,10 +162,13 @@ def cmd_run(ns: argparse.Namespace) -> int:
         modelcard.check_name(args["model_name"])
     if "model_version" in args:
         modelcard.check_version(args["model_version"])
-    if args.get("data_source") and not Path(args["data_source"]).is_file():
-        raise UsageError(f"--data {args['data_source']!r} does not exist: give a CSV or Parquet file")
-    if args.get("data_source"):
-        args["data_source"] = str(Path(args["data_source"]).resolve())
+    source = args.get("data_source") or ""
+    if source and "://" not in source:  # a URL is fetched (and checked) by the load-data step
+        if not Path(source).is_file():
+            raise UsageError(
+                f"--data {source!r} does not exist: give a CSV or Parquet file or an https:// URL"
+            )
+        args["data_source"] = str(Path(source).resolve())
     baseline = (args.get("baseline_card") or "").strip()
     if baseline and not baseline.startswith("{"):
         if not Path(baseline).exists():
@@ -214,8 +217,8 @@ def cmd_submit(ns: argparse.Namespace) -> int:
     host = ns.host or os.environ.get("KF_PIPELINES_ENDPOINT", "")
     if not host:
         raise UsageError(
-            "no KFP API host: pass --host http://localhost:8080 (after `kubectl -n kubeflow "
-            "port-forward svc/ml-pipeline-ui 8080:80`) or set KF_PIPELINES_ENDPOINT"
+            "no KFP API host: pass --host http://127.0.0.1:8888 (after `kubectl -n kubeflow "
+            "port-forward svc/ml-pipeline-ui 8888:80`) or set KF_PIPELINES_ENDPOINT"
         )
     args = pipeline_arguments(
         pipeline,
@@ -275,7 +278,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--output", default=str(DEFAULT_OUTPUT), help="where the model package goes (default: models/)"
     )
-    r.add_argument("--data", help="CSV or Parquet file (default: sklearn's bundled breast_cancer)")
+    r.add_argument(
+        "--data",
+        help="CSV or Parquet file, or an https:// URL of one (default: sklearn's bundled breast_cancer)",
+    )
     r.add_argument("--label-column", help="label column of --data (default: target)")
     r.add_argument("--hyperparameters", help="estimator hyperparameters as JSON, e.g. '{\"C\": 0.5}'")
     r.add_argument("--seed", type=int)
@@ -304,7 +310,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="upload to a KFP API and start a run or a recurring run")
     common(s)
-    s.add_argument("--host", help="KFP API endpoint, e.g. http://localhost:8080 (or KF_PIPELINES_ENDPOINT)")
+    s.add_argument("--host", help="KFP API endpoint, e.g. http://127.0.0.1:8888 (or KF_PIPELINES_ENDPOINT)")
     s.add_argument("--experiment", default="mlrollout", help="experiment name (created when missing)")
     s.add_argument(
         "--recurring",

@@ -36,7 +36,7 @@ def check_reachable(host: str, timeout: float) -> None:
     except httpx.HTTPError as e:
         raise SubmitError(
             f"cannot reach the KFP API at {host} ({type(e).__name__}: {e}); start a port-forward "
-            "(kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80) or fix --host"
+            "(kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8888:80) or fix --host"
         ) from e
     if r.status_code >= 400:
         raise SubmitError(

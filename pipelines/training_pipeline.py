@@ -74,7 +74,9 @@ def training_pipeline(
     """Train, gate, export, verify and package a classifier; with ``deploy``, roll it out.
 
     Args:
-        data_source: CSV/Parquet path or URI; empty = sklearn's bundled breast_cancer data.
+        data_source: A CSV/Parquet file: a path (local runs only: the step's container has no
+            other files) or an https:// URL (any run, e.g. an object store's presigned URL); empty =
+            sklearn's bundled breast_cancer data.
         label_column: Name of the label column.
         expected_columns: Comma-separated columns that must be present; empty = no such check.
         min_rows: Fewest rows the data may have.

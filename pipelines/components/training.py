@@ -27,7 +27,9 @@ def load_data(
     """Load sklearn's bundled breast_cancer data (empty source) or a CSV/Parquet file.
 
     Args:
-        source: CSV/Parquet path or URI; empty = sklearn's bundled breast_cancer data.
+        source: A CSV/Parquet file: a path (local runs only: the step's container has no
+            other files) or an https:// URL (any run, e.g. an object store's presigned URL); empty =
+            sklearn's bundled breast_cancer data.
         label_column: Name of the label column.
         model_name: The model's name, checked here (a DNS-1123 label) before any training.
         model_version: The model's version, checked here (semantic version X.Y.Z).

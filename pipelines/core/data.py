@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +24,7 @@ from serving.contract.errors import MlrolloutError
 
 BUNDLED = "sklearn:breast_cancer"
 DEFAULT_LABEL = "target"
+MAX_DOWNLOAD_BYTES = 2 << 30  # a data URL bigger than this is refused (the step's disk is not unbounded)
 
 
 class DataError(MlrolloutError, ValueError):
@@ -27,8 +32,9 @@ class DataError(MlrolloutError, ValueError):
 
 
 def load_dataset(source: str = "", label_column: str = DEFAULT_LABEL) -> pd.DataFrame:
-    """Load sklearn's bundled breast_cancer data (``source`` empty or ``sklearn:breast_cancer``)
-    or a CSV / Parquet file by path. The label column must be present."""
+    """Load sklearn's bundled breast_cancer data (``source`` empty or ``sklearn:breast_cancer``),
+    a CSV / Parquet file by path, or one by ``https://`` URL (e.g. an object store's presigned URL).
+    The label column must be present."""
     source = source.strip()
     if source in ("", BUNDLED):
         from sklearn.datasets import load_breast_cancer
@@ -37,24 +43,13 @@ def load_dataset(source: str = "", label_column: str = DEFAULT_LABEL) -> pd.Data
         df = bunch.frame.rename(columns={"target": label_column})
         class_names = [str(n) for n in bunch.target_names]
         source = BUNDLED
+    elif is_url(source):
+        with tempfile.TemporaryDirectory(prefix="mlrollout-data-") as tmp:
+            df = _read_file(fetch(source, Path(tmp)), public_source(source))
+        source = public_source(source)  # a presigned URL's query is a credential: never recorded
+        class_names = []
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"data file {source!r} does not exist (give a CSV or Parquet path)")
-        suffix = path.suffix.lower()
-        if suffix == ".csv":
-            df = pd.read_csv(path)
-            # pandas renames repeated header names (x, x.1, x.2, ...): check the header as written
-            header = pd.read_csv(path, header=None, nrows=1, dtype=str, na_filter=False)
-            _refuse_duplicate_columns(header.iloc[0].tolist() if len(header) else [], source)
-        elif suffix in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-
-            # pyarrow allows repeated field names; pandas then fails with a multi-line ArrowInvalid
-            _refuse_duplicate_columns(pq.read_schema(path).names, source)
-            df = pd.read_parquet(path)
-        else:
-            raise DataError(f"data file {source!r}: unsupported format {suffix!r} (use .csv or .parquet)")
+        df = _read_file(Path(source), source)
         class_names = []
     _refuse_duplicate_columns([str(c) for c in df.columns], source)
     if label_column not in df.columns:
@@ -66,6 +61,69 @@ def load_dataset(source: str = "", label_column: str = DEFAULT_LABEL) -> pd.Data
     df.columns = [str(c) for c in df.columns]
     df.attrs = {"source": source, "label_column": label_column, "class_names": class_names}
     return df
+
+
+def _read_file(path: Path, source: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"data file {source!r} does not exist (give a CSV or Parquet path)")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        df = pd.read_csv(path)
+        # pandas renames repeated header names (x, x.1, x.2, ...): check the header as written
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, na_filter=False)
+        _refuse_duplicate_columns(header.iloc[0].tolist() if len(header) else [], source)
+    elif suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        # pyarrow allows repeated field names; pandas then fails with a multi-line ArrowInvalid
+        _refuse_duplicate_columns(pq.read_schema(path).names, source)
+        df = pd.read_parquet(path)
+    else:
+        raise DataError(f"data file {source!r}: unsupported format {suffix!r} (use .csv or .parquet)")
+    return df
+
+
+def is_url(source: str) -> bool:
+    return "://" in source and not source.startswith("sklearn:")
+
+
+def public_source(url: str) -> str:
+    """The URL without user info, query or fragment: what may be printed and kept in a model card."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def fetch(url: str, dest_dir: Path, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout_s: float = 60.0) -> Path:
+    """Download ``url`` (https only) into ``dest_dir``; the format comes from the path's suffix."""
+    shown = public_source(url)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https":
+        raise DataError(
+            f"data URL {shown!r}: only https:// URLs are fetched (an s3:// or minio:// URI needs credentials "
+            "the step does not have; plain http can be altered on the way): give a presigned https URL "
+            "(e.g. `mc share download` or `aws s3 presign`)"
+        )
+    suffix = Path(parts.path).suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise DataError(
+            f"data URL {shown!r}: the path must end in .csv or .parquet (the format is taken from it)"
+        )
+    dest = dest_dir / f"data{suffix}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r, open(dest, "wb") as f:
+            got = 0
+            while chunk := r.read(1 << 20):
+                got += len(chunk)
+                if got > max_bytes:
+                    raise DataError(f"data URL {shown!r} is over {max_bytes >> 20} MiB: refused")
+                f.write(chunk)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = (
+            f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        )
+        raise DataError(f"cannot download {shown!r}: {reason}") from None
+    return dest
 
 
 def _refuse_duplicate_columns(names: Iterable[str], source: str) -> None:
