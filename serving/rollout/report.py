@@ -122,7 +122,7 @@ _AXES = {
         "accuracy on labelled feedback; threshold: stable's minus the drop",
     ),
 }
-_REASON_CHARS = 36  # the verdict strip's labels are rotated text: keep each to what fits its height
+_REASON_CHARS = 34  # the verdict strip's labels are rotated text: keep each to what fits its height
 
 
 def _is_value(v: Any) -> bool:
@@ -186,7 +186,10 @@ def describe_failures(record: RolloutRecord) -> str:
     order = failure_order(record)
     if not order:
         return "no gate failed"
-    return ", then ".join(f"{gate} at {t:.1f} s" for t, gate in order)
+    by_time: dict[float, list[str]] = {}
+    for t, gate in order:  # gates that first failed in the same analysis are named together
+        by_time.setdefault(t, []).append(gate)
+    return ", then ".join(f"{' and '.join(gates)} at {t:.1f} s" for t, gates in by_time.items())
 
 
 def _t0(record: RolloutRecord) -> float:
@@ -244,7 +247,7 @@ def _plot_strip(ax, items: list[dict[str, Any]], t0: float) -> None:
     for a in items:
         marker, color, _ = VERDICT_STYLE[a["verdict"]]
         ax.plot(a["t"] - t0, 0, marker, color=color, ms=10)
-        ax.annotate(a["reason"], (a["t"] - t0, 0.25), rotation=90, fontsize=7, ha="center", va="bottom")
+        ax.annotate(a["reason"], (a["t"] - t0, 0.25), rotation=90, fontsize=6.5, ha="center", va="bottom")
     ax.set_ylim(-0.5, 4)
     ax.set_yticks([])
     ax.set_ylabel("analyses")
@@ -253,6 +256,11 @@ def _plot_strip(ax, items: list[dict[str, Any]], t0: float) -> None:
 def _plot_gate(ax, name: str, cfg: dict[str, Any], items, t0: float, threshold: float | None) -> None:
     label, scale, about = _axis(cfg)
     ax.set_yscale(scale)
+    if scale == "log":  # plain numbers (20, 50, 200), not 2x10^1
+        from matplotlib.ticker import FuncFormatter
+
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     pts = [(a["t"] - t0, *a["gates"][name]) for a in items if name in a["gates"]]
     valued = [(x, y, v) for x, y, v, _, _ in pts if y is not None]
     ax.plot([x for x, _, _ in valued], [y for _, y, _ in valued], "-", color="0.7")
@@ -334,7 +342,7 @@ def plot_timeline(
 
     t0, items, cfgs = _t0(record), analyses(record), _gate_cfg(record)
     thresholds = _thresholds(record)
-    ratios = [1.6, 2.0] + [1.3] * (len(panel_names(record)) - 2)
+    ratios = [2.2, 2.0] + [1.3] * (len(panel_names(record)) - 2)
     fig, axes = plt.subplots(
         len(ratios),
         1,

@@ -12,7 +12,7 @@ from serving.rollout.report import (
     short_reason,
     text_report,
 )
-from tests.unit.test_rollout_controller import CANARY, DEAD_ROUTER, GATES, SCRAPE, STABLE, World, make
+from tests.unit.test_rollout_controller import CANARY, DEAD_ROUTER, GATES, GOOD, SCRAPE, STABLE, World, make
 
 
 def test_every_analysis_is_in_the_strip_with_its_verdict_and_reason(tmp_path):
@@ -23,13 +23,18 @@ def test_every_analysis_is_in_the_strip_with_its_verdict_and_reason(tmp_path):
     assert describe_failures(rec) == "success_rate at 10.0 s"
 
 
+def test_gates_failing_in_the_same_analysis_are_named_together(tmp_path):
+    rec = make(tmp_path, World(error_rate=0.2, scores=tuple(reversed(GOOD))))[1].run(max_seconds=30)
+    assert describe_failures(rec) == "drift_js and success_rate at 10.0 s"
+
+
 def test_inconclusive_analyses_say_which_gates_and_why(tmp_path):
     store, c, _ = make(tmp_path, World(rps=0.0), max_inconclusive=2)
     c.run(stop=lambda: store.load().state["phase"] == "Paused", max_seconds=30)
     (first, *_) = analyses(store.load())
     assert first["verdict"] == "inconclusive"
-    assert first["reason"].startswith("inconclusive: 3 gates (fewer than")
-    assert len(first["reason"]) <= 36 and all(g[0] is None for g in first["gates"].values())
+    assert first["reason"].startswith("inconclusive: 3 gates (fewer th")
+    assert len(first["reason"]) <= 34 and all(g[0] is None for g in first["gates"].values())
     assert describe_failures(store.load()) == "no gate failed"
 
 
