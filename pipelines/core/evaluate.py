@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import math
 from dataclasses import asdict, dataclass
@@ -216,18 +217,21 @@ def plots(result: dict[str, Any]) -> dict[str, bytes]:
 
 
 def report_html(result: dict[str, Any], gate_result: dict[str, Any], pngs: dict[str, bytes]) -> str:
-    rows = "".join(f"<tr><td>{k}</td><td>{v:.4f}</td></tr>" for k, v in result["metrics"].items())
+    # class, slice and check names come from the user's data (label values, column names): escaped, so
+    # "mean radius <= 13.59" is valid HTML and a column named "<script>" stays text in the KFP UI
+    esc = html.escape
+    rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4f}</td></tr>" for k, v in result["metrics"].items())
     per_class = "".join(
-        f"<tr><td>{c}</td><td>{v['precision']:.4f}</td><td>{v['recall']:.4f}</td><td>{v['f1']:.4f}</td>"
+        f"<tr><td>{esc(str(c))}</td><td>{v['precision']:.4f}</td><td>{v['recall']:.4f}</td><td>{v['f1']:.4f}</td>"
         f"<td>{v['support']}</td></tr>"
         for c, v in result["per_class"].items()
     )
     slices = "".join(
-        f"<tr><td>{k}</td><td>{v['rows']}</td><td>{v['accuracy']:.4f}</td><td>{v['f1']:.4f}</td></tr>"
+        f"<tr><td>{esc(k)}</td><td>{v['rows']}</td><td>{v['accuracy']:.4f}</td><td>{v['f1']:.4f}</td></tr>"
         for k, v in result["slices"].items()
     )
     checks = "".join(
-        f"<li>{'PASS' if c['passed'] else 'FAIL'}: {c['check']} (got {c['value']:.4f})</li>"
+        f"<li>{'PASS' if c['passed'] else 'FAIL'}: {esc(c['check'])} (got {c['value']:.4f})</li>"
         for c in gate_result["checks"]
     )
     imgs = "".join(

@@ -380,6 +380,8 @@ def test_evaluation_metrics_slices_and_plots(fitted, split):
     assert all(b.startswith(b"\x89PNG") for b in pngs.values())
     html = evaluate.report_html(r, evaluate.gate(r["metrics"]), pngs)
     assert html.count("data:image/png;base64,") == 2
+    # names from the data are escaped: the slice "mean radius <= x" is valid HTML, not a tag
+    assert "<td>mean radius &lt;= " in html and "<td>mean radius <=" not in html
 
 
 def test_gate_thresholds_and_baseline():
