@@ -77,17 +77,22 @@ def text_report(record: RolloutRecord, traffic: Any = None) -> str:
             f"{len(traffic.model_failures(record.stable['version']))} from stable)",
             "  answers by version: "
             + ", ".join(f"{v or '?'}={n}" for v, n in sorted(traffic.by_version().items())),
-            "  canary share of client answers per weight: "
-            + ", ".join(f"{w}% -> {share:.1f}% (n={n})" for _, w, share, n in client_shares(record, traffic)),
+            "  canary share of client answers per weight set (answers from a model, errors included): "
+            + ", ".join(
+                f"{w}%{' after promote' if what == 'promote' else ''} -> {share:.1f}% (n={n})"
+                for _, w, share, n, what in client_shares(record, traffic)
+            ),
         ]
     return "\n".join(lines) + "\n"
 
 
 def client_shares(
     record: RolloutRecord, traffic: Any, guard_s: float = 0.3
-) -> list[tuple[float, int, float, int]]:
-    """Per weight the router was told: (t_mid, weight, canary share of client answers, n), from the
-    ``x-model-version`` header of every answer the traffic generator received."""
+) -> list[tuple[float, int, float, int, str]]:
+    """Per weight the router was told: (t_mid, weight, canary share of client answers, n, action), from
+    the ``x-model-version`` header of every answer a model gave, errors included (a canary answering
+    500 still got its share of the traffic; leaving those out made a 10 % weight read as 6.8 %).
+    Answers without the header (proxy or network failures) are left out: no model was reached."""
     hist = [
         h for h in record.state.get("history", []) if h["action"] in ("set_weight", "promote", "rollback")
     ]
@@ -96,10 +101,10 @@ def client_shares(
     for h, nxt in zip(hist, [*hist[1:], None], strict=True):
         t0 = h["t"] + guard_s
         t1 = nxt["t"] if nxt else max((a.t for a in traffic.answers), default=t0)
-        ok = [a for a in traffic.answers if t0 <= a.t < t1 and a.status == 200]
-        if ok:
-            share = sum(a.version == canary for a in ok) / len(ok)
-            out.append(((t0 + t1) / 2, h["weight"], 100 * share, len(ok)))
+        answered = [a for a in traffic.answers if t0 <= a.t < t1 and a.version]
+        if answered:
+            share = sum(a.version == canary for a in answered) / len(answered)
+            out.append(((t0 + t1) / 2, h["weight"], 100 * share, len(answered), h["action"]))
     return out
 
 

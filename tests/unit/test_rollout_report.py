@@ -7,6 +7,7 @@ from serving.rollout.gates import AccuracyGate
 from serving.rollout.machine import RolloutSpec, decision_line
 from serving.rollout.report import (
     analyses,
+    client_shares,
     describe_failures,
     panel_names,
     short_reason,
@@ -70,3 +71,18 @@ def test_decision_lines_say_their_verb_once(tmp_path):
     assert not any(f"{v}: {v}:" in text for v in ("hold", "rollback", "promote"))
     assert decision_line("pause", "paused by operator") == "pause: paused by operator"
     assert decision_line("hold", "hold: inconclusive 1/3") == "hold: inconclusive 1/3"
+
+
+def test_client_share_counts_every_model_answer_errors_included(tmp_path):
+    from types import SimpleNamespace
+
+    rec = make(tmp_path, World())[1].run(max_seconds=30)
+    start, nxt = rec.state["history"][0]["t"], rec.state["history"][1]["t"]
+    t = (start + nxt) / 2
+    answers = [SimpleNamespace(t=t, status=500, version=CANARY.version)]  # the canary answered, with an error
+    answers += [SimpleNamespace(t=t, status=200, version=STABLE.version)] * 9
+    answers += [
+        SimpleNamespace(t=t, status=503, version="")
+    ] * 5  # the proxy's own failures: no model reached
+    first, *_ = client_shares(rec, SimpleNamespace(answers=answers, total=len(answers)))
+    assert first[1:] == (10, 10.0, 10, "set_weight")
