@@ -22,7 +22,8 @@ REQUEST_DURATION = "mlrollout_request_duration_seconds"  # histogram
 PREDICTION_SCORE = "mlrollout_prediction_score"  # histogram of score() per row
 PREDICTED_CLASS = "mlrollout_predicted_class"  # counter
 FAULT_INJECTION = "mlrollout_fault_injection"  # gauge (test/demo fault knob; 0 = off)
-FEEDBACK = "mlrollout_feedback"  # optional counter of labelled feedback (exported by the caller)
+FEEDBACK = "mlrollout_feedback"  # counter: rows of labelled feedback, by the version that answered
+FEEDBACK_NOT_COUNTED = "mlrollout_feedback_not_counted"  # counter: feedback ids not counted, by reason
 
 # --- sample names (what /metrics shows and PromQL selects)
 REQUESTS_TOTAL = f"{REQUESTS}_total"
@@ -32,6 +33,7 @@ PREDICTION_SCORE_BUCKET = f"{PREDICTION_SCORE}_bucket"
 PREDICTION_SCORE_COUNT = f"{PREDICTION_SCORE}_count"
 PREDICTED_CLASS_TOTAL = f"{PREDICTED_CLASS}_total"
 FEEDBACK_TOTAL = f"{FEEDBACK}_total"
+FEEDBACK_NOT_COUNTED_TOTAL = f"{FEEDBACK_NOT_COUNTED}_total"
 
 # --- label keys
 MODEL = "model"
@@ -41,6 +43,7 @@ STATUS = "status"  # HTTP code or gRPC code name
 CLASS = "class"  # predicted class label
 SETTING = "setting"  # fault injection: "error_rate", "latency_ms"
 OUTCOME = "outcome"  # feedback: CORRECT or INCORRECT
+REASON = "reason"  # feedback not counted: "duplicate", "unknown_id", "expired"
 LE = "le"  # a histogram bucket's upper bound (Prometheus)
 CORRECT, INCORRECT = "correct", "incorrect"
 
@@ -49,6 +52,8 @@ REQUEST_DURATION_LABELS = (MODEL, VERSION, PROTOCOL)
 PREDICTION_SCORE_LABELS = (MODEL, VERSION)
 PREDICTED_CLASS_LABELS = (MODEL, VERSION, CLASS)
 FAULT_INJECTION_LABELS = (SETTING,)
+FEEDBACK_LABELS = (MODEL, VERSION, OUTCOME)
+FEEDBACK_NOT_COUNTED_LABELS = (MODEL, VERSION, REASON)
 
 # --- buckets (upper bounds; Prometheus adds +Inf)
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.10, ..., 1.0

@@ -28,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 
 import orjson
 
-from serving.runtime import core
+from serving.runtime import core, feedback
+from serving.runtime import metrics as runtime_metrics
 from serving.runtime.metrics import exposition
 from serving.runtime.model import InjectedFault, OnnxModel
 
@@ -40,6 +42,8 @@ log = logging.getLogger("kserve.mlrollout")
 
 JSON = b"application/json"
 BINARY_HEADER = b"inference-header-content-length"
+REQUEST_ID_HEADER = b"x-request-id"
+TOKEN_HEADER = b"x-feedback-token"
 # an error echoes at most this much of what the client sent (a 10,000-dimension shape once made a gRPC
 # status larger than its 16 KiB metadata limit: RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT)
 MAX_ERROR_CHARS = 1000
@@ -108,6 +112,42 @@ class RuntimeMiddleware:
         self.metadata_paths = (f"/v2/models/{name}", f"/v2/models/{name}/versions/{version}")
         self.metadata_body = orjson.dumps(core.model_metadata(self.spec))
         self.metrics = model.metrics
+        self._init_feedback()
+
+    # --- feedback (serving.runtime.feedback: the design; README "Feedback") -----------------------------
+
+    def _init_feedback(self) -> None:
+        # serving.runtime.server.main puts a generated key into the environment before any worker
+        # starts, so every worker of one server signs alike; replicas need the shared Secret.
+        key, _ = feedback.resolve_key(os.environ)
+        self.signer = feedback.Signer(key, self.spec.classes)
+        self.ledger = feedback.Ledger()
+        self.feedback_path = f"/v2/models/{self.spec.name}/feedback"
+
+    def _answer_id(self, scope, labels, body_id: str | None = None) -> tuple[str, list]:
+        """The answer's request id and its headers (the id and its feedback token)."""
+        header = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), None)
+        rid = feedback.request_id(header, body_id)
+        token = self.signer.issue(rid, self.spec.version, labels.tolist(), int(time.time() * 1000))
+        return rid, [(REQUEST_ID_HEADER, rid.encode()), (TOKEN_HEADER, token.encode())]
+
+    async def _feedback(self, scope, receive, send) -> None:
+        """``POST /v2/models/<name>/feedback``: validate the whole request, then count it (atomic)."""
+        if scope["method"] != "POST":
+            return await self._post_only(send, scope["method"], scope["path"])
+        try:
+            body, held = await self._read_body(scope, receive)
+        except core.InputError as e:
+            return await self._respond(send, e.status, _error_body(e.message), close=True)
+        try:
+            items = feedback.parse(self._loads(body), self.signer)
+        except core.InputError as e:
+            return await self._respond(send, e.status, _error_body(e.message))
+        finally:
+            self.budget.give(held)
+        tally = feedback.count(items, self.ledger, int(time.time() * 1000))
+        runtime_metrics.feedback(self.spec.name, self.spec.version, tally)
+        return await self._respond(send, 200, orjson.dumps(tally.body()))
 
     # --- ASGI entry ---------------------------------------------------------------------------------------
 
@@ -137,6 +177,8 @@ class RuntimeMiddleware:
             return await self._respond(send, 200 if ready else 503, body)
         if path in self.metadata_paths and method == "GET":
             return await self._respond(send, 200, self.metadata_body)
+        if path == self.feedback_path:
+            return await self._feedback(scope, receive, send)
         protocol = self._inference_protocol(path)
         if protocol is None:
             return await self._not_ours(scope, receive, send, path, method)
@@ -144,12 +186,7 @@ class RuntimeMiddleware:
         try:
             if method != "POST":
                 status[0] = 405
-                return await self._respond(
-                    send,
-                    405,
-                    _error_body(f"{method} is not allowed on {path}: use POST"),
-                    extra=[(b"allow", b"POST")],
-                )
+                return await self._post_only(send, method, path)
             try:
                 body, held = await self._read_body(scope, receive)
             except core.InputError as e:
@@ -302,6 +339,14 @@ class RuntimeMiddleware:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
+    async def _post_only(self, send, method: str, path: str) -> None:
+        await self._respond(
+            send,
+            405,
+            _error_body(f"{method} is not allowed on {path}: use POST"),
+            extra=[(b"allow", b"POST")],
+        )
+
     async def _metrics(self, scope, send) -> None:
         accept = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"accept"), None)
         body, content_type = exposition(accept)
@@ -323,8 +368,8 @@ class RuntimeMiddleware:
                         json_len = -1
                     break
             if protocol == "v1":
-                return await self._v1(send, body)
-            return await self._v2(send, body, json_len)
+                return await self._v1(scope, send, body)
+            return await self._v2(scope, send, body, json_len)
         except core.InputError as e:
             await self._respond(send, e.status, _error_body(e.message))
             return e.status
@@ -345,16 +390,17 @@ class RuntimeMiddleware:
         except orjson.JSONDecodeError as e:
             raise core.InputError(f"request body is not valid JSON: {e}") from None
 
-    async def _v1(self, send, body: bytes) -> int:
+    async def _v1(self, scope, send, body: bytes) -> int:
         doc = self._loads(body)
         maybe_bool = b"true" in body or b"false" in body
         x, want = core.parse_v1(doc, self.spec, self.model.max_batch_size, maybe_bool=maybe_bool)
         labels, proba = await self.model.infer(x)
+        _, ids = self._answer_id(scope, labels)
         answer = core.v1_response(labels, proba, want, self.spec.class_names)
-        await self._respond(send, 200, orjson.dumps(answer))
+        await self._respond(send, 200, orjson.dumps(answer), extra=ids)
         return 200
 
-    async def _v2(self, send, body: bytes, json_len: int | None) -> int:
+    async def _v2(self, scope, send, body: bytes, json_len: int | None) -> int:
         raw = None
         if json_len is not None:
             if not 0 < json_len <= len(body):
@@ -366,6 +412,7 @@ class RuntimeMiddleware:
         maybe_bool = b"true" in body or b"false" in body
         req = core.parse_v2(doc, self.spec, self.model.max_batch_size, raw=raw, maybe_bool=maybe_bool)
         labels, proba = await self.model.infer(req.x)
+        req.id, ids = self._answer_id(scope, labels, req.id)
         response, raws = core.v2_response(self.spec, req, core.output_arrays(labels, proba))
         head = orjson.dumps(response)
         if raws:
@@ -374,10 +421,10 @@ class RuntimeMiddleware:
                 200,
                 b"".join([head, *raws]),
                 b"application/octet-stream",
-                extra=[(BINARY_HEADER, str(len(head)).encode())],
+                extra=[(BINARY_HEADER, str(len(head)).encode()), *ids],
             )
         else:
-            await self._respond(send, 200, head)
+            await self._respond(send, 200, head, extra=ids)
         return 200
 
 

@@ -42,6 +42,30 @@ PREDICTED_CLASS = Counter(
     "Predicted rows by class label",
     signals.PREDICTED_CLASS_LABELS,
 )
+FEEDBACK = Counter(
+    signals.FEEDBACK,
+    "Rows of labelled feedback counted by this replica, by the version that answered and outcome "
+    "(correct/incorrect): the accuracy gate's input",
+    signals.FEEDBACK_LABELS,
+)
+FEEDBACK_NOT_COUNTED = Counter(
+    signals.FEEDBACK_NOT_COUNTED,
+    "Feedback ids this replica did not count, by reason: duplicate, unknown_id (the token does not "
+    "verify), expired (older than the feedback TTL or than what the replica remembers)",
+    signals.FEEDBACK_NOT_COUNTED_LABELS,
+)
+
+
+def feedback(name: str, own_version: str, tally) -> None:
+    """Export one feedback request's :class:`serving.runtime.feedback.Tally`: counted rows under the
+    version that answered (the token's); ids not counted under theirs, or this replica's when the
+    token did not verify."""
+    for outcome, by_version in ((signals.CORRECT, tally.correct), (signals.INCORRECT, tally.incorrect)):
+        for version, n in by_version.items():
+            FEEDBACK.labels(name, version, outcome).inc(n)
+    for reason, ids in tally.not_counted.items():
+        for _, version in ids:
+            FEEDBACK_NOT_COUNTED.labels(name, version or own_version, reason).inc()
 
 
 def set_fault_injection(error_rate: float, latency_ms: float) -> None:

@@ -45,6 +45,7 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 
 from serving.contract import signals
 from serving.contract.modelcard import ModelPackageError
+from serving.runtime import feedback
 from serving.runtime import kserve_compat as compat
 from serving.runtime.asgi import RuntimeMiddleware, bounded
 from serving.runtime.metrics import set_fault_injection
@@ -449,6 +450,24 @@ def default_max_connections() -> int:
     return max(16, min(1000, soft - 128))
 
 
+def feedback_key_ready() -> bool:
+    """Check the feedback key, or make one: put into the environment before any --workers process is
+    spawned, so every worker of this server signs alike (replicas need the shared Secret instead)."""
+    try:
+        key, generated = feedback.resolve_key(os.environ)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    if generated:
+        os.environ[feedback.KEY_ENV] = key.decode()
+        log.warning(
+            "%s is not set: a key of this server's own signs feedback tokens, so feedback verifies only "
+            "here; give every replica the same key (a Secret) to take feedback on any of them",
+            feedback.KEY_ENV,
+        )
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # kserve.model_server parsed sys.argv on import with its own parser, where argparse may read one of
@@ -467,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         faults = Faults.from_env() if args.enable_fault_injection else Faults()
     except ValueError as e:
         print(f"error: fault-injection setting: {e}", file=sys.stderr)
+        return 2
+    if not feedback_key_ready():
         return 2
     for flag, port in (
         ("--http_port", args.http_port),

@@ -436,6 +436,7 @@ def test_32_concurrent_clients_for_20_seconds_see_no_failure(server, data, refer
 def test_two_workers_share_one_metrics_view(model_package):
     with RuntimeServer(model_package, args=("--workers", "2"), ready_timeout=90) as srv:
         with httpx.Client(timeout=10) as http:  # new connections: spread over both worker processes
+            answers = []
             for _ in range(30):
                 r = http.post(
                     f"{srv.url}/v1/models/{srv.name}:predict",
@@ -443,9 +444,19 @@ def test_two_workers_share_one_metrics_view(model_package):
                     headers={"connection": "close"},
                 )
                 assert r.status_code == 200
+                answers.append((r.headers["x-request-id"], r.headers["x-feedback-token"]))
+            # one feedback key for all workers (made before they start): any worker verifies any token
+            for rid, token in answers:
+                r = http.post(
+                    f"{srv.url}/v2/models/{srv.name}/feedback",
+                    json={"feedback": [{"id": rid, "token": token, "label": 0}]},
+                    headers={"connection": "close"},
+                )
+                assert r.status_code == 200 and r.json()["unknown"] == [], r.text
         samples = _metric_samples(srv)
         assert _value(samples, signals.REQUESTS_TOTAL, protocol="v1", status="200") == 30
         assert _value(samples, signals.PREDICTION_SCORE_COUNT) == 30
+        assert _value(samples, signals.FEEDBACK_TOTAL) == 30
 
 
 def test_every_protocol_gives_the_same_predictions(model_package, data, reference):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import threading
@@ -29,6 +30,7 @@ from serving.demo.localstack.procs import REGISTRY, ProcessRegistry
 from serving.rollout.metrics import MetricsProvider, PrometheusProvider, ScrapeProvider, Target
 from serving.rollout.routers import HAProxyRuntimeAPI, LocalProxyRouter, RouterError
 from serving.runtime.client import RuntimeServer, free_port
+from serving.runtime.feedback import KEY_ENV as FEEDBACK_KEY_ENV
 
 HAPROXY = os.environ.get("MLROLLOUT_HAPROXY", "/usr/sbin/haproxy")
 PROMETHEUS = os.environ.get("MLROLLOUT_PROMETHEUS", "/usr/bin/prometheus")
@@ -146,6 +148,7 @@ class LocalStack:
         self._haproxy = self._prometheus = None
         self.proxy_port = self.stats_port = self.prometheus_port = 0
         self.haproxy_socket = self.workdir / "haproxy.sock"
+        self.feedback_key = secrets.token_hex(32)
 
     # ----------------------------------------------------------------- addresses
     @property
@@ -179,6 +182,8 @@ class LocalStack:
     def _runtime(self, pkg: Path, env: dict[str, str], side: str) -> RuntimeServer:
         # injected faults (the demo's bad canaries) need the runtime's explicit opt-in flag
         args = ["--enable_fault_injection"] if any(k.startswith("MLROLLOUT_FAULT_") for k in env) else []
+        # one feedback key for both sides: feedback sent through the proxy may reach either runtime
+        env = {FEEDBACK_KEY_ENV: self.feedback_key, **env}
         srv = RuntimeServer(pkg, name=self.model, env=env, args=args)
         srv.start()
         self.registry.track(f"runtime-{side}", srv.proc)

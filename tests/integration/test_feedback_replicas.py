@@ -1,0 +1,136 @@
+"""Feedback with two runtime replicas behind the local stack's HAProxy (real processes, real HTTP).
+
+Both replicas serve the same version with the stack's shared feedback key, HAProxy balances 50/50
+round robin, so answers and their feedback land on different replicas. The accuracy gate's reading
+(``parse_exposition`` of each replica's ``/metrics``, summed) must equal the labels sent; repeats to
+the replica that counted them are duplicates; bad tokens are unknown ids; malformed feedback is a
+400 naming the problem; feedback for a replica that has since stopped is counted by the other one.
+"""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.contract import signals
+from serving.demo.localstack import LocalStack
+from serving.rollout.metrics import Target
+from serving.rollout.metrics.scrape import parse_exposition
+from tests.modelfactory import breast_cancer
+
+pytestmark = pytest.mark.integration
+
+
+def _not_counted(text: str, reason: str) -> float:
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == signals.FEEDBACK_NOT_COUNTED_TOTAL and s.labels[signals.REASON] == reason
+    )
+
+
+def test_feedback_across_two_replicas_behind_haproxy(model_package, tmp_path):
+    X, y, _, _ = breast_cancer()
+    rng = np.random.default_rng(3)
+    with LocalStack(model_package, model_package, tmp_path, prometheus=False, log=lambda *_: None) as stack:
+        stack.router().set_weights(50, 50)
+        infer = f"{stack.proxy_url}/v2/models/{stack.model}/infer"
+        fb_url = f"{stack.proxy_url}/v2/models/{stack.model}/feedback"
+        answers = []  # (id, token, predicted, served_by)
+        with httpx.Client(timeout=10) as c:
+            for i in range(30):
+                idx = rng.integers(0, len(X), 1 + i % 3)
+                body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [len(idx), X.shape[1]]}]}
+                body["inputs"][0]["data"] = X[idx].ravel().tolist()
+                headers = {"x-request-id": f"hdr-{i}"} if i % 3 == 0 else {}
+                if i % 3 == 1:
+                    body["id"] = f"body-{i}"
+                r = c.post(infer, json=body, headers=headers)
+                assert r.status_code == 200, r.text
+                rid = r.headers["x-request-id"]
+                assert r.json()["id"] == rid, "the V2 JSON id is the request id"
+                if i % 3 == 0:
+                    assert rid == f"hdr-{i}"
+                elif i % 3 == 1:
+                    assert rid == f"body-{i}"
+                pred = r.json()["outputs"][0]["data"]
+                answers.append((rid, r.headers["x-feedback-token"], pred, idx, r.headers["x-served-by"]))
+            ids = {a[0] for a in answers}
+            assert len(ids) == 30, "a made-up id is unique"
+            assert {a[4] for a in answers} == {"stable", "canary"}, "both replicas answered"
+            v1 = c.post(
+                f"{stack.proxy_url}/v1/models/{stack.model}:predict",
+                json={"instances": X[:1].tolist()},
+                headers={"x-request-id": "v1-req"},
+            )
+            assert v1.headers["x-request-id"] == "v1-req" and v1.headers["x-feedback-token"]
+
+            # the truth for most rows, a flipped label for every fifth answer: incorrect is not zero
+            items, correct, total = [], 0, 0
+            for k, (rid, token, pred, idx, _) in enumerate(answers):
+                truth = [int(v) if k % 5 else 1 - int(v) for v in y[idx]]
+                items.append({"id": rid, "token": token, "labels": truth})
+                correct += sum(p == t for p, t in zip(pred, truth, strict=True))
+                total += len(truth)
+            late = [it for it, a in zip(items, answers, strict=True) if a[4] == "canary"][-3:]
+            now = [it for it in items if it not in late]
+            counted_by = {}
+            for chunk in (now[i::4] for i in range(4)):
+                r = c.post(fb_url, json={"feedback": chunk})
+                assert r.status_code == 200, r.text
+                assert r.json()["duplicate"] == [] and r.json()["unknown"] == []
+                counted_by.update({it["id"]: r.headers["x-served-by"] for it in chunk})
+            assert set(counted_by.values()) == {"stable", "canary"}, "both replicas took feedback"
+
+            # repeats to the replica that counted them, and a repeat inside one request: not counted
+            for side in ("stable", "canary"):
+                mine = [it for it in now if counted_by[it["id"]] == side]
+                srv = stack.stable if side == "stable" else stack.canary
+                r = c.post(f"{srv.url}/v2/models/{stack.model}/feedback", json={"feedback": mine + mine[:1]})
+                assert r.status_code == 200 and r.json()["duplicate"] == [it["id"] for it in mine + mine[:1]]
+                assert r.json()["correct"] == r.json()["incorrect"] == 0
+
+            # unknown ids: a token that is not one, another answer's token under this id
+            unknown = [
+                {"id": "nope", "token": "v1.AAAA.AAAA", "label": 0},
+                {"id": "hdr-0x", "token": answers[0][1], "labels": items[0]["labels"]},
+            ]
+            for it in unknown:
+                r = c.post(fb_url, json={"feedback": [it]})
+                assert r.status_code == 200 and r.json()["unknown"] == [it["id"]], r.text
+
+            # malformed: refused whole with a 400 naming the problem, nothing counted
+            for doc, message in [
+                ({"feedback": [{**items[0], "extra": 1}]}, "feedback[0] has unknown field(s) ['extra']"),
+                ({"feedback": [{**items[1], "labels": [7] * len(items[1]["labels"])}]}, "not one of"),
+                ({"feedback": [items[2], {"id": 5, "token": "t", "label": 0}]}, "feedback[1].id must be"),
+                ({"feedback": items[:1] * 1001}, "over the maximum of 1000"),
+                ({"labels": []}, "unknown field(s) ['labels']"),
+            ]:
+                r = c.post(fb_url, json=doc)
+                assert r.status_code == 400 and message in r.json()["error"], (message, r.text)
+            assert c.post(fb_url, content=b"{").status_code == 400
+            assert c.get(fb_url).status_code == 405
+
+            def gate_reading(srv) -> tuple[float, float, str]:
+                text = srv.metrics_text()
+                snap = parse_exposition(text, Target(stack.model, srv.version, f"{srv.url}/metrics"))
+                return snap.labelled_correct, snap.labelled_total, text
+
+            # late: the canary that answered these is gone; the stable replica counts their feedback
+            canary_correct, canary_total, canary_text = gate_reading(stack.canary)
+            stack.router().set_weights(100, 0)
+            stack.canary.stop()
+            r = c.post(fb_url, json={"feedback": late})
+            assert r.status_code == 200 and r.headers["x-served-by"] == "stable", r.text
+            assert r.json()["correct"] + r.json()["incorrect"] == sum(len(it["labels"]) for it in late)
+            stable_correct, stable_total, stable_text = gate_reading(stack.stable)
+
+    assert (stable_correct + canary_correct, stable_total + canary_total) == (correct, total)
+    assert 0 < correct < total
+    dups = len(now) + 2
+    assert _not_counted(stable_text, "duplicate") + _not_counted(canary_text, "duplicate") == dups
+    assert _not_counted(stable_text, "unknown_id") + _not_counted(canary_text, "unknown_id") == 2
