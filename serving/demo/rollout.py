@@ -131,13 +131,14 @@ def rollout_once(
             c = ctl.Controller(
                 store,
                 router=stack.router(),
-                provider=stack.provider(),
-                labelled=tg.labelled if y is not None else None,
+                provider=stack.provider(),  # accuracy too: the runtimes count tg's feedback
                 log=log,
             )
             rec = c.run(max_seconds=interval_s * (len(steps) * 7 + 4) + 30)
             time.sleep(min(interval_s, 2.0))  # traffic after the final decision: stable keeps serving
         traffic = tg.result()
+    if y is not None:
+        log(f"feedback sent through the proxy, as the endpoint answered: {dict(traffic.feedback)}")
     txt, png = write_report(rec, out, stem, traffic=traffic)
     return {
         "record": rec,

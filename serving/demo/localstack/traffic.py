@@ -3,10 +3,15 @@
 Sends V2 (Open Inference Protocol) requests of ``batch`` rows through the proxy, at most
 ``max_requests`` and for at most ``max_seconds``, at about ``rps`` requests per second from
 ``concurrency`` keep-alive clients. For every request it records the time, HTTP status, the
-``x-model-version`` header (which side answered), latency, and, when rows carry labels, how many
-predictions were right: that is the labelled feedback the accuracy gate reads, and the record
-that proves "no failed request was caused by a weight change" (a failure *without* a version
-header came from the proxy or the network, not from a model).
+``x-model-version`` header (which side answered) and latency: the record that proves "no failed
+request was caused by a weight change" (a failure *without* a version header came from the proxy or
+the network, not from a model).
+
+When rows carry labels it is also the ground-truth caller: it sends each answer's label back through
+the proxy to ``POST /v2/models/<name>/feedback`` with the answer's ``x-request-id`` and
+``x-feedback-token`` (``feedback_batch`` answers per request), as a real client would; the runtimes
+count it and the accuracy gate reads those counters from the metrics backend. What the endpoint
+answered is summed in :attr:`TrafficResult.feedback`.
 """
 
 from __future__ import annotations
@@ -26,14 +31,15 @@ class Answer:
     status: int  # HTTP status, 0 for a transport error
     version: str  # x-model-version, "" when absent
     latency_s: float
-    correct: int = 0
-    labelled: int = 0
     error: str = ""
 
 
 @dataclass
 class TrafficResult:
     answers: list[Answer] = field(default_factory=list)
+    # what the feedback endpoint answered, summed: rows "correct"/"incorrect", ids "duplicate"/
+    # "unknown"/"expired" (not counted), "failed" (feedback requests that were not a 200)
+    feedback: Counter = field(default_factory=Counter)
 
     def window(self, t0: float, t1: float) -> TrafficResult:
         return TrafficResult([a for a in self.answers if t0 <= a.t < t1])
@@ -55,10 +61,6 @@ class TrafficResult:
     def model_failures(self, version: str) -> list[Answer]:
         return [a for a in self.answers if a.status != 200 and a.version == version]
 
-    def labelled(self, version: str) -> tuple[float, float]:
-        ok = [a for a in self.answers if a.version == version and a.status == 200]
-        return float(sum(a.correct for a in ok)), float(sum(a.labelled for a in ok))
-
 
 class TrafficGenerator:
     def __init__(
@@ -76,10 +78,14 @@ class TrafficGenerator:
         input_name: str = "input",
         timeout_s: float = 10.0,
         seed: int = 0,
+        feedback_batch: int = 8,
     ):
         if len(x) == 0:
             raise ValueError("the traffic generator needs at least one input row")
         self.url = f"{url.rstrip('/')}/v2/models/{model}/infer"
+        self.feedback_url = f"{url.rstrip('/')}/v2/models/{model}/feedback"
+        self.feedback_batch = feedback_batch
+        self._feedback: Counter = Counter()
         self.x, self.y = np.asarray(x, dtype=np.float32), None if y is None else np.asarray(y)
         self.rps, self.concurrency, self.batch = rps, concurrency, batch
         self.max_requests, self.max_seconds = max_requests, max_seconds
@@ -120,11 +126,7 @@ class TrafficGenerator:
 
     def result(self) -> TrafficResult:
         with self._lock:
-            return TrafficResult(sorted(self._answers, key=lambda a: a.t))
-
-    def labelled(self, version: str) -> tuple[float, float]:
-        """Cumulative (correct, total) labelled predictions answered by ``version`` (accuracy gate feed)."""
-        return self.result().labelled(version)
+            return TrafficResult(sorted(self._answers, key=lambda a: a.t), Counter(self._feedback))
 
     # ----------------------------------------------------------------- work
     def _next_slot(self) -> float | None:
@@ -153,32 +155,59 @@ class TrafficGenerator:
 
     def _worker(self, i: int) -> None:
         deadline = self._t0 + self.max_seconds
+        pending: list[dict] = []  # feedback items not sent yet
         with httpx.Client(timeout=self.timeout_s) as client:
-            while not self._stop.is_set():
-                slot = self._next_slot()
-                if slot is None or slot >= deadline:
-                    return
-                delay = slot - time.monotonic()
-                if delay > 0 and self._stop.wait(delay):
-                    return
-                body, labels = self._body()
-                t = time.time()
-                t_start = time.perf_counter()
-                try:
-                    r = client.post(self.url, json=body)
-                    status, version, err = r.status_code, r.headers.get("x-model-version", ""), ""
-                except httpx.HTTPError as e:
-                    r, status, version, err = None, 0, "", f"{type(e).__name__}: {e}"
-                latency = time.perf_counter() - t_start
-                correct = labelled = 0
-                if r is not None and status == 200 and labels is not None:
-                    try:
-                        out = {o["name"]: o["data"] for o in r.json()["outputs"]}
-                        pred = np.asarray(out["label"])
-                        correct, labelled = int((pred == labels).sum()), len(labels)
-                    except (ValueError, KeyError) as e:
-                        err = f"unreadable answer: {e}"
-                elif r is not None and status != 200:
-                    err = r.text[:200]
-                with self._lock:
-                    self._answers.append(Answer(t, status, version, latency, correct, labelled, err))
+            try:
+                while not self._stop.is_set():
+                    slot = self._next_slot()
+                    if slot is None or slot >= deadline:
+                        return
+                    delay = slot - time.monotonic()
+                    if delay > 0 and self._stop.wait(delay):
+                        return
+                    self._one(client, pending)
+                    if len(pending) >= self.feedback_batch:
+                        self._send_feedback(client, pending)
+            finally:
+                self._send_feedback(client, pending)
+
+    def _one(self, client: httpx.Client, pending: list[dict]) -> None:
+        body, labels = self._body()
+        t = time.time()
+        t_start = time.perf_counter()
+        try:
+            r = client.post(self.url, json=body)
+            status, version, err = r.status_code, r.headers.get("x-model-version", ""), ""
+        except httpx.HTTPError as e:
+            r, status, version, err = None, 0, "", f"{type(e).__name__}: {e}"
+        latency = time.perf_counter() - t_start
+        if r is not None and status == 200 and labels is not None:
+            rid, token = r.headers.get("x-request-id"), r.headers.get("x-feedback-token")
+            if rid and token:
+                pending.append({"id": rid, "token": token, "labels": labels.tolist()})
+            else:
+                err = "answer without x-request-id / x-feedback-token: no feedback possible"
+        elif r is not None and status != 200:
+            err = r.text[:200]
+        with self._lock:
+            self._answers.append(Answer(t, status, version, latency, err))
+
+    def _send_feedback(self, client: httpx.Client, pending: list[dict]) -> None:
+        if not pending:
+            return
+        items = pending[:]
+        pending.clear()
+        try:
+            r = client.post(self.feedback_url, json={"feedback": items})
+            ok = r.status_code == 200
+            got = r.json() if ok else {}
+        except (httpx.HTTPError, ValueError):
+            ok, got = False, {}
+        with self._lock:
+            if not ok:
+                self._feedback["failed"] += 1
+                return
+            for k in ("correct", "incorrect"):
+                self._feedback[k] += int(got.get(k, 0))
+            for k in ("duplicate", "unknown", "expired"):
+                self._feedback[k] += len(got.get(k, ()))
