@@ -131,6 +131,17 @@ class RuntimeMiddleware:
         token = self.signer.issue(rid, self.spec.version, labels.tolist(), int(time.time() * 1000))
         return rid, [(REQUEST_ID_HEADER, rid.encode()), (TOKEN_HEADER, token.encode())]
 
+    @staticmethod
+    def _error_id(scope) -> list:
+        """A refused or failed answer's id: the caller's when it is a valid one, else a made one (no
+        token: there is no prediction to give feedback on)."""
+        header = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), None)
+        try:
+            rid = feedback.request_id(header)
+        except core.InputError:
+            rid = feedback.request_id(None)
+        return [(REQUEST_ID_HEADER, rid.encode())]
+
     async def _feedback(self, scope, receive, send) -> None:
         """``POST /v2/models/<name>/feedback``: validate the whole request, then count it (atomic)."""
         if scope["method"] != "POST":
@@ -371,14 +382,15 @@ class RuntimeMiddleware:
                 return await self._v1(scope, send, body)
             return await self._v2(scope, send, body, json_len)
         except core.InputError as e:
-            await self._respond(send, e.status, _error_body(e.message))
+            await self._respond(send, e.status, _error_body(e.message), extra=self._error_id(scope))
             return e.status
         except InjectedFault as e:
-            await self._respond(send, 500, _error_body(str(e)))
+            await self._respond(send, 500, _error_body(str(e)), extra=self._error_id(scope))
             return 500
         except Exception as e:  # an unexpected fault is a 500 and is logged; the server stays up
             log.exception("inference failed")
-            await self._respond(send, 500, _error_body(f"internal error: {type(e).__name__}: {e}"))
+            body = _error_body(f"internal error: {type(e).__name__}: {e}")
+            await self._respond(send, 500, body, extra=self._error_id(scope))
             return 500
 
     @staticmethod

@@ -101,6 +101,15 @@ def test_feedback_across_two_replicas_behind_haproxy(stack):
             headers={"x-request-id": "v1-req"},
         )
         assert v1.headers["x-request-id"] == "v1-req" and v1.headers["x-feedback-token"]
+        # refusals carry the id too (no token: nothing was predicted); a bad id is a 400 naming it
+        bad = c.post(infer, json={"inputs": []}, headers={"x-request-id": "bad-1"})
+        assert bad.status_code == 400 and bad.headers["x-request-id"] == "bad-1"
+        assert "x-feedback-token" not in bad.headers
+        one = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30], "data": X[0].tolist()}]}
+        bad = c.post(infer, json=one, headers={"x-request-id": "x" * 129})
+        assert bad.status_code == 400 and "header x-request-id must be 1-128" in bad.json()["error"]
+        bad = c.post(infer, json={**one, "id": "b"}, headers={"x-request-id": "a"})
+        assert bad.status_code == 400 and "differ" in bad.json()["error"]
 
         # the truth for most rows, a flipped label for every fifth answer: incorrect is not zero
         items, correct, total = [], 0, 0
