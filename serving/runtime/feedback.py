@@ -27,8 +27,8 @@ import binascii
 import hashlib
 import heapq
 import hmac
+import os
 import secrets
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +81,9 @@ def request_id(header: bytes | None, body_id: str | None = None) -> str:
                 "send one, or the same in both"
             )
         return body_id
-    return hid if hid is not None else uuid.uuid4().hex
+    return (
+        hid if hid is not None else os.urandom(16).hex()
+    )  # uuid4().hex's 128 bits, at a quarter of its cost
 
 
 def _b64(b: bytes) -> str:
@@ -104,12 +106,14 @@ class Answer:
 
 class Signer:
     def __init__(self, key: bytes, classes: Sequence[Any]):
-        self._key = key
+        self._base = hmac.new(key, digestmod=hashlib.sha256)  # keyed once; copied per token
         self.classes = tuple(classes)
         self._index = {_class_key(c): i for i, c in enumerate(self.classes)}
 
     def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, payload, hashlib.sha256).digest()[:16]
+        h = self._base.copy()
+        h.update(payload)
+        return h.digest()[:16]
 
     def issue(self, rid: str, version: str, predicted: Sequence[Any], now_ms: int) -> str:
         """The token for one answer (``predicted``: its labels, one per row)."""
