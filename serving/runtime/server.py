@@ -487,8 +487,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: fault-injection setting: {e}", file=sys.stderr)
         return 2
-    if not feedback_key_ready():
-        return 2
     for flag, port in (
         ("--http_port", args.http_port),
         ("--grpc_port", args.grpc_port if args.enable_grpc else None),
@@ -503,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+    if not feedback_key_ready():  # after the checks above: a refused start-up stays one line
+        return 2
     runtime = {
         "max_body_bytes": args.max_body_bytes,
         "body_timeout_s": args.body_timeout,

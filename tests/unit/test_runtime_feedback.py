@@ -136,3 +136,17 @@ def test_a_short_key_is_refused_and_none_is_generated():
     assert fb.resolve_key({fb.KEY_ENV: "k" * 16}) == (b"k" * 16, False)
     key, generated = fb.resolve_key({})
     assert generated and len(key) == 64
+
+
+def test_server_start_up_refuses_a_short_key_in_one_line_and_shares_a_made_one(monkeypatch, capsys):
+    from serving.runtime import server
+
+    monkeypatch.setenv(fb.KEY_ENV, "short")
+    assert not server.feedback_key_ready()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {fb.KEY_ENV} must be at least 16 bytes (got 5)"
+    ]
+    monkeypatch.delenv(fb.KEY_ENV)
+    assert server.feedback_key_ready()
+    made = server.os.environ[fb.KEY_ENV]  # inherited by every --workers process spawned after this
+    assert len(made) == 64 and fb.resolve_key(server.os.environ) == (made.encode(), False)
