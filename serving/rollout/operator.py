@@ -45,7 +45,7 @@ from typing import Any
 
 from serving.contract.errors import MlrolloutError
 from serving.rollout import controller as ctl
-from serving.rollout import crd, gitops, kube
+from serving.rollout import crd, gitops, health, kube
 from serving.rollout.crstore import ModelRolloutStatusStore
 from serving.rollout.gates import DEFAULTS as GATE_DEFAULTS
 from serving.rollout.gates import GateResult
@@ -439,14 +439,12 @@ class Operator:
 
     # ------------------------------------------------------------------ running
     def run(self) -> None:
-        if self.s.metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            start_http_server(self.s.metrics_port, registry=self.metrics.registry)
         threads = [
             threading.Thread(target=self.elector.run, args=(self.stop,), name="lease", daemon=True),
             threading.Thread(target=self._watch_loop, name="watch", daemon=True),
         ]
+        if self.s.metrics_port is not None:
+            health.serve(self.s.metrics_port, self.metrics.registry, lambda: self.problem(threads))
         for t in threads:
             t.start()
         was_leading = False
@@ -469,6 +467,11 @@ class Operator:
             for t in list(self.workers.values()):
                 t.join(timeout=10)
             threads[0].join(timeout=5)
+
+    def problem(self, threads: list[threading.Thread]) -> str | None:
+        """What /healthz reports: None while the lease and watch threads run (leading or not)."""
+        dead = [t.name for t in threads if t.ident is not None and not t.is_alive()]
+        return f"thread(s) {', '.join(dead)} stopped" if dead else None
 
     def shutdown(self) -> None:
         self.stop.set()
