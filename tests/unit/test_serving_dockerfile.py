@@ -212,13 +212,17 @@ def test_every_copied_source_exists_and_the_runtime_code_is_in_the_image(stages)
         assert (ROOT / src).exists(), f"COPY source {src} does not exist"
     # packages are copied as folders, not file by file
     assert "serving/contract/" in copied and "serving/runtime/" in copied
+    # the operator (helm/mlrollout-operator runs `python -m serving.rollout operator` from this image)
+    assert "serving/rollout/" in copied
     assert "serving/__main__.py" in copied and "serving/__init__.py" in copied
     folders = [src for src in copied if (ROOT / src).is_dir()]
     files = {src for src in copied if (ROOT / src).is_file()}
     # every project module the runtime imports (from serving/__main__.py and serving/runtime, followed
     # transitively, imports inside functions included) is in a copied folder or is a copied file
     for module, path in _project_imports(
-        ROOT / "serving" / "__main__.py", *(ROOT / "serving" / "runtime").glob("*.py")
+        ROOT / "serving" / "__main__.py",
+        *(ROOT / "serving" / "runtime").glob("*.py"),
+        *(ROOT / "serving" / "rollout").rglob("*.py"),
     ).items():
         rel = path.relative_to(ROOT).as_posix()
         inside = rel in files or any(rel.startswith(f.rstrip("/") + "/") for f in folders)
