@@ -42,6 +42,16 @@ class Tools:
             raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
 
+    def assert_refused(self, chart: Path, release: str, namespace: str, sets: list[str], message: str) -> str:
+        """``helm template`` with ``--set sets`` fails and says ``message``; returns what it printed."""
+        args: list[str | Path] = [self.helm, "template", release, chart, "--namespace", namespace]
+        for s in sets:
+            args += ["--set", s]
+        proc = self.run(*args)
+        assert proc.returncode != 0, f"helm template accepted {sets}"
+        assert message in proc.stderr, proc.stderr
+        return proc.stdout
+
 
 @pytest.fixture(scope="session")
 def tools() -> Tools:

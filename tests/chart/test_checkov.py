@@ -6,7 +6,8 @@ install takes ~2 minutes, too long for every `make test`. Without it this test s
 
 checkov inspects Pods/workloads, RBAC, ServiceAccounts and NetworkPolicy coverage; it does not look
 inside InferenceService or ClusterServingRuntime (see test_chart.py / test_manifests.py for those).
-The only skips are the four documented on the helm-test Pod (`checkov.io/skipN` annotations).
+The operator chart (helm/mlrollout-operator, its ci/ values: the image pinned by digest) is scanned too.
+The only skips are the four documented on each helm-test Pod (`checkov.io/skipN` annotations).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ pytestmark = pytest.mark.chart
 
 CHECKOV = ROOT / ".tools" / "checkov" / "bin" / "checkov"
 ALLOWED_SKIPS = {"CKV_K8S_8", "CKV_K8S_9", "CKV_K8S_15", "CKV_K8S_43"}
+OPERATOR_CHART = ROOT / "helm" / "mlrollout-operator"
+TEST_PODS = ("-test-predict", "-test-health")  # the two charts' helm test Pods
 
 
 @pytest.mark.skipif(
@@ -35,6 +38,10 @@ def test_checkov_finds_nothing(tools, tmp_path):
     for values in sorted((CHART / "ci").glob("*-values.yaml")):
         proc = tools.run(tools.helm, "template", "bc", CHART, "-n", NAMESPACE, "-f", values, check=True)
         (out / f"chart-{values.stem}.yaml").write_text(proc.stdout)
+    for values in sorted((OPERATOR_CHART / "ci").glob("*-values.yaml")):
+        args = ["template", "mlrollout-operator", OPERATOR_CHART, "-n", "mlrollout-system", "-f", values]
+        proc = tools.run(tools.helm, *args, check=True)
+        (out / f"operator-{values.stem}.yaml").write_text(proc.stdout)
     overlays = sorted(p for p in (MANIFESTS / "overlays").iterdir() if (p / "kustomization.yaml").exists())
     for overlay in overlays:
         proc = tools.run(tools.kubectl, "kustomize", overlay, check=True)
@@ -58,4 +65,4 @@ def test_checkov_finds_nothing(tools, tmp_path):
     assert not failed, failed
     skipped = report["results"].get("skipped_checks", [])
     assert {c["check_id"] for c in skipped} <= ALLOWED_SKIPS
-    assert all(c["resource"].startswith("Pod.") and c["resource"].endswith("-test-predict") for c in skipped)
+    assert all(c["resource"].startswith("Pod.") and c["resource"].endswith(TEST_PODS) for c in skipped)

@@ -259,6 +259,9 @@ def pod_specs(objs: list[dict]):
             yield where, None, o["spec"]["containers"], o["spec"]
         elif o["kind"] == "Pod":
             yield where, o["spec"]["securityContext"], o["spec"]["containers"], o["spec"]
+        elif o["kind"] == "Deployment":  # the operator chart's
+            spec = o["spec"]["template"]["spec"]
+            yield where, spec["securityContext"], spec["containers"], spec
 
 
 def assert_restricted(objs: list[dict]) -> int:
