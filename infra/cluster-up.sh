@@ -5,10 +5,10 @@
 #   Envoy Gateway CRDs -> Envoy Gateway + GatewayClass/Gateway -> [knative profile: Knative Serving +
 #   Kourier] -> KServe (Standard mode, Gateway API) + its runtimes + ours -> KFP 2.17 standalone
 #   (cluster-scoped-resources, then env/platform-agnostic) -> Prometheus -> KFP<->KServe wiring of the
-#   model namespace.
+#   model namespace -> the rollout operator (helm/mlrollout-operator in mlrollout-system).
 #
 # The steps shared with the local control plane (CRDs, KServe's charts and admission, the runtimes, the
-# model namespace) are the functions of infra/install.sh; this script adds what only kind has (nodes that
+# model namespace, the operator chart) are the functions of infra/install.sh; this script adds what only kind has (nodes that
 # run containers, images, cert-manager, the gateway data plane, KFP, Prometheus).
 #
 #   bash infra/cluster-up.sh [--dry-run] [--profile knative] [--skip-image] [--preflight-only]
@@ -187,7 +187,7 @@ EOF
 # ---------------------------------------------------------------- main
 STEPS=(kind_cluster serving_image cert_manager gateway_api_crds envoy_gateway_crds envoy_gateway)
 [ "${PROFILE}" = knative ] && STEPS+=(knative)
-STEPS+=(kserve_charts kserve_controller kserve_admission kserve_runtimes kfp prometheus model_namespace)
+STEPS+=(kserve_charts kserve_controller kserve_admission kserve_runtimes kfp prometheus model_namespace mlrollout_operator)
 
 CURRENT_STEP=""
 STEP_START="${SECONDS}"

@@ -6,6 +6,7 @@
 #   . infra/install.sh                    (from another script: defines the functions, runs nothing)
 #
 # Steps: gateway_api_crds envoy_gateway_crds kserve_charts kserve_admission kserve_runtimes model_namespace
+#        mlrollout_operator
 #
 # Sources, defaulting to the registries and release URLs `make cluster` uses; the control plane points them
 # at the same files inside the pinned Go modules (offline):
@@ -14,6 +15,7 @@
 #   KSERVE_CHARTS      the folder/OCI prefix holding kserve-crd, kserve-resources, kserve-runtime-configs
 #   KSERVE_HELM_ARGS   extra arguments for the kserve-resources release (the control plane's post-renderer)
 #   KSERVE_VALUES      extra values file for kserve-resources (PROFILE=knative: infra/kserve-values-knative.yaml)
+#   OPERATOR_HELM_ARGS extra arguments for the mlrollout-operator release (e.g. --set watchNamespaces={models})
 set -euo pipefail
 
 _install_here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,6 +27,7 @@ EG_CRDS_CHART="${EG_CRDS_CHART:-oci://docker.io/envoyproxy/gateway-crds-helm}"
 KSERVE_CHARTS="${KSERVE_CHARTS:-oci://ghcr.io/kserve/charts}"
 KSERVE_HELM_ARGS="${KSERVE_HELM_ARGS:-}"
 KSERVE_VALUES="${KSERVE_VALUES:-}"
+OPERATOR_HELM_ARGS="${OPERATOR_HELM_ARGS:-}"
 INSTALL_WAIT="${INSTALL_WAIT:-300}"
 
 # Gateway API CRDs, standard channel, owned by one manager. The Envoy Gateway chart carries its own
@@ -102,12 +105,26 @@ model_namespace() {
   create_storage_secret
 }
 
+# The rollout operator (helm/mlrollout-operator: the ModelRollout CRD, two replicas, RBAC, metrics) in
+# ${OPERATOR_NAMESPACE} under `restricted`, after KServe (it drives InferenceServices). Its image is the
+# serving image `make cluster` builds and loads (image.tag defaults to the chart's appVersion =
+# MLROLLOUT_VERSION); rollouts without spec.metrics.url use the platform's Prometheus.
+mlrollout_operator() {
+  local extra=()
+  # shellcheck disable=SC2206  # OPERATOR_HELM_ARGS is a list of plain words by contract
+  [ -n "${OPERATOR_HELM_ARGS}" ] && extra=(${OPERATOR_HELM_ARGS})
+  apply_rendered "${INFRA_DIR}/manifests/operator-namespace.yaml"
+  timed "mlrollout-operator chart" "${HELM}" upgrade --install mlrollout-operator "${REPO_ROOT}/helm/mlrollout-operator" \
+    -n "${OPERATOR_NAMESPACE}" --set image.repository="${MLROLLOUT_RUNTIME_IMAGE}" --set image.tag="${MLROLLOUT_VERSION}" \
+    --set operator.prometheusUrl=http://prometheus.monitoring.svc:9090 "${extra[@]}" --wait --timeout "${INSTALL_WAIT}s"
+}
+
 install_main() {
   local s
-  [ $# -gt 0 ] || die "usage: install.sh STEP... (gateway_api_crds envoy_gateway_crds kserve_charts kserve_admission kserve_runtimes model_namespace)"
+  [ $# -gt 0 ] || die "usage: install.sh STEP... (gateway_api_crds envoy_gateway_crds kserve_charts kserve_admission kserve_runtimes model_namespace mlrollout_operator)"
   for s in "$@"; do
     case "${s}" in
-      gateway_api_crds|envoy_gateway_crds|kserve_charts|kserve_admission|kserve_runtimes|model_namespace) ;;
+      gateway_api_crds|envoy_gateway_crds|kserve_charts|kserve_admission|kserve_runtimes|model_namespace|mlrollout_operator) ;;
       *) die "unknown step '${s}'" ;;
     esac
   done

@@ -42,6 +42,7 @@ DRY_RUN="${DRY_RUN:-0}"
 # cluster settings (not versions): override from the environment
 CLUSTER_NAME="${CLUSTER_NAME:-mlrollout}"
 MODEL_NAMESPACE="${MODEL_NAMESPACE:-models}"
+OPERATOR_NAMESPACE="${OPERATOR_NAMESPACE:-mlrollout-system}"
 
 # RETRY_DELAY_OVERRIDE=0 makes retries immediate (the unit tests use it)
 # transient errors worth retrying: webhook not serving yet, CA bundle not injected yet, API server busy
@@ -143,7 +144,7 @@ timed() {
 render() {
   local file="$1" text key
   text="$(<"${file}")"
-  for key in $(sed -n 's/^\([A-Z][A-Z0-9_]*\)=.*/\1/p' "${INFRA_DIR}/versions.env") CLUSTER_NAME MODEL_NAMESPACE; do
+  for key in $(sed -n 's/^\([A-Z][A-Z0-9_]*\)=.*/\1/p' "${INFRA_DIR}/versions.env") CLUSTER_NAME MODEL_NAMESPACE OPERATOR_NAMESPACE; do
     text="${text//\$\{${key}\}/${!key}}"
   done
   if grep -qE '\$\{[A-Z][A-Z0-9_]*\}' <<<"${text}"; then

@@ -342,7 +342,15 @@ def test_full_run_reuses_cluster_and_retries_the_webhook_race(stand_ins):
         assert want in annotate
     assert "--from-literal=AWS_ACCESS_KEY_ID=minio" in next(c for c in calls if "create secret generic" in c)
     applied = [p.read_text() for p in sorted(tmp_path.glob("applied-*.yaml"))]
-    assert len(applied) == 3  # gateway, prometheus, model namespace (the storage container is a KServe value)
+    # gateway, prometheus, model namespace, operator namespace (the storage container is a KServe value)
+    assert len(applied) == 4
+    assert "pod-security.kubernetes.io/enforce: restricted" in applied[-1]
+    assert "name: mlrollout-system" in applied[-1]
+    # the operator chart goes in last, after KServe, with the image make cluster built and loaded
+    helm = [c for c in calls if c.startswith("helm upgrade --install")]
+    assert helm[-1].startswith("helm upgrade --install mlrollout-operator ")
+    assert " -n mlrollout-system " in helm[-1]
+    assert "--set image.tag=0.1.0" in helm[-1] and "--wait" in helm[-1]
     assert all("${" not in text for text in applied)
     assert re.search(r"^timings", proc.stderr, re.M) is None  # step banner, not a bare line
     assert re.search(r"==> timings", proc.stderr) and "total " in proc.stderr
