@@ -114,7 +114,7 @@ def test_no_version_pinned_outside_versions_env(path):
 
 def test_every_placeholder_and_variable_is_defined():
     versions = read_versions()
-    known = set(versions) | {"CLUSTER_NAME", "MODEL_NAMESPACE"}
+    known = set(versions) | {"CLUSTER_NAME", "MODEL_NAMESPACE", "OPERATOR_NAMESPACE"}  # infra/lib.sh
     for path in INFRA.rglob("manifests/*.yaml"):
         for name in re.findall(r"\$\{([A-Z][A-Z0-9_]*)\}", path.read_text()):
             assert name in known, f"{path.name}: ${{{name}}} is not in infra/versions.env"
@@ -390,7 +390,7 @@ def test_prometheus_config_passes_promtool(tmp_path):
     docs = [d for d in yaml.safe_load_all(render(INFRA / "manifests" / "prometheus.yaml")) if d]
     config = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["prometheus.yml"])
     jobs = {j["job_name"] for j in config["scrape_configs"]}
-    assert {"model-servers", "envoy-gateway-proxy", "envoy-gateway-controller"} <= jobs
+    assert {"model-servers", "envoy-gateway-proxy", "envoy-gateway-controller", "mlrollout-operator"} <= jobs
     # Debian's Prometheus is built without Kubernetes service discovery: swap kubernetes_sd_configs for
     # an equivalent file_sd so promtool still checks every relabel rule and regex of the real config.
     for job in config["scrape_configs"]:
@@ -461,6 +461,20 @@ def test_prometheus_relabelling_on_a_real_prometheus(tmp_path):
         "envoy-gateway-controller": [
             _pod("10.0.2.1", namespace="envoy-gateway-system", pod_label_control_plane="envoy-gateway"),
         ],
+        "mlrollout-operator": [
+            _pod(
+                "10.0.3.1",
+                namespace="mlrollout-system",
+                pod_label_app_kubernetes_io_name="mlrollout-operator",
+                pod_label_app_kubernetes_io_component="operator",
+            ),
+            _pod(  # the helm test Pod of the same release: not scraped
+                "10.0.3.2",
+                namespace="mlrollout-system",
+                pod_label_app_kubernetes_io_name="mlrollout-operator",
+                pod_label_app_kubernetes_io_component="test",
+            ),
+        ],
     }
     for job in config["scrape_configs"]:
         if job.pop("kubernetes_sd_configs", None) is not None:
@@ -489,7 +503,7 @@ def test_prometheus_relabelling_on_a_real_prometheus(tmp_path):
             try:
                 data = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2).json()["data"]
                 active = [t for t in data["activeTargets"] if t["labels"]["job"] != "prometheus"]
-                if len(active) >= 4:
+                if len(active) >= 5:
                     break
             except (httpx.HTTPError, KeyError, ValueError):
                 pass
@@ -500,7 +514,10 @@ def test_prometheus_relabelling_on_a_real_prometheus(tmp_path):
             ("model-servers", "http://10.0.0.6:9100/custom"),
             ("envoy-gateway-proxy", "http://10.0.1.1:19001/stats/prometheus"),
             ("envoy-gateway-controller", "http://10.0.2.1:19001/metrics"),
+            ("mlrollout-operator", "http://10.0.3.1:8080/metrics"),
         }, active
+        operator = next(t for t in active if t["labels"]["job"] == "mlrollout-operator")
+        assert "namespace" not in operator["labels"] and operator["labels"]["pod"] == "pod-1"
         kserve_pod = next(t for t in active if t["scrapeUrl"].startswith("http://10.0.0.5"))
         assert kserve_pod["labels"]["inferenceservice"] == "bc-stable"
         assert kserve_pod["labels"]["namespace"] == "models"
