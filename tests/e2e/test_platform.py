@@ -1,9 +1,11 @@
 """The platform `make cluster` installs is there and wired: controllers up, Gateway programmed, the project's
-ClusterServingRuntime installed, the model namespace enforcing the `restricted` Pod Security Standard."""
+ClusterServingRuntime installed, the model namespace enforcing the `restricted` Pod Security Standard, the
+rollout operator running and leading."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -83,3 +85,24 @@ def test_restricted_admission_rejects_a_privileged_pod(k):
     }
     with pytest.raises(KubeError, match="violates PodSecurity"):
         k.ns("apply", "--dry-run=server", "-f", "-", stdin=json.dumps(pod))
+
+
+def test_operator_runs_from_the_serving_image_leads_and_passes_its_helm_test(k, versions):
+    """On kind the operator's code really runs (on the control plane kwok only fakes its pods): both replicas
+    Ready on /healthz, one of them holding the Lease, and `helm test` reading /healthz and /metrics through
+    the metrics Service."""
+    ns, name = "mlrollout-system", "mlrollout-operator"
+    d = k.json("-n", ns, "get", "deployment", name)
+    assert d["status"].get("readyReplicas") == 2, d["status"]
+    image = d["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"{versions['MLROLLOUT_RUNTIME_IMAGE']}:{versions['MLROLLOUT_VERSION']}"
+    pods = {
+        p["metadata"]["name"]
+        for p in k.json("-n", ns, "get", "pods", "-l", "app.kubernetes.io/component=operator")["items"]
+    }
+    holder = k.json("-n", ns, "get", "lease", name)["spec"].get("holderIdentity")
+    assert holder in pods, (holder, pods)
+    cmd = [k.helm, "test", name, "-n", ns, "--logs", "--timeout", "120s"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "/healthz ok" in proc.stdout
