@@ -111,8 +111,9 @@ def installed(controlplane, k: Kube):
     try:
         yield k
     finally:
-        k.helm("uninstall", "nsop", "-n", NSD_NS, "--wait", "--timeout", "60s", check=False)
-        k.helm("uninstall", OP, "-n", OP_NS, "--wait", "--timeout", "60s", check=False)
+        # no --wait: the namespaces' deletion takes what is left in them
+        k.helm("uninstall", "nsop", "-n", NSD_NS, check=False)
+        k.helm("uninstall", OP, "-n", OP_NS, check=False)
         k.run("delete", "namespace", NSD_NS, OP_NS, "--ignore-not-found", "--wait=false", check=False)
 
 
