@@ -365,6 +365,17 @@ def mr(version: str = "1.1.0", generation: int = 2, **status) -> dict:
 ST = {"stableVersion": "1.0.0", "canaryVersion": "1.1.0", "observedGeneration": 2}
 HEALTH_CASES = {
     "no status yet": (mr(), "Progressing", "waiting for the operator"),
+    # a first install (gitops.py): the desired model is the stable one, no canary
+    "initialized": (
+        mr("1.0.0", stableVersion="1.0.0", observedGeneration=2, phase="Initialized"),
+        "Healthy",
+        "1.0.0 serves (Initialized)",
+    ),
+    "initialized, a new version desired": (
+        mr("1.1.0", 3, stableVersion="1.0.0", observedGeneration=2, phase="Initialized"),
+        "Progressing",
+        "a rollout of 1.1.0",
+    ),
     "progressing": (mr(**ST, phase="Progressing", canaryWeight=25), "Progressing", "canary 1.1.0 at 25%"),
     "paused": (
         mr(**ST, phase="Paused", canaryWeight=10, message="5 inconclusive"),
@@ -393,10 +404,12 @@ HEALTH_CASES = {
         "Degraded",
         "only spec",
     ),
+    "observed, nothing to do": (mr(observedGeneration=2), "Healthy", "nothing to roll out: 1.1.0 serves"),
+    "not observed yet": (mr(generation=3, observedGeneration=2), "Progressing", "waiting for the operator"),
     "refusal of an older generation": (
         mr(generation=3, observedGeneration=2, message="old"),
         "Progressing",
-        "old",
+        "waiting for the operator",  # an older generation's refusal is not this spec's
     ),
 }
 
