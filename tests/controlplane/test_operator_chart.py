@@ -5,13 +5,22 @@ What is proven here: the API server accepts every object (the real CRD, RBAC, PD
 both operator pods and the helm test Pod are admitted in a namespace that enforces Pod Security
 `restricted`; and the operator's ServiceAccount can do exactly what the operator calls and nothing more,
 as the API server's RBAC authorizer answers it (SubjectAccessReviews for the whole matrix, and
-`kubectl auth can-i --as=system:serviceaccount:...` agreeing on a sample of it). kwok
-runs no containers, so the operator's code does not run in these pods (tests/controlplane/test_operator.py
-runs it as processes); kind's e2e does.
+`kubectl auth can-i --as=system:serviceaccount:...` agreeing on a sample of it); and the operator's own
+code, started here as a process with each release's ServiceAccount token and the live Deployment's flags,
+takes its Lease and watches ModelRollouts without a 403. kwok runs no containers, so nothing runs in the
+pods themselves; kind's e2e checks that.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
 import pytest
 
 from tests.controlplane.conftest import ROOT, Kube
@@ -180,3 +189,61 @@ def test_namespaced_service_account_is_confined_to_its_namespace(installed):
     got = matrix(k, NSD, NSD_NS, NEEDS + lease + other + NEVER)
     assert [c for c in NEEDS + lease if not got[c]] == []
     assert [c for c in other + NEVER if got[c]] == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_operator_runs_with_its_own_token_and_the_deployments_flags(controlplane, installed, tmp_path):
+    """The real operator code, as each release's ServiceAccount (its own token) with the flags the live
+    Deployment carries: it takes its Lease, lists and watches ModelRollouts (cluster-wide, or in `models`)
+    and says /healthz ok, with no 403 in its log. kwok's pods run none of this; these processes do."""
+    k = installed
+    procs = []
+    for ns, full in ((OP_NS, OP), (NSD_NS, NSD)):
+        args = k.get("deployment", full, ns=ns)["spec"]["template"]["spec"]["containers"][0]["args"]
+        identity, port = f"{full}-test-{os.getpid()}", free_port()
+        args = [a.replace("$(POD_NAMESPACE)", ns).replace("$(POD_NAME)", identity) for a in args]
+        kubeconfig = controlplane.service_account_kubeconfig(ns, full, tmp_path / f"{full}.kubeconfig")
+        cmd = [
+            sys.executable,
+            "-m",
+            "serving.rollout",
+            "operator",
+            *args,
+            "--kubeconfig",
+            str(kubeconfig),
+            f"--metrics-port={port}",
+        ]  # fmt: skip  (argparse keeps the last --metrics-port)
+        log = tmp_path / f"{full}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, env={**k.env, "PYTHONPATH": str(ROOT)}, stdout=out,
+                                    stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
+        procs.append((proc, ns, full, identity, port, log))
+    try:
+        deadline = time.monotonic() + 60
+        for proc, ns, full, identity, port, log in procs:
+            while (k.get("lease", full, ns=ns) or {}).get("spec", {}).get("holderIdentity") != identity:
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, (
+                    f"{identity} never took its Lease: {log.read_text()[-2000:]}"
+                )
+                time.sleep(0.5)
+            r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            assert (r.status_code, r.text) == (200, "ok\n")
+        time.sleep(1.0)  # a list and a watch round trip after leading
+        for *_, log in procs:
+            text = log.read_text()
+            assert "403" not in text and "orbidden" not in text, text[-2000:]
+    finally:
+        for proc, *_ in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=10)
