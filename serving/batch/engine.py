@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +54,9 @@ from serving.batch.sink import (
     remove_stale_partials,
 )
 from serving.batch.source import Source, auto_chunk_rows, from_numpy, open_source, to_matrix
+
+if TYPE_CHECKING:
+    from serving.batch.shard import Shard
 from serving.contract import modelcard, signals
 
 ROW_NUMBER_COLUMN = "row_number"
@@ -217,7 +220,7 @@ class _ScoreState:
 
 def _convert(state: _ScoreState, batch: pa.RecordBatch) -> tuple[pa.Array, np.ndarray]:
     """Read stage: (ids, float32 feature matrix) of one input batch."""
-    first = state.rows
+    first = state.src.first_row + state.rows  # row number in the whole file (a shard starts later)
     state.rows += batch.num_rows
     ids = (
         batch.column(state.src.id_column)
@@ -302,8 +305,12 @@ def score_file(
     on_open: Callable[[Source], None] | None = None,
     pipelined: bool = True,
     report_path: str | os.PathLike | None = None,
+    shard: Shard | None = None,
 ) -> ScoreSummary:
     """Score ``input_path`` into ``output_path`` (atomically).
+
+    ``shard`` (``serving.batch.shard.plan_shards``): score only that slice of the input; its rows
+    keep their row numbers in the whole file (errors, the ``row_number`` id).
 
     ``on_open(source)`` is called once the input is open and checked (``source.total_rows`` is the
     row count when the format records it), ``progress(n)`` after each chunk of ``n`` rows is written.
@@ -328,7 +335,7 @@ def score_file(
     report = None if report_path is None else Path(report_path)
     model = model_dir if isinstance(model_dir, BatchModel) else load_model(model_dir, threads, spinning)
     chunk_rows = chunk_rows or auto_chunk_rows(len(model.features))
-    src = open_source(input_path, model.features, id_column, chunk_rows, input_fmt)
+    src = open_source(input_path, model.features, id_column, chunk_rows, input_fmt, shard)
     try:
         if on_open is not None:
             on_open(src)

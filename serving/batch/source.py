@@ -7,12 +7,13 @@ missing column, or one that cannot be cast to float32, stops the run with a mess
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from serving.batch.errors import BatchScoringError, SchemaMismatchError, one_line
+
+if TYPE_CHECKING:
+    from serving.batch.shard import Shard
 
 # Chunks of about 2 MB of float32 features (17,476 rows at 30 features) stay cache-sized: on the
 # benchmark's 1M-row table 16k-row chunks beat 64k and 128k (serving/batch/README.md).
@@ -59,6 +63,7 @@ class Source:
     batches: Iterator[pa.RecordBatch]
     close: Callable[[], None] = lambda: None
     id_type: pa.DataType | None = None  # the id column's type as written out (None: row numbers)
+    first_row: int = 0  # row number of the first batch's first row in the whole file (a shard's offset)
 
 
 def _castable(t: pa.DataType) -> bool:
@@ -100,10 +105,48 @@ def _check_columns(columns: list[str], features: list[str], path: Path) -> None:
         )
 
 
-def _open_csv(path: Path, features: list[str], id_column: str | None, chunk_rows: int) -> Source:
+class _ByteRange(io.RawIOBase):
+    """The header line of a CSV file followed by its bytes ``[start, stop)``: one shard as a file."""
+
+    def __init__(self, path: Path, header_end: int, start: int, stop: int):
+        self._f = open(path, "rb")  # noqa: SIM115 - closed with this object
+        self._parts = [(0, header_end), (max(start, header_end), stop)]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._parts:
+            pos, stop = self._parts[0]
+            if pos >= stop:
+                self._parts.pop(0)
+                continue
+            self._f.seek(pos)
+            n = self._f.readinto(memoryview(b)[: min(len(b), stop - pos)])
+            if not n:
+                self._parts.pop(0)
+                continue
+            self._parts[0] = (pos + n, stop)
+            return n
+        return 0
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _open_csv(
+    path: Path, features: list[str], id_column: str | None, chunk_rows: int, shard: Shard | None = None
+) -> Source:
+    def stream():
+        # a whole file goes to pyarrow by path (its own buffered reads); a shard through _ByteRange
+        if shard is None:
+            return path
+        return io.BufferedReader(_ByteRange(path, shard.header_end, shard.start, shard.stop), 1 << 20)
+
     probe_bytes = 1 << 20
     try:
-        probe = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=probe_bytes))
+        probe = pacsv.open_csv(stream(), read_options=pacsv.ReadOptions(block_size=probe_bytes))
     except pa.ArrowInvalid as e:
         if "Empty CSV file" in str(e):
             raise BatchScoringError(
@@ -118,7 +161,8 @@ def _open_csv(path: Path, features: list[str], id_column: str | None, chunk_rows
         raise BatchScoringError(_header_not_utf8(path, probe.schema, e)) from e
     try:
         first = probe.read_next_batch()
-        probed = min(probe_bytes, path.stat().st_size)
+        size = path.stat().st_size if shard is None else shard.header_end + shard.stop - shard.start
+        probed = min(probe_bytes, size)
         per_row = probed / first.num_rows if first.num_rows else 256.0
     except StopIteration:
         per_row = 256.0
@@ -132,28 +176,61 @@ def _open_csv(path: Path, features: list[str], id_column: str | None, chunk_rows
         types[id_col] = pa.string()  # ids are copied through verbatim, never re-typed
     # pyarrow's CSV reader is sized in bytes: turn the row count into a block size from the first rows
     block = int(min(max(chunk_rows * per_row * 1.05, 1 << 16), 1 << 30))
-    try:
-        reader = pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(block_size=block, use_threads=True),
-            convert_options=pacsv.ConvertOptions(
-                column_types=types, include_columns=wanted, strings_can_be_null=False
-            ),
-        )
-    except pa.ArrowInvalid as e:
-        raise _csv_error(e, columns, path) from e
+    probe.close()
 
-    def batches() -> Iterator[pa.RecordBatch]:
-        while True:
-            try:
-                yield reader.read_next_batch()
-            except StopIteration:
-                return
-            except pa.ArrowInvalid as e:
-                raise _csv_error(e, columns, path) from e
+    def arrow_batches() -> Iterator[pa.RecordBatch]:
+        try:
+            reader = pacsv.open_csv(
+                stream(),
+                read_options=pacsv.ReadOptions(block_size=block, use_threads=True),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=types, include_columns=wanted, strings_can_be_null=False
+                ),
+            )
+        except pa.ArrowInvalid as e:
+            raise _csv_error(e, columns, path) from e
+        try:
+            while True:
+                try:
+                    yield reader.read_next_batch()
+                except StopIteration:
+                    return
+                except pa.ArrowInvalid as e:
+                    raise _csv_error(e, columns, path) from e
+        finally:
+            reader.close()
 
+    first_row = shard.first_row if shard is not None else 0
+    schema = pa.schema([pa.field(c, types[c]) for c in wanted])
     id_type = None if not id_col else pa.float32() if id_col in types and id_col in features else pa.string()
-    return Source("csv", columns, id_col, None, batches(), reader.close, id_type)
+    batches = _polars_csv_batches(stream, schema, chunk_rows, arrow_batches, features, first_row, path)
+    return Source("csv", columns, id_col, None, batches, batches.close, id_type, first_row)
+
+
+def _polars_csv_batches(stream, schema: pa.Schema, chunk_rows: int, arrow_batches, features: list[str],
+                        first_row: int, path: Path) -> Iterator[pa.RecordBatch]:  # fmt: skip
+    """The CSV's needed columns parsed by polars (``scan_csv``, streamed in ``chunk_rows`` batches),
+    as arrow batches of ``schema``.
+
+    polars is the reader because it was the fastest correct one on full-precision, short and quoted
+    floats alike (``python -m serving.bench.batch_io``: serving/batch/README.md). When polars refuses
+    a value (text, ``NA``, a ragged line), the same bytes are read again with pyarrow's reader up to
+    the bad row, so the error is pyarrow's one line naming the column, the value and the row (the
+    rows before it were already scored, as ever: the partial output is thrown away).
+    """
+    import polars as pl
+
+    overrides = {f.name: pl.Float32 if f.type == pa.float32() else pl.String for f in schema}
+    lf = pl.scan_csv(stream(), infer_schema=False, schema_overrides=overrides, empty_string_is_null=False)
+    try:
+        for df in lf.select(schema.names).collect_batches(chunk_size=chunk_rows):
+            yield from df.to_arrow().cast(schema).to_batches()
+    except pl.exceptions.PolarsError as e:
+        row = first_row
+        for b in arrow_batches():  # raises the one-line error where the bad value is
+            to_matrix(b, features, row)
+            row += b.num_rows
+        raise BatchScoringError(f"cannot parse CSV {str(path)!r}: {one_line(e)}") from e
 
 
 def _header_not_utf8(path: Path, schema: pa.Schema, e: UnicodeDecodeError) -> str:
@@ -181,7 +258,32 @@ def _csv_error(e: Exception, columns: list[str], path: Path) -> BatchScoringErro
     return BatchScoringError(f"cannot parse CSV {str(path)!r}: {one_line(e)}")
 
 
-def _open_parquet(path: Path, features: list[str], id_column: str | None, chunk_rows: int) -> Source:
+def _row_range(pf: pq.ParquetFile, start: int, stop: int):
+    """(row groups overlapping rows ``[start, stop)``, the first row of the first of them)."""
+    groups, first, row = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if row < stop and row + n > start:
+            groups.append(g)
+            first = row if first is None else first
+        row += n
+    return groups, start if first is None else first
+
+
+def _slice_rows(batches: Iterator[pa.RecordBatch], at: int, start: int, stop: int):
+    """The rows ``[start, stop)`` of ``batches``, whose first row is row ``at`` of the file."""
+    for b in batches:
+        lo, hi = max(start - at, 0), min(stop - at, b.num_rows)
+        at += b.num_rows
+        if hi > lo:
+            yield b if (lo, hi) == (0, b.num_rows) else b.slice(lo, hi - lo)
+        if at >= stop:
+            return
+
+
+def _open_parquet(
+    path: Path, features: list[str], id_column: str | None, chunk_rows: int, shard: Shard | None = None
+) -> Source:
     try:
         pf = pq.ParquetFile(path, memory_map=True)
     except (pa.ArrowInvalid, OSError) as e:
@@ -205,7 +307,15 @@ def _open_parquet(path: Path, features: list[str], id_column: str | None, chunk_
     def batches() -> Iterator[pa.RecordBatch]:
         # the footer was fine; a damaged data page only shows once it is read
         try:
-            yield from pf.iter_batches(batch_size=chunk_rows, columns=wanted, use_threads=True)
+            if shard is None:
+                yield from pf.iter_batches(batch_size=chunk_rows, columns=wanted, use_threads=True)
+                return
+            groups, at = _row_range(pf, shard.start, shard.stop)
+            if groups:
+                it = pf.iter_batches(
+                    batch_size=chunk_rows, row_groups=groups, columns=wanted, use_threads=True
+                )
+                yield from _slice_rows(it, at, shard.start, shard.stop)
         except (pa.ArrowException, OSError) as e:
             raise BatchScoringError(
                 f"cannot read the data of Parquet file {str(path)!r} ({one_line(e)}): the file is "
@@ -216,10 +326,11 @@ def _open_parquet(path: Path, features: list[str], id_column: str | None, chunk_
         "parquet",
         columns,
         id_col,
-        pf.metadata.num_rows,
+        pf.metadata.num_rows if shard is None else shard.rows,
         batches(),
         pf.close,
         schema.field(id_col).type if id_col else None,
+        0 if shard is None else shard.start,
     )
 
 
@@ -229,13 +340,17 @@ def open_source(
     id_column: str | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     fmt: str = "auto",
+    shard: Shard | None = None,
 ) -> Source:
+    """The input opened and checked; ``shard`` (``serving.batch.shard``): only that slice of it."""
     p = Path(path)
     if not p.is_file():
         raise BatchScoringError(f"input file {str(p)!r} does not exist (or is not a file)")
     fmt = input_format(p, fmt)
+    if shard is not None and shard.format != fmt:
+        raise BatchScoringError(f"shard {shard.index} was planned for {shard.format}, but the input is {fmt}")
     opener = _open_csv if fmt == "csv" else _open_parquet
-    return opener(p, features, id_column, chunk_rows)
+    return opener(p, features, id_column, chunk_rows, shard)
 
 
 # --------------------------------------------------------------------------- conversion
