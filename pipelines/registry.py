@@ -6,9 +6,11 @@ over this dict, so a new pipeline needs only a new entry here. The entries are d
 """
 
 from pipelines.batch_pipeline import batch_scoring_pipeline
+from pipelines.batch_sharded_pipeline import batch_scoring_sharded_pipeline
 from pipelines.training_pipeline import training_pipeline
 
 PIPELINES = {
     "training_pipeline": training_pipeline,
     "batch_scoring_pipeline": batch_scoring_pipeline,
+    "batch_scoring_sharded_pipeline": batch_scoring_sharded_pipeline,
 }

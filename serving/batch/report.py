@@ -35,6 +35,25 @@ class ScoreSummary:
         )
 
 
+def run_metrics(s: ScoreSummary) -> dict[str, float]:
+    """What a KFP step logs as its Metrics: rows, seconds, rows per second, rows per predicted class."""
+    out: dict[str, float] = {
+        "rows": s.rows,
+        "seconds": round(s.seconds, 3),
+        "rows_per_second": round(s.rows_per_s, 1),
+    }
+    out.update({f"predicted_{name}": n for name, n in s.class_counts.items()})
+    return out
+
+
+def write_pages(s: ScoreSummary, markdown_path: str, html_path: str) -> None:
+    """The run page's Markdown report and HTML score plot (a KFP step's Markdown and HTML outputs)."""
+    with open(markdown_path, "w", encoding="utf-8") as f:
+        f.write(summary_markdown(s))
+    with open(html_path, "w", encoding="utf-8") as f:
+        f.write(summary_html(s))
+
+
 def summary_markdown(s: ScoreSummary) -> str:
     """A short report for the KFP UI (Markdown artifact): volume, speed, predicted-class shares."""
     lines = [

@@ -89,3 +89,27 @@ def test_compiled_yaml_runs_and_fails_cleanly_on_a_bad_table(tmp_path, model_pac
     log = capfd.readouterr()
     assert "lacks 1 column(s) the model needs: 'mean radius'" in log.out + log.err  # the step's log says why
     assert not [p for p in (tmp_path / "bad").rglob("predictions") if p.is_file()]
+
+
+def test_sharded_yaml_scores_in_two_shards_like_one_step(tmp_path, model_package, table_file):
+    """The compiled sharded pipeline under kfp.local: plan, a ParallelFor of 2 shard steps, the commit
+    (2, not more: each step is a new process, and this is the slowest batch test as it is)."""
+    from kfp import components
+
+    from serving.batch import sharded
+
+    pipeline = components.load_component_from_file(
+        str(COMPILED.with_name("batch_scoring_sharded_pipeline.yaml"))
+    )
+    path, X = table_file
+    args = {"model_uri": str(model_package), "dataset_uri": str(path), "id_column": "customer"}
+    run = _run(pipeline, tmp_path, **args, shards=2, chunk_rows=100)
+    parts = sharded.read_output(run.output.path)
+    assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet"]
+    got = pa.concat_tables([pq.read_table(p) for p in parts])
+    label, proba = _expected(model_package, X)
+    assert got.column("customer").to_pylist() == [f"c{i}" for i in range(len(X))]
+    np.testing.assert_array_equal(got.column("prediction").to_numpy(), label)
+    np.testing.assert_array_equal(got.column("prob_malignant").to_numpy(), proba[:, 0])
+    manifest = json.loads((Path(run.output.path) / "_manifest.json").read_text())
+    assert manifest["rows"] == len(X) and manifest["shards"] == 2

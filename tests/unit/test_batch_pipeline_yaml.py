@@ -15,6 +15,7 @@ from pipelines.components import _env as runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = ROOT / "pipelines" / "compiled" / "batch_scoring_pipeline.yaml"
+SHARDED = ROOT / "pipelines" / "compiled" / "batch_scoring_sharded_pipeline.yaml"
 
 
 def _executor():
@@ -60,6 +61,19 @@ def test_step_embeds_the_current_batch_engine():
 
 def test_step_imports_only_what_it_installs_at_the_locked_versions():
     _, container = _executor()
+    _check_installs(container)
+    assert {"polars"} <= {runtime._norm(t.strip("'").split("==")[0]) for t in container["command"][2].split()}
+
+
+def test_sharded_steps_import_only_what_they_install():
+    executors = pcompile.load(SHARDED)[0]["deploymentSpec"]["executors"]
+    steps = {k: e["container"] for k, e in executors.items() if "container" in e}
+    assert set(steps) == {"exec-plan-batch-shards", "exec-score-batch-shard", "exec-commit-batch-shards"}
+    for container in steps.values():
+        _check_installs(container)
+
+
+def _check_installs(container):
     assert container["image"] == runtime.BASE_IMAGE
     pins = [t.strip("'") for t in container["command"][2].split() if "==" in t]
     locked = runtime.pins()
@@ -85,3 +99,35 @@ def test_step_imports_only_what_it_installs_at_the_locked_versions():
             for top in tops - set(sys.stdlib_module_names) - {"kfp", *runtime.PROJECT_PACKAGES}:
                 dists = {runtime._norm(d) for d in dist_of.get(top, [])}
                 assert dists & installed, f"{origin} imports {top!r}, which the step does not install"
+
+
+def test_sharded_dag_fans_out_with_parallel_for_and_commits_after_the_loop():
+    from pipelines.batch_sharded_pipeline import PARALLELISM
+
+    doc = pcompile.load(SHARDED)[0]
+    tasks = doc["root"]["dag"]["tasks"]
+    assert set(tasks) == {"importer", "importer-2", "plan-batch-shards", "for-loop-1", "commit-batch-shards"}
+    params = doc["root"]["inputDefinitions"]["parameters"]
+    assert params["shards"]["parameterType"] == "NUMBER_INTEGER" and params["shards"]["defaultValue"] == 4
+    loop = tasks["for-loop-1"]
+    # one iteration per planned shard, at most PARALLELISM at once
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-batch-shards-Output"
+    assert loop["iteratorPolicy"]["parallelismLimit"] == PARALLELISM > 1
+    assert "plan-batch-shards" in loop["dependentTasks"]
+    body = doc["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(body) == ["score-batch-shard"]
+    # the commit runs after the whole loop and takes every shard's part (a collected artifact list)
+    commit = tasks["commit-batch-shards"]
+    assert commit["dependentTasks"] == ["for-loop-1"]
+    parts = commit["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]
+    assert parts["producerTask"] == "for-loop-1"
+    assert doc["components"]["comp-commit-batch-shards"]["inputDefinitions"]["artifacts"]["parts"][
+        "isArtifactList"
+    ]
+    assert (
+        doc["root"]["outputDefinitions"]["artifacts"]["Output"]["artifactType"]["schemaTitle"]
+        == "system.Dataset"
+    )
+    for name in ("plan-batch-shards", "commit-batch-shards"):
+        assert tasks[name]["cachingOptions"].get("enableCache", False) is False
+    assert body["score-batch-shard"]["cachingOptions"].get("enableCache", False) is False
