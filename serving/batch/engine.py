@@ -53,7 +53,7 @@ from serving.batch.sink import (
     output_schema,
     remove_stale_partials,
 )
-from serving.batch.source import Source, auto_chunk_rows, from_numpy, open_source, to_matrix
+from serving.batch.source import Source, auto_chunk_rows, from_numpy, open_source, to_matrix, use_polars
 
 if TYPE_CHECKING:
     from serving.batch.shard import Shard
@@ -346,7 +346,8 @@ def score_file(
                 "pass another --id-column"
             )
         schema = output_schema(model, src.id_type, id_name)
-        writer = AtomicTableWriter(out, out_fmt, schema)
+        polars_csv = use_polars(Path(input_path).stat().st_size)
+        writer = AtomicTableWriter(out, out_fmt, schema, polars_csv)
         try:  # an unwritable report folder shows now, before any row is scored
             report_writer = None if report is None else AtomicTextWriter(report)
         except BaseException:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from serving.batch.errors import BatchScoringError
@@ -132,7 +133,7 @@ class _PolarsCsvWriter:
 class AtomicTableWriter:
     """Writes batches to ``.<name>.<random>.partial`` beside the target; ``commit`` renames it into place."""
 
-    def __init__(self, target: Path, fmt: str, schema: pa.Schema):
+    def __init__(self, target: Path, fmt: str, schema: pa.Schema, polars_csv: bool = True):
         self.target = target
         self.tmp = _partial_file(target)
         self._closed = False
@@ -143,8 +144,10 @@ class AtomicTableWriter:
                 # Parquet writer measured (python -m serving.bench.batch_io: 3x the dictionary +
                 # snappy settings, on a par with polars), for a file 10-30% larger
                 self._w = pq.ParquetWriter(self.tmp, schema, compression="none", use_dictionary=False)
-            else:
+            elif polars_csv:
                 self._w = _PolarsCsvWriter(self.tmp, schema)
+            else:  # small outputs: pyarrow's writer, no polars import (serving.batch.source.use_polars)
+                self._w = pacsv.CSVWriter(self.tmp, schema)
         except BaseException:
             self.tmp.unlink(missing_ok=True)
             raise

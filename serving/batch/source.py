@@ -31,6 +31,19 @@ if TYPE_CHECKING:
 CHUNK_BYTES = 2 << 20
 DEFAULT_CHUNK_ROWS = 16_384  # what open_source uses when called without a model at hand
 DEFAULT_ID_COLUMN = "id"
+# Inputs from this size on are read with polars (CSV, and Parquet of plain numeric/string columns)
+# and CSV output is written with polars; smaller ones stay on pyarrow. polars read the benchmark's
+# files with 35-50% less CPU than pyarrow and wrote CSV 3x faster (python -m serving.bench.batch_io),
+# but importing it costs about 0.27 CPU-s, which a file pays back from some 30-90 MB
+# (serving/batch/README.md).
+POLARS_MIN_BYTES = 32 << 20
+
+
+def use_polars(input_bytes: int) -> bool:
+    """Whether a run over an input of this size reads it, and writes CSV, with polars."""
+    return input_bytes >= POLARS_MIN_BYTES
+
+
 FORMATS = ("csv", "parquet")
 SUFFIX_FORMAT = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -203,34 +216,46 @@ def _open_csv(
     first_row = shard.first_row if shard is not None else 0
     schema = pa.schema([pa.field(c, types[c]) for c in wanted])
     id_type = None if not id_col else pa.float32() if id_col in types and id_col in features else pa.string()
-    batches = _polars_csv_batches(stream, schema, chunk_rows, arrow_batches, features, first_row, path)
+    if not use_polars(path.stat().st_size if shard is None else shard.stop - shard.start):
+        batches = arrow_batches()
+    else:
+        overrides = {f.name: "Float32" if f.type == pa.float32() else "String" for f in schema}
+
+        def scan(pl):
+            dtypes = {k: getattr(pl, v) for k, v in overrides.items()}
+            return pl.scan_csv(
+                stream(), infer_schema=False, schema_overrides=dtypes, empty_string_is_null=False
+            )
+
+        batches = _polars_batches(
+            scan, schema, chunk_rows, arrow_batches, features, first_row, f"parse CSV {str(path)!r}"
+        )
     return Source("csv", columns, id_col, None, batches, batches.close, id_type, first_row)
 
 
-def _polars_csv_batches(stream, schema: pa.Schema, chunk_rows: int, arrow_batches, features: list[str],
-                        first_row: int, path: Path) -> Iterator[pa.RecordBatch]:  # fmt: skip
-    """The CSV's needed columns parsed by polars (``scan_csv``, streamed in ``chunk_rows`` batches),
-    as arrow batches of ``schema``.
+def _polars_batches(scan, schema: pa.Schema, chunk_rows: int, arrow_batches, features: list[str],
+                    first_row: int, what: str) -> Iterator[pa.RecordBatch]:  # fmt: skip
+    """The needed columns read by polars (``scan(pl)``, a LazyFrame, streamed in ``chunk_rows``
+    batches), as arrow batches of ``schema``.
 
-    polars is the reader because it was the fastest correct one on full-precision, short and quoted
-    floats alike (``python -m serving.bench.batch_io``: serving/batch/README.md). When polars refuses
-    a value (text, ``NA``, a ragged line), the same bytes are read again with pyarrow's reader up to
-    the bad row, so the error is pyarrow's one line naming the column, the value and the row (the
-    rows before it were already scored, as ever: the partial output is thrown away).
+    polars is the reader for large files because it was the fastest correct one on full-precision,
+    short and quoted CSV floats and on Parquet (``python -m serving.bench.batch_io``:
+    serving/batch/README.md). When polars refuses the input (text in a number column, ``NA``, a
+    ragged line, a damaged page), the same bytes are read again with pyarrow's reader up to the bad
+    row, so the error is the one line pyarrow's path gives, naming the column, the value or the row
+    (the rows before it were already scored, as ever: the partial output is thrown away).
     """
     import polars as pl
 
-    overrides = {f.name: pl.Float32 if f.type == pa.float32() else pl.String for f in schema}
-    lf = pl.scan_csv(stream(), infer_schema=False, schema_overrides=overrides, empty_string_is_null=False)
     try:
-        for df in lf.select(schema.names).collect_batches(chunk_size=chunk_rows):
+        for df in scan(pl).select(schema.names).collect_batches(chunk_size=chunk_rows):
             yield from df.to_arrow().cast(schema).to_batches()
     except pl.exceptions.PolarsError as e:
         row = first_row
         for b in arrow_batches():  # raises the one-line error where the bad value is
             to_matrix(b, features, row)
             row += b.num_rows
-        raise BatchScoringError(f"cannot parse CSV {str(path)!r}: {one_line(e)}") from e
+        raise BatchScoringError(f"cannot {what}: {one_line(e)}") from e
 
 
 def _header_not_utf8(path: Path, schema: pa.Schema, e: UnicodeDecodeError) -> str:
@@ -256,6 +281,13 @@ def _csv_error(e: Exception, columns: list[str], path: Path) -> BatchScoringErro
             "the model needs every feature column castable to float32: clean or re-encode that column"
         )
     return BatchScoringError(f"cannot parse CSV {str(path)!r}: {one_line(e)}")
+
+
+def _polars_plain(t: pa.DataType) -> bool:
+    """Types that go through polars and back to arrow unchanged (others stay on pyarrow's reader)."""
+    return (
+        pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t)
+    )
 
 
 def _row_range(pf: pq.ParquetFile, start: int, stop: int):
@@ -304,7 +336,7 @@ def _open_parquet(
     id_col = _resolve_id_column(columns, id_column, path)
     wanted = list(dict.fromkeys([*features, *([id_col] if id_col else [])]))
 
-    def batches() -> Iterator[pa.RecordBatch]:
+    def arrow_batches() -> Iterator[pa.RecordBatch]:
         # the footer was fine; a damaged data page only shows once it is read
         try:
             if shard is None:
@@ -322,13 +354,24 @@ def _open_parquet(
                 "damaged or truncated; write it again"
             ) from e
 
+    batches = arrow_batches()
+    wanted_schema = pa.schema([schema.field(c) for c in wanted])
+    if use_polars(path.stat().st_size) and all(_polars_plain(f.type) for f in wanted_schema):
+
+        def scan(pl):
+            lf = pl.scan_parquet(path)
+            return lf if shard is None else lf.slice(shard.start, shard.rows)
+
+        first = 0 if shard is None else shard.start
+        what = f"read the data of Parquet file {str(path)!r}"
+        batches = _polars_batches(scan, wanted_schema, chunk_rows, arrow_batches, features, first, what)
     return Source(
         "parquet",
         columns,
         id_col,
         pf.metadata.num_rows if shard is None else shard.rows,
-        batches(),
-        pf.close,
+        batches,
+        lambda: (batches.close(), pf.close()),
         schema.field(id_col).type if id_col else None,
         0 if shard is None else shard.start,
     )

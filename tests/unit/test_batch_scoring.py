@@ -591,3 +591,103 @@ def test_stale_partials_of_the_same_output_are_removed(tmp_path, model_package, 
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["o.parquet", "r.html", *(p.name for p in kept)]
     )
+
+
+@pytest.fixture
+def both_paths(monkeypatch):
+    """Run a callable with the small-file path (pyarrow) and the large-file path (polars)."""
+    from serving.batch import source
+
+    def run(fn):
+        out = []
+        for threshold in (1 << 62, 0):  # never polars, always polars
+            monkeypatch.setattr(source, "POLARS_MIN_BYTES", threshold)
+            out.append(fn())
+        return out
+
+    return run
+
+
+def test_polars_and_pyarrow_csv_paths_score_and_write_alike(
+    tmp_path, model_package, data, reference, both_paths
+):
+    X, features, _ = data
+    t = table(X, features)
+    ids = [f'c{i:05d}, "north"' if i % 7 == 0 else f"c{i:05d}" for i in range(len(X))]  # quotes and commas
+    t = t.set_column(0, "customer", pa.array(ids))
+    i = t.schema.get_field_index(features[4])
+    t = t.set_column(i, features[4], pa.array([repr(float(v)) for v in X[:, 4]]))  # full-precision text
+    inp = write(t, tmp_path / "in.csv")
+
+    def run():
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.csv"
+        engine.score_file(model_package, inp, out, chunk_rows=100, id_column="customer")
+        return out
+
+    small, large = both_paths(run)
+    assert small.read_bytes() != b"" and read(small).equals(read(large))
+    got = read(large)
+    assert got.column("customer").to_pylist() == ids
+    label, proba = reference(X)
+    np.testing.assert_array_equal(got.column("prediction").to_numpy(), label)
+    np.testing.assert_allclose(got.column("prob_benign").to_numpy(), proba[:, 1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["12,5 mm", "", "NA", "oops"])
+def test_polars_and_pyarrow_csv_paths_refuse_alike(tmp_path, model_package, data, both_paths, bad):
+    """A value polars refuses is re-read by pyarrow: the same one line, naming column and row or value."""
+    X, features, _ = data
+    t = table(X[:300], features)
+    col = [str(v) for v in X[:300, 5]]
+    col[250] = bad
+    t = t.set_column(t.schema.get_field_index(features[5]), features[5], pa.array(col))
+    inp = write(t, tmp_path / "in.csv")
+
+    def run():
+        with pytest.raises(SchemaMismatchError) as e:
+            engine.score_file(model_package, inp, tmp_path / "o.csv", chunk_rows=64)
+        return str(e.value)
+
+    small, large = both_paths(run)
+    assert small == large and features[5] in small
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+def test_polars_and_pyarrow_parquet_paths_score_alike(tmp_path, model_package, data, reference, both_paths):
+    from serving.batch import sharded
+
+    X, features, _ = data
+    t = table(X, features, extra=False)
+    inp = tmp_path / "in.parquet"
+    pq.write_table(t, inp, row_group_size=100)
+
+    def run():
+        n = len(list(tmp_path.iterdir()))
+        engine.score_file(model_package, inp, tmp_path / f"o{n}.parquet", chunk_rows=64, id_column="customer")
+        sharded.score_sharded(model_package, inp, tmp_path / f"s{n}", 3, id_column="customer")  # row ranges
+        return read(tmp_path / f"o{n}.parquet"), pa.concat_tables(
+            read(p) for p in sharded.read_output(tmp_path / f"s{n}")
+        )
+
+    (small, small_sharded), (large, large_sharded) = both_paths(run)
+    assert small.equals(large) and small_sharded.equals(large_sharded)
+    assert large_sharded.column("customer").equals(large.column("customer"))
+    np.testing.assert_array_equal(large.column("prediction").to_numpy(), reference(X)[0])
+
+
+def test_polars_path_refuses_a_damaged_parquet_page_like_pyarrow(tmp_path, model_package, data, both_paths):
+    X, features, _ = data
+    inp = write(table(X, features, extra=False), tmp_path / "in.parquet")
+    page = pq.ParquetFile(inp).metadata.row_group(0).column(3).data_page_offset
+    raw = bytearray(inp.read_bytes())
+    raw[page : page + 16] = bytes(b ^ 0xFF for b in raw[page : page + 16])
+    inp.write_bytes(raw)
+
+    def run():
+        with pytest.raises(BatchScoringError) as e:
+            engine.score_file(model_package, inp, tmp_path / "o.csv")
+        return str(e.value)
+
+    small, large = both_paths(run)
+    assert small == large and "damaged" in large
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
