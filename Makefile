@@ -90,7 +90,7 @@ bench-runtime: venv ## runtime request path in-process vs the bare onnxruntime c
 bench-gates: venv ## gate quality: false rollbacks, missed bad canaries, requests to rollback, vs Flagger/Argo-style policies (simulated, ~2 min), ARGS=--rollouts N
 	$(BIN)/python -m serving.bench.gates $(ARGS)
 
-bench-batch: venv ## batch scoring: command vs raw onnxruntime vs sklearn on 1M rows (Parquet, CSV); ARGS=--rows N
+bench-batch: venv ## batch scoring end to end: the command vs the in-process floor and a pandas+sklearn script, 300k and 3M rows (CSV, Parquet); ARGS=--rows N
 	$(BIN)/python -m serving.bench.batch $(ARGS)
 
 lock: ## regenerate requirements.lock from requirements.in in a scratch venv
