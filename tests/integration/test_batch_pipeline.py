@@ -4,6 +4,7 @@ from the compiled YAML that users upload (its static checks: tests/unit/test_bat
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +92,14 @@ def test_compiled_yaml_runs_and_fails_cleanly_on_a_bad_table(tmp_path, model_pac
     assert not [p for p in (tmp_path / "bad").rglob("predictions") if p.is_file()]
 
 
+@pytest.mark.skipif(
+    os.environ.get("MLROLLOUT_KFP_SHARDED") != "1",
+    reason="about 55 s (four kfp.local step processes), over make test's budget: run it with "
+    "MLROLLOUT_KFP_SHARDED=1; the shard and commit functions and the compiled DAG are tested always",
+)
 def test_sharded_yaml_scores_in_two_shards_like_one_step(tmp_path, model_package, table_file):
     """The compiled sharded pipeline under kfp.local: plan, a ParallelFor of 2 shard steps, the commit
-    (2, not more: each step is a new process, and this is the slowest batch test as it is)."""
+    (2, not more: each step is a new process)."""
     from kfp import components
 
     from serving.batch import sharded
