@@ -6,9 +6,9 @@ The engine: ``score_file`` checks the paths, loads the model (``model.py``), ope
 component (``pipelines/components/batch.py``, which embeds this package), so both score the same way:
 
 * the model package is found and its sha256 checked (``modelcard.verify_package``) first;
-* the input is streamed in chunks with pyarrow (``csv.open_csv`` / ``ParquetFile.iter_batches``),
-  only the model's feature columns (matched by *name*) and the id column are read; extra
-  columns are ignored;
+* the input is streamed in chunks (polars ``scan_csv``/``scan_parquet`` for inputs from 32 MiB,
+  pyarrow ``csv.open_csv`` / ``ParquetFile.iter_batches`` below: ``source.use_polars``), only the
+  model's feature columns (matched by *name*) and the id column are read; extra columns are ignored;
 * the columns are checked against the card's input schema before a single row is written: a
   missing column, or one that cannot be cast to float32, stops the run with a message naming it;
 * each chunk becomes one C-contiguous float32 matrix and one ``InferenceSession.run`` call;
