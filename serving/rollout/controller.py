@@ -28,7 +28,7 @@ from typing import Any
 
 from serving.contract.errors import MlrolloutError
 from serving.rollout import machine
-from serving.rollout.gates import Gate, GateResult, Verdict, evaluate_all, gates_to_config
+from serving.rollout.gates import Gate, GateResult, Verdict, evaluate_all, gates_to_config, overall_verdict
 from serving.rollout.machine import Action, Decision, Phase, RolloutSpec, RolloutState
 from serving.rollout.metrics import MetricsError, MetricsProvider, Target, build_provider
 from serving.rollout.record import RECORD_KIND, RecordError, RolloutRecord, validate_record  # noqa: F401 (callers use ctl.RecordError, ...)
@@ -220,6 +220,8 @@ class Controller:
         api: Any = None,
         holder: str | None = None,
         heartbeat_s: float | None = None,
+        pre_start: Callable[[], str | None] | None = None,
+        confirm: Callable[[], str | None] | None = None,
     ):
         rec = load_record(store)
         if rec is None:
@@ -237,6 +239,9 @@ class Controller:
         self.holder = holder or new_holder()
         # renew the ownership at least every interval, and well inside its time to live (>= 30 s)
         self.heartbeat_s = heartbeat_s or min(self.spec.interval_s, 10.0)
+        # webhooks (the operator's spec.webhooks): None = yes, else why not; called outside the store's
+        # update, since they are HTTP calls
+        self.pre_start, self.confirm = pre_start, confirm
         self._lost: OwnershipError | None = None
 
     # ----------------------------------------------------------------- ownership
@@ -328,7 +333,11 @@ class Controller:
             # nothing started: leave no stub record (state null) behind
             self.store.update(lambda rec: None if rec is not None and rec.state is None else rec)
             raise
-        state, d = machine.start(self.spec, now)
+        refusal = self.pre_start() if self.pre_start else None
+        if refusal is not None:
+            state, d = machine.refuse(self.spec, now, refusal)
+        else:
+            state, d = machine.start(self.spec, now)
 
         def fn(rec: RolloutRecord) -> RolloutRecord:
             if rec.state is not None:
@@ -339,6 +348,11 @@ class Controller:
             return rec
 
         self.store.update(fn)
+        if refusal is not None:
+            what = f"{self.canary.model}:{self.canary.version}"
+            self.log(f"[{_fmt_time(now)}] rollout of {what} refused: {refusal}")
+            self._execute(d.action, d.weight)
+            return self._clear_pending()
         self.log(
             f"[{_fmt_time(now)}] start rollout {self.canary.model}: "
             f"{self.stable.version} -> {self.canary.version}"
@@ -378,6 +392,13 @@ class Controller:
             results = evaluate_all(
                 self.gates, win_c, win_s, snaps["stable"] - ref["stable"], snaps["canary"] - ref["canary"]
             )
+        awaiting = None
+        if (
+            self.confirm is not None
+            and st.step_index == len(self.spec.steps) - 1
+            and overall_verdict(results) is Verdict.PASS
+        ):
+            awaiting = self.confirm()  # only a pass at the last step would promote: ask only then
 
         def fn(cur: RolloutRecord) -> tuple[RolloutRecord, Decision]:
             cs = cur.rollout_state
@@ -387,7 +408,7 @@ class Controller:
                 or cs.step_index != st.step_index
             ):
                 raise _Stale
-            new, d = machine.analyse(cs, self.spec, results, now)
+            new, d = machine.analyse(cs, self.spec, results, now, awaiting)
             cur.state = new.to_dict()
             if d.reset_window and snaps is not None:
                 cur.set_baselines(snaps)

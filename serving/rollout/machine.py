@@ -20,6 +20,9 @@ Rules (see serving/rollout/README.md for the reasoning):
   analyses pause the rollout for an operator. Inconclusive is never a pass: it never advances
   a step and never promotes.
 * pause/resume/promote/abort are operator commands; terminal phases accept none of them.
+* webhooks decide nothing here, they only say no: a pre-rollout "no" ends the rollout before any
+  traffic moves (:func:`refuse`); a confirm-promotion "no" turns the pass at the last step into a
+  hold (``analyse(..., awaiting=...)``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from serving.contract.errors import MlrolloutError
 from serving.rollout.gates import GateResult, Verdict, overall_verdict
 
 HISTORY_LIMIT = 500
+AWAITING = "waiting for promotion confirmation"
 
 
 class Phase(StrEnum):
@@ -202,7 +206,11 @@ def _failing(results: tuple[GateResult, ...], verdict: Verdict) -> str:
 
 
 def analyse(
-    state: RolloutState, spec: RolloutSpec, results: list[GateResult] | tuple[GateResult, ...], now: float
+    state: RolloutState,
+    spec: RolloutSpec,
+    results: list[GateResult] | tuple[GateResult, ...],
+    now: float,
+    awaiting: str | None = None,
 ) -> tuple[RolloutState, Decision]:
     """Fold one analysis (the gate results of one interval) into the state.
 
@@ -210,6 +218,11 @@ def analyse(
     FAIL          failed_checks = threshold: rollback  hold (the window keeps growing)
     INCONCLUSIVE  inconclusive = max: pause            hold
     PASS          at the last step: promote            advance to the next step (a new window)
+
+    ``awaiting``: why promotion may not happen yet (a confirm-promotion webhook that has not said yes),
+    or None. A PASS at the last step then holds instead of promoting, and counts toward nothing, so
+    the canary stays under analysis (a failure still rolls back) until the approval comes, as in
+    Flagger. :func:`awaiting_promotion` tells such a hold apart.
     """
     if state.phase is not Phase.PROGRESSING:
         raise InvalidTransition(f"cannot analyse a rollout that is {state.phase.value}")
@@ -254,6 +267,9 @@ def analyse(
             return fold(Action.PAUSE, state.weight, msg, phase=Phase.PAUSED, inconclusive_checks=n)
         msg = f"hold: inconclusive {n}/{spec.max_inconclusive} ({why}); keep collecting"
         return fold(Action.HOLD, state.weight, msg, inconclusive_checks=n, next_analysis_at=nxt)
+    if state.step_index == len(spec.steps) - 1 and awaiting is not None:
+        why = f"hold: all gates passed at the last step ({state.weight}%); {AWAITING}: {awaiting}"
+        return fold(Action.HOLD, state.weight, why, inconclusive_checks=0, next_analysis_at=nxt)
     if state.step_index == len(spec.steps) - 1:
         why = f"promote: all gates passed at the last step ({state.weight}%)"
         return fold(Action.PROMOTE, 100, why, phase=Phase.PROMOTED, weight=100, inconclusive_checks=0)
@@ -270,6 +286,25 @@ def analyse(
         step_started_at=now,
         next_analysis_at=nxt,
     )
+
+
+def awaiting_promotion(state: RolloutState, spec: RolloutSpec) -> bool:
+    """Whether the rollout waits for a promotion approval: Progressing at the last step, and its last
+    analysis passed but held (only ``analyse(..., awaiting=...)`` holds a pass)."""
+    if state.phase is not Phase.PROGRESSING or state.step_index != len(spec.steps) - 1:
+        return False
+    last = next((h for h in reversed(state.history) if h.get("event") == "analysis"), None)
+    return bool(last and last.get("action") == Action.HOLD and last.get("verdict") == Verdict.PASS)
+
+
+def refuse(spec: RolloutSpec, now: float, reason: str) -> tuple[RolloutState, Decision]:
+    """A rollout that never moves traffic: a pre-rollout check said no. It ends RolledBack at 0 %
+    (its history says why), so the desired version is not retried, as after any rollback."""
+    d = Decision(Action.ROLLBACK, 0, reason)
+    state = RolloutState(
+        phase=Phase.ROLLED_BACK, weight=0, step_started_at=now, next_analysis_at=now, reason=reason
+    )
+    return _apply(state, now, "pre-rollout", d)
 
 
 def _require_live(state: RolloutState, command: str) -> None:
