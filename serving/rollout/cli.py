@@ -178,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         c = sub.add_parser(verb, help=helptext)
         _store_args(c)
+        c.add_argument(
+            "--name",
+            help="a ModelRollout in --namespace: the operator applies the command (serving/rollout/crctl.py)",
+        )
+        if verb != "status":
+            c.add_argument(
+                "--timeout", type=parse_duration, default=30.0, help="with --name: wait this long for the ack"
+            )
         if verb == "status":
             c.add_argument("--json", action="store_true")
         if verb in ("pause", "promote", "abort"):
@@ -208,6 +216,16 @@ def _operator_args(sub) -> None:
     o.add_argument("--metrics-port", type=int, help="serve the operator's Prometheus metrics on this port")
     o.add_argument("--max-workers", type=int, default=32, help="rollouts driven at once (default 32)")
     o.add_argument("--resync", type=parse_duration, default=30.0, help="full relist period (default 30s)")
+    o.add_argument("--notify-url", action="append", type=_http_url, metavar="URL",
+                   help="POST a JSON notification of each rollout's decisions here (repeatable)")  # fmt: skip
+    o.add_argument("--notify-slack-url", action="append", type=_http_url, metavar="URL",
+                   help="POST a Slack-compatible message of each decision here (repeatable)")  # fmt: skip
+
+
+def _http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or len(text) < 10:
+        raise argparse.ArgumentTypeError(f"invalid URL {text!r}: use http://... or https://...")
+    return text
 
 
 def cmd_operator(a: argparse.Namespace) -> int:
@@ -342,6 +360,16 @@ def cmd_verb(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_modelrollout(a: argparse.Namespace) -> int:
+    """``status|pause|resume|promote|abort --name NAME``: on a ModelRollout, through the operator."""
+    from serving.rollout import crctl
+
+    if a.state_file or a.state_configmap:
+        raise ValueError("--name acts on a ModelRollout: leave out --state-file and --state-configmap")
+    return crctl.run(a.cmd, a.namespace, a.name, kubeconfig=a.kubeconfig, reason=getattr(a, "reason", None),
+                     wait_s=getattr(a, "timeout", 0.0), as_json=getattr(a, "json", False))  # fmt: skip
+
+
 def cmd_report(a: argparse.Namespace) -> int:
     from serving.rollout.report import write_report
 
@@ -356,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
 
     handlers = {"start": cmd_start, "status": cmd_status, "report": cmd_report, "operator": cmd_operator}
+    if getattr(a, "name", None):
+        handlers[a.cmd] = cmd_modelrollout
     try:
         return handlers.get(a.cmd, cmd_verb)(a)
     # MlrolloutError: the store, routers, metrics, state machine, controller, model package.

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from serving.rollout import crd, kube
-from serving.rollout.machine import Phase
+from serving.rollout.machine import Phase, awaiting_promotion
 from serving.rollout.record import RolloutRecord
 from serving.rollout.store import (
     STATE_BUDGET,
@@ -47,7 +47,7 @@ def rfc3339(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _evidence(g: dict[str, Any]) -> dict[str, Any]:
+def evidence_view(g: dict[str, Any]) -> dict[str, Any]:
     """A GateResult's dict (gates.GateResult.to_dict) in the CRD's status.lastAnalysis shape."""
     out = {
         "gate": g["gate"],
@@ -86,6 +86,8 @@ def conditions(rec: RolloutRecord, old: list[dict[str, Any]], generation: int, n
         true = (phase is not None and phase.terminal) if typ == "Ready" else phase in CONDITION_OF[typ]
         status = "True" if true else "False"
         reason = (phase.value if phase else "Pending") if true else f"Not{typ}"
+        if typ == "Progressing" and true and awaiting_promotion(rec.rollout_state, rec.rollout_spec):
+            reason = "AwaitingPromotion"  # a confirm-promotion webhook has not said yes (message: its answer)
         prev = before.get(typ)
         ltt = prev["lastTransitionTime"] if prev and prev.get("status") == status else rfc3339(now)
         msg = (rec.rollout_state.reason if rec.state else "waiting for the canary to serve")[:1000]
@@ -127,7 +129,7 @@ def status_view(
     last = next((h for h in reversed(hist) if h.get("evidence")), None)
     if last:
         view["lastAnalysisTime"] = rfc3339(last["t"])
-        view["lastAnalysis"] = [_evidence(g) for g in last["evidence"]][:16]
+        view["lastAnalysis"] = [evidence_view(g) for g in last["evidence"]][:16]
     view["history"] = [
         {
             k: v
@@ -172,6 +174,9 @@ class ModelRolloutStatusStore(UpdateViaUpdateWith):
         self.name, self.namespace, self.api = name, namespace, api
         self.is_leader, self.on_write = is_leader, on_write
         self.clock = clock or time.time
+        # more status fields for every write while set (an operator command's acknowledgement, so that
+        # it lands in the same write as the decision it caused: applied once, even across a crash)
+        self.status_extra: dict[str, Any] = {}
 
     def describe(self) -> dict[str, Any]:
         return {"store": "modelrollout", "name": self.name, "namespace": self.namespace}
@@ -218,7 +223,7 @@ class ModelRolloutStatusStore(UpdateViaUpdateWith):
                 }
             body = {
                 "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
-                "status": body_status,
+                "status": {**body_status, **self.status_extra},
             }
             g, v, p = crd.MODELROLLOUT
             written = self.api.patch_namespaced_custom_object_status(

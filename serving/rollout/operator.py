@@ -44,13 +44,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving.contract.errors import MlrolloutError
+from serving.rollout import commands, crd, gitops, health, hooks, kube, notify
 from serving.rollout import controller as ctl
-from serving.rollout import crd, gitops, health, kube
 from serving.rollout.crstore import ModelRolloutStatusStore
 from serving.rollout.gates import DEFAULTS as GATE_DEFAULTS
 from serving.rollout.gates import GateResult
 from serving.rollout.gates import defaults as default_gates
-from serving.rollout.machine import Phase, RolloutSpec
+from serving.rollout.hookhttp import HookClient, Sender
+from serving.rollout.machine import InvalidTransition, Phase, RolloutSpec
 from serving.rollout.metrics import MetricsProvider, Target, build_provider
 from serving.rollout.routers import ROUTERS, TrafficRouter
 from serving.rollout.store import OwnershipError
@@ -383,6 +384,8 @@ def event_for(h: dict[str, Any], rec: ctl.RolloutRecord) -> tuple[str, str, str]
     """(type, reason, message) of the Event for history entry ``h``, or None for a hold."""
     if h["event"] == "start":
         reason = "Started"
+    elif h["event"] == "resume":
+        reason = "Resumed"
     elif h["action"] == "rollback" and h.get("phase") == Phase.ABORTED.value:
         reason = "Aborted"
     else:
@@ -418,6 +421,9 @@ class Settings:
     watch_timeout_s: int = 30
     deploy_timeout_s: float = 600.0
     poll_s: float = 0.25
+    notify_urls: tuple[str, ...] = ()  # generic JSON notifications (notify.generic)
+    notify_slack_urls: tuple[str, ...] = ()  # Slack-compatible ones (notify.slack)
+    notify_timeout_s: float = 10.0
 
 
 class Operator:
@@ -436,6 +442,11 @@ class Operator:
         self.cancel: dict[tuple[str, str], threading.Event] = {}
         self._lock = threading.Lock()
         self._kick = threading.Event()
+        # webhooks and notifications (hooks.py, notify.py); acked: the command id each rollout's worker
+        # acknowledged last, which the watch cache may not show yet
+        self.hook_client = HookClient()
+        self.sender = Sender(self.hook_client)
+        self.acked: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ running
     def run(self) -> None:
@@ -467,6 +478,7 @@ class Operator:
             for t in list(self.workers.values()):
                 t.join(timeout=10)
             threads[0].join(timeout=5)
+            self.sender.close()
 
     def problem(self, threads: list[threading.Thread]) -> str | None:
         """What /healthz reports: None while the lease and watch threads run (leading or not)."""
@@ -502,9 +514,13 @@ class Operator:
                 return
             old = self.objects.get(key)
             self.objects[key] = obj
-        # our own status writes come back as MODIFIED events: only a spec change (generation) wakes a
-        # worker; the resync covers the rest
-        if old is None or old["metadata"].get("generation") != obj["metadata"].get("generation"):
+        # our own status writes come back as MODIFIED events: only a spec change (generation) or a new
+        # command (annotations) wakes a worker; the resync covers the rest
+        if (
+            old is None
+            or old["metadata"].get("generation") != obj["metadata"].get("generation")
+            or commands.requested(old) != commands.requested(obj)
+        ):
             self._kick.set()
 
     def _watch_loop(self) -> None:
@@ -561,12 +577,59 @@ class Operator:
     def _on_write(self, key: tuple[str, str]):
         def fn(old, new, obj) -> None:
             self.metrics.observe(key[0], key[1], old, new)
-            for h in new_decisions(old, new):
+            decisions = new_decisions(old, new)
+            for h in decisions:
                 ev = event_for(h, new)
                 if ev:
                     self.event(obj, *ev)
+            self._announce(key, old, new, obj, decisions)
 
         return fn
+
+    def _announce(self, key, old, new, obj, decisions) -> None:
+        """Fire and forget: the post-rollout/rollback webhooks once an end is applied, and the
+        notifications (notify.events) of this write."""
+        ns, name = key
+        now = time.time()
+        if hooks.finished(old, new):
+            spec_hooks = hooks.webhooks_of(obj["spec"])
+            for typ in hooks.after_end(new.phase):
+                for h in hooks.of_type(spec_hooks, typ):
+                    body = hooks.payload(ns, name, new, typ, now)
+                    self.sender.submit(f"{typ} webhook {h.name}", h.url, body, h.timeout_s)
+        for event in notify.events(old, new, decisions):
+            note = notify.generic(ns, name, new, event, now)
+            for url in self.s.notify_urls:
+                self.sender.submit(f"notification {event}", url, note, self.s.notify_timeout_s)
+            for url in self.s.notify_slack_urls:
+                msg = notify.slack(note)
+                self.sender.submit(f"Slack notification {event}", url, msg, self.s.notify_timeout_s)
+
+    def _command(self, key: tuple[str, str], store: ModelRolloutStatusStore) -> None:
+        """Apply the ModelRollout's pending operator command (commands.py) once, through the state
+        machine (controller.command), and acknowledge it in status.lastCommand in the same write."""
+        obj = store.get()
+        cmd = commands.pending(obj, self.acked.get(key))
+        if cmd is None or not self._leading(key):
+            return
+        now = time.time()
+        rec = store.load()
+        why = commands.refusal(cmd.verb, {}) if cmd.verb not in commands.VERBS else None
+        if why is None and (rec is None or rec.state is None):
+            why = f"cannot {cmd.verb}: the rollout has not started yet"
+        if why is None:
+            reason = commands.machine_reason(cmd)
+            store.status_extra = commands.ack(cmd, commands.APPLIED, reason, now)
+            try:
+                ctl.command(store, cmd.verb, api=self.api, reason=reason)
+            except InvalidTransition as e:
+                why = str(e)
+            finally:
+                store.status_extra = {}
+        if why is not None:
+            self._status_patch(obj, commands.ack(cmd, commands.REJECTED, why, now))
+            self.event(obj, "Warning", "CommandRejected", f"{cmd.verb} (command {cmd.id[:12]}): {why}")
+        self.acked[key] = cmd.id
 
     def event(self, obj: dict[str, Any], typ: str, reason: str, message: str) -> None:
         """A core/v1 Event on the ModelRollout (best effort: an Event never stops a rollout)."""
@@ -620,6 +683,7 @@ class Operator:
         store = ModelRolloutStatusStore(
             name, ns, self.api, is_leader=lambda: self._leading(key), on_write=self._on_write(key)
         )
+        self._command(key, store)
         rec = store.load()
         try:
             release_router(obj)
@@ -663,12 +727,44 @@ class Operator:
             c = ctl.Controller(
                 store, router=router, provider=provider, log=self._log(key), holder=holder,
                 poll_s=min(self.s.poll_s, interval / 4), heartbeat_s=max(min(interval, 5.0), 0.5),
+                **self._gates(key, store),
             )  # fmt: skip
-            # one interval at a time: each run() first reconciles the route with the persisted state
+            # one interval at a time: each run() first reconciles the route with the persisted state;
+            # a new operator command ends the run at once, to be applied between runs
             until = time.monotonic() + interval
-            rec = c.run(stop=lambda until=until: not self._leading(key) or time.monotonic() >= until)
+            rec = c.run(stop=lambda until=until: self._stop_run(key, until))
+            if self._new_command(key):
+                self._command(key, store)
+                rec = store.load() or rec
             if Phase(rec.phase).terminal:
                 return
+
+    def _new_command(self, key: tuple[str, str]) -> bool:
+        return commands.pending(self.objects.get(key), self.acked.get(key)) is not None
+
+    def _stop_run(self, key: tuple[str, str], until: float) -> bool:
+        return not self._leading(key) or time.monotonic() >= until or self._new_command(key)
+
+    def _gates(self, key: tuple[str, str], store: ModelRolloutStatusStore) -> dict[str, Any]:
+        """The Controller's pre_start/confirm callbacks for the spec's pre-rollout and confirm-promotion
+        webhooks (read again every interval: removing a webhook from the spec takes effect)."""
+        obj = self.objects.get(key)
+        spec_hooks = hooks.webhooks_of(obj["spec"]) if obj is not None else []
+        out: dict[str, Any] = {}
+        for typ, arg in (("pre-rollout", "pre_start"), ("confirm-promotion", "confirm")):
+            gate = hooks.of_type(spec_hooks, typ)
+            if gate:
+                out[arg] = lambda gate=gate, typ=typ: self.hook_client.ask(
+                    gate, hooks.payload(key[0], key[1], store.load(), typ, time.time())
+                )
+        return out
+
+    def _status_patch(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
+        g, v, p = crd.MODELROLLOUT
+        meta = obj["metadata"]
+        self.api.patch_namespaced_custom_object_status(
+            g, v, meta["namespace"], p, meta["name"], {"status": status}, field_manager=kube.FIELD_MANAGER
+        )
 
     def _status_message(self, obj: dict[str, Any], message: str) -> None:
         g, v, p = crd.MODELROLLOUT
@@ -709,6 +805,8 @@ def main(args: Any) -> int:
         metrics_port=args.metrics_port,
         max_workers=args.max_workers,
         resync_s=args.resync,
+        notify_urls=tuple(args.notify_url or ()),
+        notify_slack_urls=tuple(args.notify_slack_url or ()),
     )
     op = Operator(api, s)
     signal.signal(signal.SIGTERM, lambda *_: op.shutdown())
