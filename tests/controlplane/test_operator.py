@@ -125,7 +125,7 @@ def free_port() -> int:
 
 
 class OperatorProc:
-    def __init__(self, k: Kube, identity: str, lease: str, log_dir: Path):
+    def __init__(self, k: Kube, identity: str, lease: str, log_dir: Path, extra: tuple[str, ...] = ()):
         self.identity, self.metrics_port = identity, free_port()
         self.log_path = log_dir / f"{identity}.log"
         env = {**k.env, "PYTHONPATH": str(ROOT)}
@@ -133,7 +133,7 @@ class OperatorProc:
             sys.executable, "-m", "serving.rollout", "operator", "--namespace", NS,
             "--kubeconfig", k.env["KUBECONFIG"], "--lease-name", lease, "--lease-namespace", NS,
             "--identity", identity, "--lease-duration", f"{LEASE_S:g}s", "--resync", "3s",
-            "--metrics-port", str(self.metrics_port),
+            "--metrics-port", str(self.metrics_port), *extra,
         ]  # fmt: skip
         self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -188,13 +188,13 @@ def world(kc, request, tmp_path):
         made["runtimes"].append(Runtimes(route, **world_kw))
         return full, made["runtimes"][-1]
 
-    def operator(identity: str, lease: str):
-        op = OperatorProc(kc, identity, lease, tmp_path)
+    def operator(identity: str, lease: str, *extra: str):
+        op = OperatorProc(kc, identity, lease, tmp_path, extra)
         made["ops"].append(op)
         made["leases"].add(lease)
         return op
 
-    def rollout(name: str, full: str, runtimes: Runtimes, **strategy):
+    def rollout(name: str, full: str, runtimes: Runtimes, spec: dict | None = None, **strategy):
         obj = {
             "apiVersion": crd.API_VERSION,
             "kind": crd.KIND,
@@ -213,6 +213,7 @@ def world(kc, request, tmp_path):
                     "stableMetricsUrl": f"{runtimes.url}/stable/metrics",
                     "canaryMetricsUrl": f"{runtimes.url}/canary/metrics",
                 },
+                **(spec or {}),
             },
         }
         kc.run("apply", "-f", "-", input=json.dumps(obj))
