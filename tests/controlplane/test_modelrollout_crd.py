@@ -192,6 +192,11 @@ BAD = [
         ["webhook url must start with http:// or https://, got hooks.example/x"],
     ),
     (
+        "webhook-timeout-above-1m",
+        {"webhooks": [{"name": "n", "type": "pre-rollout", "url": "https://h/x", "timeout": "2m"}]},
+        ["timeout must be a positive duration of at most 1m"],
+    ),
+    (
         "webhook-bad-type",
         {"webhooks": [{"name": "n", "type": "pre-promotion", "url": "https://h/x"}]},
         ['spec.webhooks[0].type: Unsupported value: "pre-promotion"'],

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from serving.contract.modelcard import SEMVER_RE
-from serving.rollout import crd, gates, kube
+from serving.rollout import commands, crd, gates, hooks, kube
 from serving.rollout.cli import parse_duration
 from serving.rollout.gates import Verdict
 from serving.rollout.machine import Action, Phase, RolloutSpec
@@ -249,13 +249,24 @@ def test_last_analysis_carries_the_gate_evidence(schema):
 
 
 def test_webhooks(schema):
-    hooks = at(schema, "spec.webhooks")
-    assert hooks["x-kubernetes-list-map-keys"] == ["name"]
-    item = hooks["items"]
+    webhooks = at(schema, "spec.webhooks")
+    assert webhooks["x-kubernetes-list-map-keys"] == ["name"]
+    item = webhooks["items"]
     assert item["required"] == ["name", "type", "url"]
     assert item["properties"]["type"]["enum"] == list(crd.WEBHOOK_TYPES)
     assert parse_duration(item["properties"]["timeout"]["default"]) > 0
     assert "startsWith('https://')" in item["properties"]["url"]["x-kubernetes-validations"][0]["rule"]
+    # the bound on a call's timeout is the code's own (hooks.py caps whatever the spec says)
+    rule = item["properties"]["timeout"]["x-kubernetes-validations"][0]["rule"]
+    assert f"duration(self) <= duration('{hooks.MAX_TIMEOUT_S / 60:g}m')" in rule
+
+
+def test_last_command_is_the_operators_acknowledgement(schema):
+    ack = at(schema, "status.lastCommand")
+    assert ack["required"] == ["id", "command", "result"]
+    assert ack["properties"]["result"]["enum"] == [commands.APPLIED, commands.REJECTED]
+    sample = commands.ack(commands.Command("pause", "n"), commands.APPLIED, "ok", 0.0)["lastCommand"]
+    assert set(sample) == set(ack["properties"])
 
 
 def cel_regex(node: dict) -> re.Pattern:
