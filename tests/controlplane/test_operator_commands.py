@@ -4,8 +4,10 @@ The setting of test_operator.py (a release of the model chart, scripted runtimes
 real HTTPRoute, `python -m serving.rollout operator` processes stopped by PID), plus a real HTTP server on
 127.0.0.1 in this test process that plays every webhook and notification endpoint: it records each POST
 and answers with the status its test sets (a confirm-promotion webhook says no with 403 until it is
-flipped to 200). The commands go through `kubectl mlrollout` (the package's `kubectl-mlrollout` entry
-point on PATH, run by the real kubectl) and `python -m serving.rollout ... --name`, as subprocesses.
+flipped to 200). `kubectl mlrollout status` and `pause` run as subprocesses of the real kubectl, which
+finds the package's `kubectl-mlrollout` entry point on PATH; the other commands run the same client code
+(`crctl.plugin_main`, `cli.main` with `--name`) in this process, against the same API server and operator,
+since every interpreter start costs seconds on a loaded 2-core machine.
 
 Shown here, on one release (installing one costs most of the time): an abort rolls back and fires the
 rollback webhook and a Slack-compatible notification; wrong-phase and unknown-object commands fail with
@@ -31,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from serving.rollout import commands, crctl, crd
+from serving.rollout.cli import main as cli_main
 from tests.controlplane.conftest import NS, ROOT, Kube
 from tests.controlplane.test_operator import events, finished, kc, route_weights, status, world
 
@@ -127,13 +130,14 @@ def test_abort_then_confirm_promotion_pause_resume_with_webhooks_and_notificatio
     approve = {"name": "approve", "type": "confirm-promotion", "url": f"{hooks.url}/approve", "timeout": "5s"}
     strategy = {"steps": [50, 100], "interval": INTERVAL, "maxInconclusive": 20, "gates": FAST_GATES}
 
-    # 1. abort (kubectl mlrollout, the real kubectl finding the plugin on PATH) rolls back and fires the
-    #    rollback webhook and a Slack-compatible notification
+    # 1. abort rolls back and fires the rollback webhook and a Slack-compatible notification (the
+    #    plugin's code in this process: an interpreter start costs seconds on a loaded machine; the real
+    #    kubectl runs the plugin from PATH for status and pause below)
     hooks_1 = [approve, {"name": "rb", "type": "rollback", "url": f"{hooks.url}/rollback"}]
     world.rollout("opcmd", full, rt, spec={"webhooks": hooks_1}, **strategy)
     kc.wait("a live step", lambda: status(kc, "opcmd").get("canaryWeight", 0) >= 50, 60, every_s=0.3)
-    out = kubectl_mlrollout(plugin_env, "abort", "opcmd", "-n", NS, "--reason", "bad dashboard")
-    assert out.returncode == 0, out.stderr
+    assert plugin(capsys, kc, "abort", "opcmd", "--reason", "bad dashboard") == 0
+    assert capsys.readouterr().out.startswith("abort: Applied; phase Aborted")
     st = finished(kc, "opcmd", 30)
     assert st["phase"] == "Aborted" and st["canaryWeight"] == 0 and "bad dashboard" in st["message"]
     assert st["lastCommand"]["command"] == "abort" and st["lastCommand"]["result"] == "Applied"
@@ -145,8 +149,7 @@ def test_abort_then_confirm_promotion_pause_resume_with_webhooks_and_notificatio
     )
     assert slack[0]["blocks"][0]["type"] == "section" and "opcmd" in slack[0]["text"]
     assert any(e["reason"] == "Aborted" for e in events(kc, "opcmd"))
-    # what cannot apply: one line on stderr, exit 2, nothing sent (the plugin's code in this process,
-    # against the real API server: an interpreter start costs seconds on a loaded machine)
+    # what cannot apply: one line on stderr, exit 2, nothing sent
     assert plugin(capsys, kc, "promote", "opcmd") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already Aborted" in err, err
@@ -198,13 +201,12 @@ def test_abort_then_confirm_promotion_pause_resume_with_webhooks_and_notificatio
     assert plugin(capsys, kc, "pause", "opcmd") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already Paused" in err, err
-    # resume (python -m serving.rollout on the CR): analyses continue, still waiting for the approval
-    out = subprocess.run(
-        [sys.executable, "-m", "serving.rollout", "resume", "--namespace", NS, "--name", "opcmd",
-         "--kubeconfig", kc.env["KUBECONFIG"]],
-        env=plugin_env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    # resume (python -m serving.rollout on the CR, in this process): analyses continue, still waiting
+    capsys.readouterr()
+    assert (
+        cli_main(["resume", "--namespace", NS, "--name", "opcmd", "--kubeconfig", kc.env["KUBECONFIG"]]) == 0
+    )
+    assert capsys.readouterr().out.startswith("resume: Applied; phase Progressing")
     kc.wait("analyses again", lambda: analyses(kc, "opcmd") >= held + 2, 20, every_s=0.3)
     assert status(kc, "opcmd")["phase"] == "Progressing"
     # the approval comes: promoted at the next analysis
