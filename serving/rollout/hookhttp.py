@@ -94,16 +94,21 @@ class Sender:
             if item is None:
                 return
             what, url, body, timeout_s = item
-            o = self.client.call(url, body, timeout_s, FIRE_ATTEMPTS)
+            try:
+                o = self.client.call(url, body, timeout_s, FIRE_ATTEMPTS)
+            except Exception as e:  # a body httpx cannot send, ...: this call is lost, the sender lives on
+                o = Outcome(error=f"{type(e).__name__}: {e}")
+            finally:
+                self.q.task_done()
             if o.yes:
                 log.info("%s to %s: HTTP %s", what, url, o.status)
             else:
                 log.warning("%s to %s failed after %d attempts: %s", what, url, FIRE_ATTEMPTS,
                             o.error or f"HTTP {o.status}")  # fmt: skip
-            self.q.task_done()
 
     def close(self, timeout_s: float = 5.0) -> None:
         deadline = time.monotonic() + timeout_s
+        # Queue.join has no timeout: watch its counter of calls not yet done instead
         while self.q.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.05)
         with contextlib.suppress(queue.Full):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from serving.rollout import hooks
-from serving.rollout.machine import Phase, awaiting_promotion
+from serving.rollout.machine import awaiting_promotion
 from serving.rollout.record import RolloutRecord
 
 NOTIFICATION_KIND = "ModelRolloutNotification"
@@ -87,7 +87,3 @@ def slack(note: dict[str, Any]) -> dict[str, Any]:
     evidence = "; ".join(f"{g['gate']} {_gate_line(g)}".replace("*", "") for g in note["evidence"])
     text = head + (f": {note['reason']}" if note["reason"] else "") + (f" | {evidence}" if evidence else "")
     return {"text": text[:3000], "blocks": blocks}
-
-
-def is_end(event: str) -> bool:
-    return event in (Phase.PROMOTED.value, Phase.ROLLED_BACK.value, Phase.ABORTED.value)

@@ -291,6 +291,7 @@ def test_fire_and_forget_delivers_with_bounded_retries(server):
     s = server(codes=(500, 500, 500, 200))
     sender = Sender(HookClient(sleep=lambda s: None))
     sender.submit("rollback webhook rb", s.url, {"n": 1}, 2.0)
+    sender.submit("broken", s.url, {"n": {1, 2}}, 2.0)  # not JSON: lost, and the sender lives on
     sender.submit("rollback webhook rb", s.url, {"n": 2}, 2.0)
     sender.close(timeout_s=10)
     assert [b["n"] for b in s.bodies] == [1, 1, 1, 2], "3 attempts for the first, then the next one"
