@@ -79,13 +79,12 @@ def refusal(verb: str, status: dict[str, Any]) -> str | None:
     own words: the check runs the machine's transition on the status's phase."""
     if verb not in VERBS:
         return f"unknown command {verb!r}: use one of {', '.join(VERBS)}"
-    phase = status.get("phase")
-    if not phase or not status.get("step"):
-        return f"cannot {verb}: the rollout has not started yet ({status.get('message') or 'no status'})"
-    try:
-        st = RolloutState(phase=Phase(phase), reason=status.get("message") or "")
-    except ValueError:
-        return f"cannot {verb}: unknown phase {phase!r}"
+    phase, message = status.get("phase"), status.get("message") or "no status"
+    if phase not in {p.value for p in Phase}:  # no status yet, or a status-only phase (Initialized)
+        return f"cannot {verb}: no rollout is live (phase {phase or 'none'}: {message})"
+    if not status.get("step"):
+        return f"cannot {verb}: the rollout has not started yet ({message})"
+    st = RolloutState(phase=Phase(phase), reason=status.get("message") or "")
     try:
         if verb == "pause":
             machine.pause(st, 0.0)

@@ -66,7 +66,8 @@ def test_wrong_phases_are_refused_in_the_state_machines_words():
     why = commands.refusal("promote", obj(phase="Aborted", message="aborted by operator")["status"])
     assert why.startswith("cannot promote: the rollout is already Aborted (aborted by operator)")
     assert "not started yet" in commands.refusal("pause", {"phase": "Progressing", "step": 0})
-    assert "not started yet" in commands.refusal("pause", {})
+    assert "no rollout is live (phase none: no status)" in commands.refusal("pause", {})
+    assert "no rollout is live (phase Initialized" in commands.refusal("abort", {"phase": "Initialized"})
     assert "unknown command" in commands.refusal("skip", obj()["status"])
 
 
