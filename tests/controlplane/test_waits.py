@@ -73,10 +73,13 @@ def test_helm_wait_returns_before_a_first_install_is_ready(k):
     try:
         took = time.monotonic() - start
         not_ready = [t for t in ("stable", "canary") if not k.isvc_ready(f"first-mlrollout-model-{t}")]
-        assert not_ready, (
-            f"helm --wait returned after {took:.1f} s with everything Ready: the finding no longer holds"
+        # Usually helm returns with the InferenceServices not Ready (kstatus sees no observedGeneration
+        # yet). On a quiet machine kwok can start the fake pods before helm's first poll, and then both
+        # are Ready when it returns: a race the test cannot steer, so only a slow return is a failure.
+        assert not_ready or took < 10, (
+            f"helm --wait returned after {took:.1f} s with everything Ready: it waited for Ready, "
+            "so the finding no longer holds"
         )
-        # the documented wait does hold
         # the documented wait does hold: when it returns, the model's pods are the ready ones (KServe's own
         # Ready condition follows a moment later, on its next reconcile of the Deployment's status)
         documented_wait(k, "first-mlrollout-model-stable", "s3://mlpipeline/models/breast-cancer/1.0.0")

@@ -282,7 +282,7 @@ def test_controller_rolls_back_a_5pct_erroring_canary_at_its_first_analysis_with
     assert "evidence of the last analysis" in text and "error_rate_vs_stable: effect +0.05" in text
     # the operator's status.lastAnalysis carries the same evidence
     ev = next(e for e in rec.state["history"][-1]["evidence"] if e["gate"] == "error_rate_vs_stable")
-    view = crstore._evidence(ev)
+    view = crstore.evidence_view(ev)
     assert view["effect"] == pytest.approx(0.05) and view["statistic"] >= view["boundary"] > 0
     assert view["n"] > 0 and view["baselineN"] > 0
 
