@@ -16,6 +16,17 @@ from pipelines.components.batch import batch_score
 PIPELINE_NAME = "batch-scoring-pipeline"
 
 
+def import_inputs(model_uri: str, dataset_uri: str):
+    """The two importer tasks every batch pipeline starts with: the model package and the input table."""
+    model = dsl.importer(artifact_uri=model_uri, artifact_class=Model, reimport=False)
+    model.set_display_name("model package")
+    # a table path is often rewritten in place (e.g. a daily export): re-import it and never serve
+    # cached predictions for a URI whose content may have changed
+    data = dsl.importer(artifact_uri=dataset_uri, artifact_class=Dataset, reimport=True)
+    data.set_display_name("input table")
+    return model, data
+
+
 @pipeline(
     name=PIPELINE_NAME,
     description="Score a CSV/Parquet table with a packaged ONNX model (sha256-checked, schema-checked, "
@@ -44,12 +55,7 @@ def batch_scoring_pipeline(
     Returns:
         The predictions: the id column, ``prediction`` and one ``prob_<class>`` column per class.
     """
-    model = dsl.importer(artifact_uri=model_uri, artifact_class=Model, reimport=False)
-    model.set_display_name("model package")
-    # a table path is often rewritten in place (e.g. a daily export): re-import it and never serve
-    # cached predictions for a URI whose content may have changed
-    data = dsl.importer(artifact_uri=dataset_uri, artifact_class=Dataset, reimport=True)
-    data.set_display_name("input table")
+    model, data = import_inputs(model_uri, dataset_uri)
     scored = batch_score(
         model=model.output,
         dataset=data.output,

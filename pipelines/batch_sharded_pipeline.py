@@ -15,8 +15,9 @@ number, not a parameter), so the run-time knob is ``shards``: how many steps sco
 """
 
 from kfp import dsl
-from kfp.dsl import Dataset, Model
+from kfp.dsl import Dataset
 
+from pipelines.batch_pipeline import import_inputs
 from pipelines.components._env import pipeline
 from pipelines.components.batch import commit_batch_shards, plan_batch_shards, score_batch_shard
 
@@ -57,10 +58,7 @@ def sharded_pipeline(parallelism: int = PARALLELISM):
         Returns:
             A folder of parts (``part-00000.<format>``, ... in row order) and ``_manifest.json``.
         """
-        model = dsl.importer(artifact_uri=model_uri, artifact_class=Model, reimport=False)
-        model.set_display_name("model package")
-        data = dsl.importer(artifact_uri=dataset_uri, artifact_class=Dataset, reimport=True)
-        data.set_display_name("input table")
+        model, data = import_inputs(model_uri, dataset_uri)
         plan = plan_batch_shards(dataset=data.output, shards=shards, input_format=input_format)
         plan.set_display_name("plan shards")
         plan.set_caching_options(False)  # same URI, possibly new content

@@ -19,11 +19,10 @@ Pure: no I/O, no clock (the caller passes ``now`` and the nonce).
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from serving.rollout import machine
+from serving.rollout import crd, machine
 from serving.rollout.machine import InvalidTransition, Phase, RolloutSpec, RolloutState
 
 COMMAND = "mlrollout.io/command"
@@ -105,10 +104,6 @@ def machine_reason(cmd: Command, who: str = "kubectl mlrollout") -> str:
     return f"{done} by operator command {cmd.id[:12]}" + (f": {cmd.reason}" if cmd.reason else f" ({who})")
 
 
-def rfc3339(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def ack(cmd: Command, result: str, message: str, now: float) -> dict[str, Any]:
     """The ``status`` fragment that acknowledges ``cmd``."""
     return {
@@ -117,6 +112,6 @@ def ack(cmd: Command, result: str, message: str, now: float) -> dict[str, Any]:
             "command": cmd.verb,
             "result": result,
             "message": " ".join(message.split())[:1000],
-            "time": rfc3339(now),
+            "time": crd.rfc3339(now),
         }
     }

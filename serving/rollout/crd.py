@@ -10,6 +10,8 @@ embed kube.py, does not carry it).
 
 from __future__ import annotations
 
+import datetime as dt
+
 from serving.rollout.kube import GVR
 
 GROUP = "mlrollout.io"
@@ -29,3 +31,9 @@ WEBHOOK_TYPES = ("pre-rollout", "confirm-promotion", "post-rollout", "rollback")
 INITIALIZED = "Initialized"
 # status.history is bounded on the object (machine.HISTORY_LIMIT bounds the state machine's own)
 STATUS_HISTORY_LIMIT = 50
+
+
+def rfc3339(t: float) -> str:
+    """A Unix time as the status' timestamps are written: RFC 3339 in UTC at whole seconds, as metav1.Time
+    serializes (conditions, lastCommand, history, the webhook payloads)."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

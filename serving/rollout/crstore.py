@@ -19,7 +19,6 @@ persist a decision after a standby took over).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 from collections.abc import Callable
@@ -41,10 +40,6 @@ from serving.rollout.store import (
 )
 
 RECORD_FIELD = "record"
-
-
-def rfc3339(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def evidence_view(g: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +84,7 @@ def conditions(rec: RolloutRecord, old: list[dict[str, Any]], generation: int, n
         if typ == "Progressing" and true and awaiting_promotion(rec.rollout_state, rec.rollout_spec):
             reason = "AwaitingPromotion"  # a confirm-promotion webhook has not said yes (message: its answer)
         prev = before.get(typ)
-        ltt = prev["lastTransitionTime"] if prev and prev.get("status") == status else rfc3339(now)
+        ltt = prev["lastTransitionTime"] if prev and prev.get("status") == status else crd.rfc3339(now)
         msg = (rec.rollout_state.reason if rec.state else "waiting for the canary to serve")[:1000]
         out.append(
             {
@@ -128,13 +123,13 @@ def status_view(
     hist = st.get("history", [])
     last = next((h for h in reversed(hist) if h.get("evidence")), None)
     if last:
-        view["lastAnalysisTime"] = rfc3339(last["t"])
+        view["lastAnalysisTime"] = crd.rfc3339(last["t"])
         view["lastAnalysis"] = [evidence_view(g) for g in last["evidence"]][:16]
     view["history"] = [
         {
             k: v
             for k, v in {
-                "time": rfc3339(h["t"]),
+                "time": crd.rfc3339(h["t"]),
                 "event": h["event"],
                 "phase": h.get("phase"),
                 "step": (h["step_index"] + 1) if isinstance(h.get("step_index"), int) else None,

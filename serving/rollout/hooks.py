@@ -17,7 +17,6 @@ Every call is a JSON POST of :func:`payload` (documented in serving/rollout/READ
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,10 +120,6 @@ def after_end(phase: str) -> tuple[str, ...]:
     return ("rollback", "post-rollout")
 
 
-def rfc3339(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def evidence(rec: RolloutRecord) -> list[dict[str, Any]]:
     """The last analysis's gates (value, threshold, op, n, baselineN, unit, verdict), as in the status."""
     hist = (rec.state or {}).get("history", [])
@@ -150,5 +145,5 @@ def payload(namespace: str, name: str, rec: RolloutRecord, typ: str, now: float)
         "canaryWeight": st["weight"] if st else 0,
         "reason": (st.get("reason") if st else "the canary serves; no traffic moved yet") or "",
         "evidence": evidence(rec),
-        "time": rfc3339(now),
+        "time": crd.rfc3339(now),
     }

@@ -2,8 +2,9 @@
 
 - Helm 4 `--wait` (kstatus) judges an InferenceService by `status.observedGeneration`, which KServe copies
   from the Deployment: a change that touches only the HPA (replicas.max) leaves them apart for good and
-  `helm upgrade --wait` hangs until its timeout; and on a first install it returns before anything is
-  Ready. So the chart is upgraded without --wait and the workload is waited on, as the README says:
+  `helm upgrade --wait` hangs until its timeout; and on a first install it usually returns before
+  anything is Ready (a race with the pods' start, so observed, not asserted). So the chart is upgraded
+  without --wait and the workload is waited on, as the README says:
   `kubectl wait --for=create`, `--for=jsonpath` on the Deployment's model URI, `kubectl rollout status`;
 - those documented commands hold until the new model's pods are the ready ones;
 - a 52-character InferenceService name makes KServe's predictor label longer than 63 characters and the
@@ -67,19 +68,13 @@ def test_helm_wait_hangs_on_an_hpa_only_change(k):
         k.helm("uninstall", "hpa", "-n", NS, "--wait", "--timeout", "60s", check=False)
 
 
-def test_helm_wait_returns_before_a_first_install_is_ready(k):
-    start = time.monotonic()
+def test_documented_wait_holds_after_a_first_install(k):
     k.helm("install", "first", str(CHART), "-n", NS, "-f", CANARY_VALUES, "--wait", "--timeout", "60s")
     try:
-        took = time.monotonic() - start
-        not_ready = [t for t in ("stable", "canary") if not k.isvc_ready(f"first-mlrollout-model-{t}")]
-        # Usually helm returns with the InferenceServices not Ready (kstatus sees no observedGeneration
-        # yet). On a quiet machine kwok can start the fake pods before helm's first poll, and then both
-        # are Ready when it returns: a race the test cannot steer, so only a slow return is a failure.
-        assert not_ready or took < 10, (
-            f"helm --wait returned after {took:.1f} s with everything Ready: it waited for Ready, "
-            "so the finding no longer holds"
-        )
+        # helm --wait usually returns here with the InferenceServices not Ready yet (kstatus reads an
+        # observedGeneration KServe copies from the Deployment), but on a quiet machine kwok can start the
+        # fake pods before helm's first poll: a race no test can steer, so it is not asserted (it was
+        # flaky both ways); what users rely on, the documented wait, is.
         # the documented wait does hold: when it returns, the model's pods are the ready ones (KServe's own
         # Ready condition follows a moment later, on its next reconcile of the Deployment's status)
         documented_wait(k, "first-mlrollout-model-stable", "s3://mlpipeline/models/breast-cancer/1.0.0")
@@ -106,7 +101,6 @@ def test_documented_wait_holds_until_the_new_model_serves(k):
         )
         # straight after the upgrade KServe still shows Ready (the old pods answering); which pods answer
         # at this instant is a race with kwok's pod start on a busy machine, so it is not asserted here
-        # (test_helm_wait_returns_before_a_first_install_is_ready shows Ready before the model serves)
         assert k.isvc_ready(f"{full}-stable")
         documented_wait(k, f"{full}-stable", V2_URI)
         assert served_uris(k, f"{full}-stable") == {V2_URI}

@@ -68,42 +68,24 @@ def test_e2e_suite_is_collected_and_skipped_with_the_reason(tmp_path):
     kubeconfig = tmp_path / "empty-kubeconfig"
     kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "MLROLLOUT_E2E_REQUIRED": required}
-    proc = subprocess.run(
-        [
+
+    def pytest(*args: str) -> subprocess.CompletedProcess:
+        cmd = [
             sys.executable,
             "-m",
             "pytest",
             "-q",
-            "-rsE",
             "-p",
             "no:cacheprovider",
+            *args,
             "tests/e2e/test_platform.py",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+        ]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    proc = pytest("-rsE")
     assert proc.returncode == (0 if required == "0" else 1), proc.stdout[-2000:]
     # every test the file has is skipped: the count from collecting it, not a number kept here
-    co = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "--co",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/e2e/test_platform.py",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    co = pytest("--co")
     collected = sum(1 for line in co.stdout.splitlines() if "::" in line)
     assert collected >= 9, co.stdout[-2000:]
     assert f"{collected} {word}" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
