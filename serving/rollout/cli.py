@@ -8,8 +8,8 @@ import re
 import sys
 
 from serving.contract.errors import MlrolloutError
+from serving.rollout import cohorts, gates
 from serving.rollout import controller as ctl
-from serving.rollout import gates
 from serving.rollout.gates import Gate
 from serving.rollout.machine import RolloutSpec, parse_steps
 from serving.rollout.metrics import PROVIDERS, Target
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for router in ROUTERS.values():
         router.add_arguments(s)
+    cohorts.add_arguments(s)
     m = s.add_argument_group("metrics")
     m.add_argument("--metrics", choices=list(PROVIDERS), default="prometheus")
     m.add_argument("--prometheus-url", default="http://127.0.0.1:9090")
@@ -256,6 +257,8 @@ def cmd_start(a: argparse.Namespace) -> int:
     # record, the router and the metrics backend, each refused before anything is written
     router = ROUTERS[a.router]
     router_cfg = router.config_from_args(a)
+    if cohorts.from_args(a) and "cohort" not in router_cfg:
+        raise ValueError(f"--router {a.router} cannot route by cohort; use local_proxy or gateway_api")
     default_cm, owner = router.state_location(router_cfg)
     spec = RolloutSpec(
         steps=a.steps, interval_s=a.interval, threshold=a.threshold, max_inconclusive=a.max_inconclusive
@@ -325,7 +328,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     print(f"{rec.canary['model']}: {rec.stable['version']} -> {rec.canary['version']}")
     print(
         f"phase {st.phase.value}, step {st.step_index + 1}/{len(steps)} {steps}, "
-        f"canary weight {st.weight}%{live}"
+        f"canary weight {st.weight}%{live}{cohorts.note(rec.router.get('cohort'), st.weight)}"
     )
     print(
         f"analyses {st.analyses}, failed checks {st.failed_checks}/{rec.spec['threshold']}, "

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from serving.contract.errors import MlrolloutError
-from serving.rollout import machine
+from serving.rollout import cohorts, machine
 from serving.rollout.gates import Gate, GateResult, Verdict, evaluate_all, gates_to_config, overall_verdict
 from serving.rollout.machine import Action, Decision, Phase, RolloutSpec, RolloutState
 from serving.rollout.metrics import MetricsError, MetricsProvider, Target, build_provider
@@ -358,6 +358,7 @@ class Controller:
             f"{self.stable.version} -> {self.canary.version}"
             f" steps {list(self.spec.steps)} every {self.spec.interval_s:g}s via {self.router.name}"
             f" + {self.provider.name}; canary weight {d.weight}%"
+            + cohorts.note(getattr(self.router, "cohort", None), d.weight)
         )
         self._execute(d.action, d.weight)
         return self._clear_pending()
@@ -432,7 +433,8 @@ class Controller:
             rec, d = self.store.update_with(fn)
         except _Stale:
             return self._load()
-        self.log(describe_decision(st, self.spec, d, now))
+        cohort = getattr(self.router, "cohort", None) if d.action is Action.SET_WEIGHT else None
+        self.log(describe_decision(st, self.spec, d, now) + cohorts.note(cohort, d.weight))
         if rec.pending:
             self._execute(d.action, d.weight)
             rec = self._clear_pending()

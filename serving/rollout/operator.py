@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving.contract.errors import MlrolloutError
-from serving.rollout import commands, crd, gitops, health, hooks, kube, notify
+from serving.rollout import cohorts, commands, crd, gitops, health, hooks, kube, notify
 from serving.rollout import controller as ctl
 from serving.rollout.crstore import ModelRolloutStatusStore
 from serving.rollout.gates import DEFAULTS as GATE_DEFAULTS
@@ -168,7 +168,17 @@ def build_record(
     stable = Target(model, stable_version, urls[0], extra)
     canary = Target(model, spec["model"]["version"], urls[1], extra)
     release = cls.for_release(fullname, ns)
-    return ctl.new_record(rs, gates, stable, canary, release.config, metrics)
+    return ctl.new_record(rs, gates, stable, canary, with_cohort(release.config, spec), metrics)
+
+
+def with_cohort(router_cfg: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """The router config with ``spec.strategy.cohort`` (cohorts.py), for the gateway_api router only."""
+    cohort = cohorts.from_crd((spec.get("strategy") or {}).get("cohort"))
+    if not cohort:
+        return router_cfg
+    if router_cfg.get("router") != "gateway_api":
+        raise SpecError(f"spec.strategy.cohort needs the gateway_api router, not {router_cfg.get('router')}")
+    return {**router_cfg, "cohort": cohort}
 
 
 def stable_version_of(api: Any, obj: dict[str, Any], rec: ctl.RolloutRecord | None) -> str:

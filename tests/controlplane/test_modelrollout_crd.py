@@ -128,6 +128,13 @@ def test_a_full_spec_is_accepted_as_written(kc):
     assert [h.get("timeout") for h in obj["webhooks"]] == ["10s", "2s"]
 
 
+def test_a_cohort_is_accepted_as_written(kc):
+    for name, cohort in (("coh-hash", {"header": "x-user-bucket"}),
+                         ("coh-match", {"cookie": "canary", "exact": "always"})):  # fmt: skip
+        obj = json.loads(create(kc, rollout(name, **strategy(cohort=cohort))).stdout)
+        assert obj["spec"]["strategy"]["cohort"] == cohort
+
+
 BAD = [
     ("steps-not-increasing", strategy(steps=[10, 50, 25, 100]), ["steps must be strictly increasing"]),
     ("steps-repeated", strategy(steps=[10, 10, 100]), ["steps must be strictly increasing"]),
@@ -185,6 +192,21 @@ BAD = [
         "isvc-with-gateway-router",
         {"target": {"inferenceService": {"name": "kn"}}, **strategy(router="gateway_api")},
         ["an inferenceService target is one Knative InferenceService: its router is kserve_knative"],
+    ),
+    (
+        "cohort-header-and-cookie",
+        strategy(cohort={"header": "x-user-bucket", "cookie": "uid"}),
+        ["a cohort names exactly one of header or cookie"],
+    ),
+    (
+        "cohort-bad-header",
+        strategy(cohort={"header": "x user"}),
+        ["spec.strategy.cohort.header", "should match"],
+    ),
+    (
+        "cohort-on-knative",
+        {"target": {"inferenceService": {"name": "kn"}}, **strategy(cohort={"header": "x-user-bucket"})},
+        ["a cohort routes by HTTPRoute matches: it needs a release target and the gateway_api router"],
     ),
     (
         "webhook-url-without-scheme",

@@ -212,7 +212,7 @@ def test_router_enum_is_the_registry_cluster_routers(schema):
     cluster = [name for name, cls in ROUTERS.items() if hasattr(cls, "for_release")]
     assert at(schema, "spec.strategy.router")["enum"] == cluster
     assert set(ROUTERS) - set(cluster) == {"local_proxy"}
-    r = rule_of(at(schema, "spec"), "inferenceService")
+    r = rule_of(at(schema, "spec"), "router == 'kserve_knative'")
     assert "'kserve_knative'" in r["rule"] and "kserve_knative" in cluster
 
 
@@ -360,3 +360,30 @@ def test_chart_lints_and_templates(tools):  # noqa: F811
     full = tools.run(tools.helm, "template", "op", CHART, "--include-crds", check=True)
     crds = [d for d in yaml.safe_load_all(full.stdout) if d and d["kind"] == "CustomResourceDefinition"]
     assert crds == [yaml.safe_load(CRD_FILE.read_text())], "helm renders the one CRD file as it is"
+
+
+def test_cohort_patterns_are_the_cohort_module_names(schema):
+    """spec.strategy.cohort's patterns refuse on the API server what serving.rollout.cohorts refuses."""
+    from serving.rollout import cohorts
+
+    node = at(schema, "spec.strategy.cohort")["properties"]
+    cases = {
+        "header": (cohorts.HEADER_NAME, ["x-user-id", "X1", "a" * 128, "", "-x", "x y", "x_y", "x;y"]),
+        "cookie": (cohorts.COOKIE_NAME, ["uid", "a.b_c-d", "", "a=b", "a b", "a;b"]),
+        "exact": (cohorts.MATCH_VALUE, ["always", "v1.2~x", "", "a b", "a}", "a=b"]),
+    }
+    for field, (ours, values) in cases.items():
+        rx = re.compile(node[field]["pattern"])
+        for v in values:
+            crd_ok = bool(rx.match(v)) and len(v) <= node[field]["maxLength"]
+            assert crd_ok == bool(ours.fullmatch(v)), (field, v)
+
+
+def test_a_cohort_rule_asks_for_a_release_and_gateway_api(schema):
+    r = rule_of(at(schema, "spec"), "self.strategy.cohort")
+    assert "!has(self.target.inferenceService)" in r["rule"] and "'gateway_api'" in r["rule"]
+    assert r["fieldPath"] == ".strategy.cohort"
+    assert (
+        rule_of(at(schema, "spec.strategy.cohort"), "header")["rule"]
+        == "has(self.header) != has(self.cookie)"
+    )

@@ -12,6 +12,9 @@ the proxy to ``POST /v2/models/<name>/feedback`` with the answer's ``x-request-i
 ``x-feedback-token`` (``feedback_batch`` answers per request), as a real client would; the runtimes
 count it and the accuracy gate reads those counters from the metrics backend. What the endpoint
 answered is summed in :attr:`TrafficResult.feedback`.
+
+With ``user_keys`` each request carries one of them, drawn at random, in the ``key_header`` header: the
+users of a sticky cohort (``serving.rollout.cohorts``); each answer records its key.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Answer:
     version: str  # x-model-version, "" when absent
     latency_s: float
     error: str = ""
+    key: str = ""  # the user key sent (user_keys), "" without one
 
 
 @dataclass
@@ -79,6 +83,8 @@ class TrafficGenerator:
         timeout_s: float = 10.0,
         seed: int = 0,
         feedback_batch: int = 8,
+        user_keys: list[str] | None = None,
+        key_header: str = "x-user-id",
     ):
         if len(x) == 0:
             raise ValueError("the traffic generator needs at least one input row")
@@ -90,6 +96,7 @@ class TrafficGenerator:
         self.rps, self.concurrency, self.batch = rps, concurrency, batch
         self.max_requests, self.max_seconds = max_requests, max_seconds
         self.input_name, self.timeout_s = input_name, timeout_s
+        self.user_keys, self.key_header = list(user_keys or ()), key_header
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._sent = 0
@@ -173,10 +180,14 @@ class TrafficGenerator:
 
     def _one(self, client: httpx.Client, pending: list[dict]) -> None:
         body, labels = self._body()
+        key = ""
+        if self.user_keys:
+            with self._lock:
+                key = self.user_keys[int(self._rng.integers(0, len(self.user_keys)))]
         t = time.time()
         t_start = time.perf_counter()
         try:
-            r = client.post(self.url, json=body)
+            r = client.post(self.url, json=body, headers={self.key_header: key} if key else None)
             status, version, err = r.status_code, r.headers.get("x-model-version", ""), ""
         except httpx.HTTPError as e:
             r, status, version, err = None, 0, "", f"{type(e).__name__}: {e}"
@@ -190,7 +201,7 @@ class TrafficGenerator:
         elif r is not None and status != 200:
             err = r.text[:200]
         with self._lock:
-            self._answers.append(Answer(t, status, version, latency, err))
+            self._answers.append(Answer(t, status, version, latency, err, key))
 
     def _send_feedback(self, client: httpx.Client, pending: list[dict]) -> None:
         if not pending:

@@ -7,6 +7,11 @@ traffic back to stable (Flagger's primary/canary promotion). Weights are written
 of ``spec.rules``; ``HTTPRoute.spec.rules`` is an atomic list, so our field manager then owns all of the
 rules, not just the weights (a ``helm upgrade`` that renders different rules mid-rollout conflicts with
 us, by design).
+
+With a cohort (:mod:`serving.rollout.cohorts`) the router writes rules with header ``matches`` in front of
+the weighted rule (:func:`cohorts.httproute_rules`) and records the canary's share in the annotation
+:data:`SHARE_ANNOTATION` (a match cohort's weighted rule stays all-stable, so the weights alone do not
+say the step).
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from serving.rollout import kube, targets
+from serving.rollout import cohorts, kube, targets
 from serving.rollout.routers.base import Release, RouterError, check_k8s_names, check_weights, require_flags
+
+SHARE_ANNOTATION = "mlrollout.io/cohort-share"
 
 
 class GatewayApiRouter:
@@ -33,6 +40,7 @@ class GatewayApiRouter:
         canary_isvc: str = "",
         api: Any = None,
         kubeconfig: str | None = None,
+        cohort: str = "",
         ready_timeout_s: float = 300.0,
         poll_s: float = 2.0,
     ):
@@ -40,6 +48,7 @@ class GatewayApiRouter:
         self.stable_backend, self.canary_backend = stable_backend, canary_backend
         self.stable_isvc, self.canary_isvc = stable_isvc, canary_isvc
         self.kubeconfig = kubeconfig
+        self.cohort = cohorts.parse(cohort) if cohort else None
         self.ready_timeout_s, self.poll_s = ready_timeout_s, poll_s
         self.api = api or kube.custom_api(kubeconfig)
 
@@ -68,6 +77,7 @@ class GatewayApiRouter:
             "stable_isvc": ns.stable_isvc,
             "canary_isvc": ns.canary_isvc,
             "kubeconfig": ns.kubeconfig,
+            **({"cohort": spec} if (spec := cohorts.from_args(ns)) else {}),
         }
 
     @staticmethod
@@ -79,6 +89,8 @@ class GatewayApiRouter:
         check_k8s_names(
             cfg, ("route", "namespace", "stable_backend", "canary_backend", "stable_isvc", "canary_isvc")
         )
+        if cfg.get("cohort"):
+            cohorts.parse(cfg["cohort"])
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], api: Any = None) -> GatewayApiRouter:
@@ -120,6 +132,24 @@ class GatewayApiRouter:
             f"{self.stable_backend!r} and {self.canary_backend!r}; check --stable-backend/--canary-backend"
         )
 
+    def _base(self, route: dict) -> dict:
+        """The weighted rule (both backends) of ``route``."""
+        refs, _, _ = self._refs(route)
+        return next(r for r in route["spec"]["rules"] if r.get("backendRefs") is refs)
+
+    def _cohort_rules(self, route: dict, share: int) -> list[dict]:
+        """``route``'s rules with the cohort's at ``share``: ours replaced, anyone else's kept."""
+        base = self._base(route)
+        rules = []
+        for r in route["spec"]["rules"]:
+            if r is base:
+                rules += cohorts.httproute_rules(
+                    base, self.cohort, share, self.stable_backend, self.canary_backend
+                )
+            elif not cohorts.is_cohort_rule(r, self.cohort, self.stable_backend, self.canary_backend):
+                rules.append(r)
+        return rules
+
     def set_weights(self, stable: int, canary: int) -> None:
         check_weights(stable, canary)
 
@@ -131,6 +161,9 @@ class GatewayApiRouter:
                 "metadata": {"resourceVersion": route["metadata"]["resourceVersion"]},
                 "spec": {"rules": route["spec"]["rules"]},
             }
+            if self.cohort:
+                body["spec"]["rules"] = self._cohort_rules(route, int(canary))
+                body["metadata"]["annotations"] = {SHARE_ANNOTATION: str(int(canary))}
             kube.patch(self.api, kube.HTTPROUTE, self.namespace, self.route, body)
 
         try:
@@ -139,9 +172,21 @@ class GatewayApiRouter:
             raise RouterError(str(e)) from e
 
     def get_weights(self) -> tuple[int, int]:
-        _, s, c = self._refs(self._get_route())
+        route = self._get_route()
+        _, s, c = self._refs(route)
         # Gateway API: a backendRef without weight has weight 1
-        return int(s.get("weight", 1)), int(c.get("weight", 1))
+        weights = int(s.get("weight", 1)), int(c.get("weight", 1))
+        if not self.cohort:
+            return weights
+        from serving.rollout.gitops import contains  # gitops imports this package: not at module level
+
+        raw = (route["metadata"].get("annotations") or {}).get(SHARE_ANNOTATION, "")
+        share = int(raw) if raw.isdigit() and int(raw) <= 100 else weights[1]
+        if contains(route["spec"]["rules"], self._cohort_rules(route, share)):
+            return 100 - share, share
+        # the cohort's rules are not (all) in place, e.g. another writer reset the rules: a pair that
+        # no valid weight equals (they add up to 100), so the controller's reconcile writes them again
+        return 0, 0
 
     def promote(self) -> None:
         """Canary takes all traffic, stable gets the canary's predictor, then stable takes it back."""
@@ -174,4 +219,5 @@ class GatewayApiRouter:
             "stable_isvc": self.stable_isvc,
             "canary_isvc": self.canary_isvc,
             "kubeconfig": self.kubeconfig,
+            **({"cohort": self.cohort.spec} if self.cohort else {}),
         }

@@ -2,6 +2,11 @@
 
 Weights change through HAProxy's runtime API (``set weight`` on the admin stats socket): no reload, no
 dropped connection.
+
+With a cohort (:mod:`serving.rollout.cohorts`) the backend also carries :func:`cohort_rules`: HAProxy hashes
+the user key itself (``xxh32,mod(100)``) and reads the canary's share from a map file, which the runtime
+API changes in memory (``set map``), again without a reload. The server weights keep the same share for
+requests that carry no key.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import re
 import socket
 from typing import Any
 
+from serving.rollout import cohorts
 from serving.rollout.routers.base import RouterError, check_weights, require_flags
 
 # HAProxy backend and server names as the runtime API receives them: a newline or `;` would start
@@ -25,6 +31,60 @@ def check_haproxy_name(what: str, name: Any) -> str:
             f"HAProxy {what} name {name!r} is not allowed: use only letters, digits, '_', '.' and '-'"
         )
     return name
+
+
+# the cohort map file's path as the config and the runtime API name it (it goes into both verbatim)
+MAP_PATH = re.compile(r"/[A-Za-z0-9_./-]+")
+SHARE_KEY = "share"  # the map's one entry: the canary's share in percent
+
+
+def check_map_path(path: Any) -> str:
+    if not isinstance(path, str) or not MAP_PATH.fullmatch(path) or "/../" in path:
+        raise ValueError(
+            f"HAProxy cohort map {path!r} must be an absolute path of letters, digits and '_./-'"
+        )
+    return path
+
+
+def cohort_map_text(share: int) -> str:
+    """The map file's content HAProxy starts from (the router's ``set map`` then changes it in memory)."""
+    return f"{SHARE_KEY} {int(share)}\n"
+
+
+def cohort_rules(
+    cohort: str, map_path: str, stable_server: str = "stable", canary_server: str = "canary"
+) -> str:
+    """The ``backend`` lines that route a cohort (:mod:`serving.rollout.cohorts`), for the HAProxy config.
+
+    ``use-server`` picks a server even at weight 0, so the share in the map alone decides keyed requests;
+    a request the rules do not place is balanced by the server weights (the random split).
+    """
+    c = cohorts.parse(cohort)
+    check_map_path(map_path)
+    check_haproxy_name("stable server", stable_server)
+    check_haproxy_name("canary server", canary_server)
+    # the whole header line (req.fhdr: a key with a comma stays one key), or the cookie's value
+    key = f"req.fhdr({c.name})" if c.source == "header" else f"req.cook({c.name})"
+    lines = [
+        f"# cohort {c.spec} (serving.rollout.cohorts): the router sets the canary's share in the map",
+        f"http-request set-var(txn.mlr_share) str({SHARE_KEY}),map_str_int({map_path},0)",
+    ]
+    if c.mode == "hash":
+        lines += [
+            f"http-request set-var(txn.mlr_bucket) {key},xxh32,mod({cohorts.BUCKETS})"
+            f" if {{ {key} -m len gt 0 }}",
+            "http-request set-var(txn.mlr_d) var(txn.mlr_bucket),sub(txn.mlr_share)"
+            " if { var(txn.mlr_bucket) -m found }",
+            f"use-server {canary_server} if {{ var(txn.mlr_d) -m int lt 0 }}",
+            f"use-server {stable_server} if {{ var(txn.mlr_bucket) -m found }}",
+        ]
+    else:
+        lines += [
+            f"use-server {canary_server} if {{ {key} -m str {c.value} }}"
+            " { var(txn.mlr_share) -m int gt 0 }",
+            f"use-server {stable_server} if {{ var(txn.mlr_share) -m int lt 100 }}",
+        ]
+    return "\n".join("    " + line for line in lines) + "\n"
 
 
 class HAProxyRuntimeAPI:
@@ -63,6 +123,8 @@ class LocalProxyRouter:
         backend: str = "be_model",
         stable_server: str = "stable",
         canary_server: str = "canary",
+        cohort: str = "",
+        cohort_map: str = "",
     ):
         if not isinstance(socket_path, str) or not socket_path:
             raise ValueError(f"the HAProxy socket path must be a non-empty string, got {socket_path!r}")
@@ -71,6 +133,12 @@ class LocalProxyRouter:
         check_haproxy_name("canary server", canary_server)
         if stable_server == canary_server:
             raise ValueError(f"the stable and canary servers must differ, both are {stable_server!r}")
+        self.cohort = cohorts.parse(cohort) if cohort else None
+        if self.cohort and not cohort_map:
+            raise ValueError("a cohort on local_proxy needs the HAProxy map file (--cohort-map)")
+        if cohort_map:
+            check_map_path(cohort_map)
+        self.cohort_map = cohort_map
         self.api = HAProxyRuntimeAPI(socket_path)
         self.backend, self.stable_server, self.canary_server = backend, stable_server, canary_server
 
@@ -83,6 +151,11 @@ class LocalProxyRouter:
         r.add_argument("--backend", default="be_model")
         r.add_argument("--stable-server", default="stable")
         r.add_argument("--canary-server", default="canary")
+        r.add_argument(
+            "--cohort-map",
+            default="",
+            help="with a cohort: the map file the HAProxy config's cohort rules read the share from",
+        )
 
     @classmethod
     def config_from_args(cls, ns: argparse.Namespace) -> dict[str, Any]:
@@ -93,6 +166,7 @@ class LocalProxyRouter:
             "backend": ns.backend,
             "stable_server": ns.stable_server,
             "canary_server": ns.canary_server,
+            **cohorts_config(ns),
         }
 
     @staticmethod
@@ -121,18 +195,46 @@ class LocalProxyRouter:
         except (IndexError, ValueError) as e:
             raise RouterError(f"HAProxy answered {out!r} to 'get weight {self.backend}/{server}'") from e
 
+    def _set_share(self, share: int) -> None:
+        out = self.api.command(f"set map {self.cohort_map} {SHARE_KEY} {int(share)}")
+        if out:
+            raise RouterError(f"HAProxy refused 'set map {self.cohort_map} {SHARE_KEY} {share}': {out}")
+
+    def _get_share(self) -> int:
+        out = self.api.command(f"show map {self.cohort_map}")
+        for line in out.splitlines():  # "0x55d0c8a0 share 25"
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == SHARE_KEY and parts[2].lstrip("-").isdigit():
+                return int(parts[2])
+        raise RouterError(
+            f"HAProxy answered {out!r} to 'show map {self.cohort_map}': no {SHARE_KEY} entry; is it"
+            " the map file of the HAProxy config's cohort rules (routers.haproxy.cohort_rules)?"
+        )
+
     def set_weights(self, stable: int, canary: int) -> None:
         check_weights(stable, canary)
         # raise the side that grows first, so no instant has both at 0
-        if canary > self._get(self.canary_server):
+        grows = canary > self._get(self.canary_server)
+        if self.cohort and not grows:
+            self._set_share(canary)  # keyed users leave the canary before its weight drops
+        if grows:
             self._set(self.canary_server, canary)
             self._set(self.stable_server, stable)
         else:
             self._set(self.stable_server, stable)
             self._set(self.canary_server, canary)
+        if self.cohort and grows:
+            self._set_share(canary)
 
     def get_weights(self) -> tuple[int, int]:
-        return self._get(self.stable_server), self._get(self.canary_server)
+        weights = self._get(self.stable_server), self._get(self.canary_server)
+        if self.cohort:
+            share = self._get_share()
+            if share != weights[1]:
+                # the map and the weights disagree (e.g. a step half applied): a pair that no valid
+                # weight equals (they add up to 100), so the controller's reconcile sets both again
+                return 0, 0
+        return weights
 
     def promote(self) -> None:
         self.set_weights(0, 100)
@@ -147,4 +249,14 @@ class LocalProxyRouter:
             "backend": self.backend,
             "stable_server": self.stable_server,
             "canary_server": self.canary_server,
+            **({"cohort": self.cohort.spec, "cohort_map": self.cohort_map} if self.cohort else {}),
         }
+
+
+def cohorts_config(ns: argparse.Namespace) -> dict[str, str]:
+    """The cohort fields of the local_proxy config from the flags (none without a cohort)."""
+    spec = cohorts.from_args(ns)
+    if not spec:
+        return {}
+    require_flags("local_proxy", ns, ("cohort_map",), " with a cohort (the map file its HAProxy rules read)")
+    return {"cohort": spec, "cohort_map": ns.cohort_map}
