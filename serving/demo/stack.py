@@ -4,8 +4,12 @@ CLI (``python -m serving.rollout start --router local_proxy ...``) can be tried 
 up       two runtimes (stable, canary), HAProxy in front (weights through its admin socket), Prometheus;
          they keep running after the command returns; it prints the addresses and the exact
          ``rollout start`` command for them, and writes ``<dir>/stack.json`` (PIDs, addresses)
-traffic  send the bundled breast_cancer rows through the proxy for a while (the gates need traffic)
+traffic  send the bundled breast_cancer rows through the proxy for a while (the gates need traffic);
+         ``--users N``: each request carries one of N user keys (a sticky cohort's users)
 down     stop every process ``up`` started, by PID (each in its own process group), and remove stack.json
+
+``up --cohort hash:header:x-user-id`` (or ``match:header:x-canary=always``, any ``serving.rollout.cohorts``
+spec) puts a sticky cohort into HAProxy's config; the printed command then carries the matching flags.
 
 Default packages: the ones ``make demo`` trains (``demo_outputs/models/v1.0.0``, ``.../v1.1.0``).
 """
@@ -25,6 +29,7 @@ from typing import Any
 from serving.contract import modelcard
 from serving.demo.localstack import REGISTRY, LocalStack, TrafficGenerator
 from serving.demo.localstack.stack import StackError
+from serving.rollout import cohorts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODELS = REPO_ROOT / "demo_outputs" / "models"
@@ -52,6 +57,15 @@ def rollout_command(info: dict[str, Any]) -> str:
         "--canary-version", info["canary_version"], "--interval", "10s",
         "--state-file", str(d / "rollout.json"), "--report-dir", str(d / "report"),
     ]  # fmt: skip
+    if info.get("cohort"):
+        c = cohorts.parse(info["cohort"])
+        flag = f"--{'cohort' if c.mode == 'hash' else 'match'}-{c.source}"
+        args += [
+            flag,
+            c.name if c.mode == "hash" else f"{c.name}={c.value}",
+            "--cohort-map",
+            info["cohort_map"],
+        ]
     return shlex.join(args)
 
 
@@ -86,7 +100,11 @@ def up(ns: argparse.Namespace) -> int:
     versions = [modelcard.load_card(p)["version"] for p in (stable, canary)]
     if versions[0] == versions[1]:
         raise StackError(f"stable and canary are both version {versions[0]}: give two versions")
-    stack = LocalStack(stable, canary, d).start()
+    try:
+        cohort = cohorts.parse(ns.cohort).spec if ns.cohort else ""
+    except ValueError as e:
+        raise StackError(str(e)) from None
+    stack = LocalStack(stable, canary, d, cohort=cohort).start()
     info = {
         "dir": str(d),
         "model": stack.model,
@@ -95,6 +113,7 @@ def up(ns: argparse.Namespace) -> int:
         "proxy_url": stack.proxy_url,
         "prometheus_url": stack.prometheus_url,
         "haproxy_socket": str(stack.haproxy_socket),
+        **({"cohort": cohort, "cohort_map": str(stack.cohort_map)} if cohort else {}),
         "processes": [{"pid": pid, "start_time": _start_time(pid)} for pid in stack.pids()],
     }
     (d / STATE).write_text(json.dumps(info, indent=2))
@@ -114,7 +133,18 @@ def traffic(ns: argparse.Namespace) -> int:
         raise StackError("no stack is up: `python -m serving.demo.stack up` first")
     card = modelcard.load_card(_package(ns.stable, "v1.0.0"))
     x, _ = traffic_data(card)
-    tg = TrafficGenerator(info["proxy_url"], info["model"], x, rps=ns.rps, max_seconds=ns.seconds)
+    keys = [f"user-{i}" for i in range(ns.users)]
+    c = cohorts.parse(info["cohort"]) if info.get("cohort") else None
+    header = c.name if c and c.source == "header" and c.mode == "hash" else "x-user-id"
+    tg = TrafficGenerator(
+        info["proxy_url"],
+        info["model"],
+        x,
+        rps=ns.rps,
+        max_seconds=ns.seconds,
+        user_keys=keys,
+        key_header=header,
+    )
     with tg:
         time.sleep(ns.seconds)
     res = tg.result()
@@ -159,9 +189,16 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--stable", help="stable package folder (default: demo_outputs/models/v1.0.0)")
         if name == "up":
             sp.add_argument("--canary", help="canary package folder (default: demo_outputs/models/v1.1.0)")
+            sp.add_argument("--cohort", default="", help=f"a sticky cohort in HAProxy: {cohorts.SPEC_HELP}")
         if name == "traffic":
             sp.add_argument("--seconds", type=float, default=60.0, help="how long (default 60)")
             sp.add_argument("--rps", type=float, default=50.0, help="requests per second (default 50)")
+            sp.add_argument(
+                "--users",
+                type=int,
+                default=0,
+                help="user keys user-0..N-1 in the cohort's header (default none)",
+            )
     ns = p.parse_args(argv)
     try:
         return ns.func(ns)

@@ -53,11 +53,13 @@ class Cohort:
     def describe(self, share: int) -> str:
         """What the canary gets at ``share`` percent, in words (the controller's log, ``status``)."""
         what = f"{self.source} {self.name}"
+        if share >= 100:
+            return f"cohort by {what}: every request"
+        if share <= 0:
+            return f"cohort by {what}: none, every request on stable"
         if self.mode == "hash":
             return f"cohort: keys with xxh32({what}) mod 100 < {share} ({share}% of keys), others stable"
-        if share >= 100:
-            return "cohort: promoted, every request"
-        return f"cohort: requests with {what}={self.value}" + (" (off at 0%)" if share <= 0 else "")
+        return f"cohort: requests with {what}={self.value}, others stable"
 
 
 def parse(text: Any) -> Cohort:

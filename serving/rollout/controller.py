@@ -195,11 +195,12 @@ def _fmt_time(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%H:%M:%S")
 
 
-def describe_decision(state: RolloutState, spec: RolloutSpec, d: Decision, now: float) -> str:
+def describe_decision(state: RolloutState, spec: RolloutSpec, d: Decision, now: float, note: str = "") -> str:
+    """The decision's line (``note`` at its end, e.g. the cohort), then one line per gate's evidence."""
     head = f"[{_fmt_time(now)}] step {state.step_index + 1}/{len(spec.steps)}"
     verdict = d.verdict.value.upper() if d.verdict else ""
     line = machine.decision_line(d.action.value, d.reason)
-    lines = [f"{head} {verdict} -> {line}".replace("  ", " ")]
+    lines = [f"{head} {verdict} -> {line}".replace("  ", " ") + note]
     for g in d.evidence:
         lines.append(f"      {g.summary()}")
     return "\n".join(lines)
@@ -434,7 +435,7 @@ class Controller:
         except _Stale:
             return self._load()
         cohort = getattr(self.router, "cohort", None) if d.action is Action.SET_WEIGHT else None
-        self.log(describe_decision(st, self.spec, d, now) + cohorts.note(cohort, d.weight))
+        self.log(describe_decision(st, self.spec, d, now, cohorts.note(cohort, d.weight)))
         if rec.pending:
             self._execute(d.action, d.weight)
             rec = self._clear_pending()

@@ -1,6 +1,7 @@
 """Sticky cohorts on Gateway API: the HTTPRoute rules with header ``matches`` that ``gateway_api`` writes for
 a cohort, accepted by the real Gateway API CRD schema on the chart's route, read back, and replaced step by
-step; then the controller drives a cohort rollout to promotion with its ConfigMap store.
+step; the controller drives a cohort rollout to promotion with its ConfigMap store; the operator does the
+same for a ModelRollout's ``spec.strategy.cohort``.
 
 Gateway API has no hash split: the hash cohort matches a header that carries the key's two-digit bucket
 (serving.rollout.cohorts). Which request a real gateway sends where is the data plane's part; the local
@@ -20,7 +21,9 @@ from serving.rollout.machine import RolloutSpec
 from serving.rollout.routers import GatewayApiRouter
 from serving.rollout.routers.gateway_api import SHARE_ANNOTATION
 from serving.rollout.store import ConfigMapStore
+from tests.controlplane import test_operator
 from tests.controlplane.conftest import CHART, NS, Kube
+from tests.controlplane.test_operator import finished, status
 from tests.controlplane.test_rollout import LiveTraffic, deploy_v2, install_canary, served_uris
 from tests.unit.test_rollout_controller import CANARY, GATES, SCRAPE, STABLE
 
@@ -129,3 +132,38 @@ def test_the_controller_promotes_a_cohort_rollout_with_its_configmap_store(k, re
     assert served_uris(k, f"{release}-stable") == {"s3://mlpipeline/models/breast-cancer/2.0.0"}
     stored = store.load()
     assert stored is not None and stored.router["cohort"] == "hash:header:x-user-bucket"
+
+
+# --------------------------------------------------------------------------- the operator
+
+# test_operator's fixtures: the CRD applied, releases with scripted /metrics, operator processes by PID
+kc, world = test_operator.kc, test_operator.world
+
+
+def test_the_operator_drives_spec_strategy_cohort_to_promotion(world, kc):
+    """A ModelRollout with ``spec.strategy.cohort``: the operator process writes the cohort's header-match
+    rules at each live step, and after the promotion leaves only the chart's weighted rule."""
+    full, runtimes = world.release("opcoh")
+    world.operator("op-coh-a", "op-coh")
+    world.rollout("opcoh", full, runtimes, steps=[50, 100], cohort={"header": "x-user-bucket"})
+    seen: dict[int, list] = {}
+
+    def live_step():
+        st = status(kc, "opcoh")
+        w = st.get("canaryWeight", 0)
+        if st.get("phase") == "Progressing" and 0 < w < 100:
+            route = kc.get("httproute", full)
+            if len(route["spec"]["rules"]) == 3:
+                seen[w] = summary(route)
+        return seen if len(seen) >= 1 else None
+
+    kc.wait("a live cohort step", live_step, 120)
+    st = finished(kc, "opcoh")
+    assert st["phase"] == "Promoted", st.get("message")
+    ((w, rules),) = list(seen.items())[:1]
+    paths = rules[2][2]
+    assert [r[0] for r in rules] == [(("canary", 1),), (("stable", 1),), (("stable", 100 - w), ("canary", w))]
+    assert rules[0][1] == (("x-user-bucket", "RegularExpression", cohorts.bucket_regex(0, w)),) * len(paths)
+    assert json.loads(st["record"])["router"]["cohort"] == "hash:header:x-user-bucket"
+    assert summary(kc.get("httproute", full)) == [((("stable", 100), ("canary", 0)), (), paths)]
+    assert served_uris(kc, f"{full}-stable") == {"s3://mlpipeline/models/breast-cancer/2.0.0"}

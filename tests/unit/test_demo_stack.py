@@ -34,6 +34,20 @@ def test_the_printed_rollout_command_is_valid_for_the_rollout_cli():
     assert (a.stable_version, a.canary_version, a.state_file) == ("1.0.0", "1.1.0", "/tmp/s/rollout.json")
 
 
+def test_a_cohort_stack_prints_the_cohort_flags_the_rollout_cli_takes(tmp_path, capsys):
+    info = {**INFO, "cohort": "hash:header:x-user-id", "cohort_map": "/tmp/s/cohort.map"}
+    a = build_parser().parse_args(shlex.split(stack.rollout_command(info))[3:])
+    assert (a.cohort_header, a.cohort_map) == ("x-user-id", "/tmp/s/cohort.map")
+    a = build_parser().parse_args(
+        shlex.split(stack.rollout_command({**info, "cohort": "match:cookie:canary=always"}))[3:]
+    )
+    assert (a.match_cookie, a.cohort_header) == ("canary=always", None)
+    # a bad spec is one line, before anything starts
+    pkg = tmp_path / "nope"
+    assert stack.main(["up", "--dir", str(tmp_path), "--cohort", "hash:query:x", "--stable", str(pkg)]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
 def test_a_pid_counts_as_ours_only_with_its_start_time():
     me = os.getpid()
     mine = {"processes": [{"pid": me, "start_time": stack._start_time(me)}]}
