@@ -226,8 +226,14 @@ def note(cohort: Cohort | str | None, share: int) -> str:
 # below the share. A cookie cohort matches the ``Cookie`` header with a RegularExpression.
 
 
+def _literal(text: str) -> str:
+    """``text`` as a regex literal: of the characters names and values may hold only '.' means something
+    outside a character class ('-' and '~' do not), and an escaped '.' reads alike in RE2 and ECMAScript."""
+    return text.replace(".", r"\.")
+
+
 def _cookie_regex(name: str, value_regex: str) -> str:
-    return rf"^(.*;\s*)?{name}=({value_regex})(;.*)?$"
+    return rf"^(.*;\s*)?{_literal(name)}=({value_regex})(;.*)?$"
 
 
 def header_match(c: Cohort, lo: int = 0, hi: int = BUCKETS) -> dict[str, str]:

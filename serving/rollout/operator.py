@@ -173,7 +173,10 @@ def build_record(
 
 def with_cohort(router_cfg: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     """The router config with ``spec.strategy.cohort`` (cohorts.py), for the gateway_api router only."""
-    cohort = cohorts.from_crd((spec.get("strategy") or {}).get("cohort"))
+    try:
+        cohort = cohorts.from_crd((spec.get("strategy") or {}).get("cohort"))
+    except ValueError as e:
+        raise SpecError(str(e)) from None
     if not cohort:
         return router_cfg
     if router_cfg.get("router") != "gateway_api":

@@ -105,6 +105,22 @@ def test_the_haproxy_rules_hash_the_key_and_read_the_share_from_the_map():
         cohort_rules("hash:header:x", "/w/c.map", "st;x")
 
 
+def test_the_gateway_matches_take_names_and_values_literally():
+    rx = cohorts.header_match(cohorts.parse("match:cookie:a.b=v.1"))["value"]
+    assert re.fullmatch(rx, "x=1; a.b=v.1") and re.fullmatch(rx, "a.b=v.1; y=2")
+    assert (
+        not re.fullmatch(rx, "aXb=v.1")
+        and not re.fullmatch(rx, "a.b=vX1")
+        and not re.fullmatch(rx, "za.b=v.1")
+    )
+    hashed = cohorts.header_match(cohorts.parse("hash:cookie:b.k"), 0, 30)
+    assert hashed["name"] == "Cookie" and re.fullmatch(hashed["value"], "b.k=29")
+    assert not re.fullmatch(hashed["value"], "b.k=30") and not re.fullmatch(hashed["value"], "bxk=05")
+    assert cohorts.header_match(cohorts.parse("match:header:x-c=on")) == {
+        "type": "Exact", "name": "x-c", "value": "on"
+    }  # fmt: skip
+
+
 LOCAL = {"router": "local_proxy", "socket_path": "/s.sock"}
 
 
