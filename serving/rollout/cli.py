@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=spec.max_inconclusive,
         help="inconclusive analyses in a row before pausing",
     )
+    s.add_argument(
+        "--watch-after-promotion",
+        type=int,
+        default=spec.post_promotion_intervals,
+        metavar="N",
+        help="after promotion, compare the new stable with the previous version's baseline for N more "
+        "intervals; a failure restores the previous model (default 0: no watch)",
+    )
     for router in ROUTERS.values():
         router.add_arguments(s)
     cohorts.add_arguments(s)
@@ -261,7 +269,11 @@ def cmd_start(a: argparse.Namespace) -> int:
         raise ValueError(f"--router {a.router} cannot route by cohort; use local_proxy or gateway_api")
     default_cm, owner = router.state_location(router_cfg)
     spec = RolloutSpec(
-        steps=a.steps, interval_s=a.interval, threshold=a.threshold, max_inconclusive=a.max_inconclusive
+        steps=a.steps,
+        interval_s=a.interval,
+        threshold=a.threshold,
+        max_inconclusive=a.max_inconclusive,
+        post_promotion_intervals=a.watch_after_promotion,
     )
     stable = Target(a.model, a.stable_version, a.stable_metrics_url)
     canary = Target(a.model, a.canary_version, a.canary_metrics_url)
@@ -297,7 +309,11 @@ def cmd_start(a: argparse.Namespace) -> int:
 
 def _flag_hint(message: str) -> str:
     """A record-field message in the words of the flags that set the field."""
-    for field, flag in (("canary.version", "--canary-version"), ("router: ", "")):
+    for field, flag in (
+        ("canary.version", "--canary-version"),
+        ("router: ", ""),
+        ("spec.post_promotion_intervals", "--watch-after-promotion"),
+    ):
         if message.startswith(field):
             return message.replace(field, flag, 1)
     return message
@@ -334,6 +350,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         f"analyses {st.analyses}, failed checks {st.failed_checks}/{rec.spec['threshold']}, "
         f"inconclusive in a row {st.inconclusive_checks}/{rec.spec['max_inconclusive']}"
     )
+    if n := rec.spec.get("post_promotion_intervals"):
+        print(f"watch after promotion: {st.watch_passes}/{n} intervals passed")
     print(f"reason: {st.reason}")
     if not st.phase.terminal:
         try:

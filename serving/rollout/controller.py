@@ -198,6 +198,8 @@ def _fmt_time(t: float) -> str:
 def describe_decision(state: RolloutState, spec: RolloutSpec, d: Decision, now: float, note: str = "") -> str:
     """The decision's line (``note`` at its end, e.g. the cohort), then one line per gate's evidence."""
     head = f"[{_fmt_time(now)}] step {state.step_index + 1}/{len(spec.steps)}"
+    if state.phase is Phase.VERIFYING:
+        head = f"[{_fmt_time(now)}] watch {state.watch_passes + 1}/{spec.post_promotion_intervals}"
     verdict = d.verdict.value.upper() if d.verdict else ""
     line = machine.decision_line(d.action.value, d.reason)
     lines = [f"{head} {verdict} -> {line}".replace("  ", " ") + note]
@@ -296,6 +298,14 @@ class Controller:
     def snapshots(self) -> dict[str, Snapshot]:
         return {"stable": self._snap(self.stable), "canary": self._snap(self.canary)}
 
+    @property
+    def watched(self) -> Target:
+        """The new stable during the watch after promotion: the canary's version where the router's
+        promotion left it answering (the stable side after a promotion by copy, whose /metrics the
+        scrape provider then reads; Prometheus selects by version either way)."""
+        side = self.stable if getattr(self.router, "promoted_side", "canary") == "stable" else self.canary
+        return Target(self.canary.model, self.canary.version, side.metrics_url, dict(self.canary.extra))
+
     # ----------------------------------------------------------------- data plane
     def _execute(self, action: str | None, weight: int) -> None:
         if action == Action.SET_WEIGHT:
@@ -304,6 +314,8 @@ class Controller:
             self.router.promote()
         elif action == Action.ROLLBACK:
             self.router.rollback()
+        elif action == Action.RESTORE:
+            restore_previous(self.router, self._load())
 
     def _clear_pending(self) -> RolloutRecord:
         def fn(rec: RolloutRecord) -> RolloutRecord:
@@ -334,6 +346,10 @@ class Controller:
             # nothing started: leave no stub record (state null) behind
             self.store.update(lambda rec: None if rec is not None and rec.state is None else rec)
             raise
+        # the watch after promotion restores the previous model: record it before anything changes it
+        previous = None
+        if self.spec.post_promotion_intervals and hasattr(self.router, "previous_model"):
+            previous = self.router.previous_model()
         refusal = self.pre_start() if self.pre_start else None
         if refusal is not None:
             state, d = machine.refuse(self.spec, now, refusal)
@@ -345,6 +361,8 @@ class Controller:
                 raise _Stale
             rec.state = state.to_dict()
             rec.set_baselines(snaps, rollout=True)
+            if self.spec.post_promotion_intervals:
+                rec.watch = {"previous_model": previous, "baseline": None, "start": None}
             rec.pending = {"action": d.action.value, "weight": d.weight}
             return rec
 
@@ -414,22 +432,27 @@ class Controller:
             cur.state = new.to_dict()
             if d.reset_window and snaps is not None:
                 cur.set_baselines(snaps)
+            if new.phase is Phase.VERIFYING and snaps is not None:
+                # the watch's reference: the previous version's counters over the whole rollout (a fixed,
+                # bounded snapshot, since that version stops taking traffic now)
+                cur.watch = {
+                    "previous_model": (cur.watch or {}).get("previous_model"),
+                    "baseline": (snaps["stable"] - ref["stable"]).to_dict(),
+                    "start": None,  # taken once the promotion is applied (_watch_start)
+                }
             if d.action in (Action.SET_WEIGHT, Action.PROMOTE, Action.ROLLBACK):
                 cur.pending = {"action": d.action.value, "weight": d.weight}
-            point = {
-                "t": now,
-                "weight": weight_before,
-                "verdict": d.verdict.value if d.verdict else None,
-                "action": d.action.value,
-                "new_weight": d.weight,
-                "gates": {g.gate: g.to_dict()["value"] for g in results},
-                "verdicts": {g.gate: g.verdict.value for g in results},
-            }
-            if snaps is not None:
-                point["requests"] = {"stable": win_s.total_requests, "canary": win_c.total_requests}
-            cur.timeline = [*cur.timeline, point][-TIMELINE_LIMIT:]
+            requests = None if snaps is None else (win_s.total_requests, win_c.total_requests)
+            _add_point(cur, now, weight_before, d, results, requests)
             return cur, d
 
+        rec = self._commit(fn, st, now)
+        if rec.rollout_state.phase is Phase.VERIFYING:
+            rec = self._watch_start()
+        return rec
+
+    def _commit(self, fn: Callable, st: RolloutState, now: float) -> RolloutRecord:
+        """Persist one analysis's decision (``fn`` under the store's update), log it, then apply it."""
         try:
             rec, d = self.store.update_with(fn)
         except _Stale:
@@ -440,6 +463,50 @@ class Controller:
             self._execute(d.action, d.weight)
             rec = self._clear_pending()
         return rec
+
+    # ----------------------------------------------------------------- the watch after promotion
+    def _watch_start(self) -> RolloutRecord:
+        """Open the watch's window at the new stable's counters now (after the promotion is applied)."""
+        try:
+            snap = self._snap(self.watched)
+        except MetricsError:
+            snap = Snapshot()  # judged as a reset: counts from zero
+
+        def fn(rec: RolloutRecord) -> RolloutRecord:
+            if rec.watch is not None and rec.watch.get("start") is None:
+                rec.watch = {**rec.watch, "start": snap.to_dict()}
+            return rec
+
+        return self.store.update(fn)
+
+    def _verify(self, rec: RolloutRecord) -> RolloutRecord:
+        """One interval of the watch: the new stable since promotion against the previous version's
+        recorded baseline (the comparisons' "stable"); the absolute limits as in any analysis."""
+        now = self.clock()
+        st = rec.rollout_state
+        watch = rec.watch or {}
+        try:
+            win = self._snap(self.watched) - Snapshot.from_dict(watch["start"])
+            base = Snapshot.from_dict(watch["baseline"])
+            results = evaluate_all(self.gates, win, base, base, win)
+        except MetricsError as e:
+            win = None
+            results = [GateResult("metrics", Verdict.INCONCLUSIVE, None, 0.0, ">=", 0, detail=str(e)[:300])]
+
+        def fn(cur: RolloutRecord) -> tuple[RolloutRecord, Decision]:
+            cs = cur.rollout_state
+            if cs.phase is not Phase.VERIFYING or cs.analyses != st.analyses:
+                raise _Stale
+            new, d = machine.verify(cs, self.spec, results, now)
+            cur.state = new.to_dict()
+            if d.action is Action.RESTORE:
+                cur.pending = {"action": d.action.value, "weight": d.weight}
+            # "stable" here is the previous version's recorded baseline, "canary" the new stable
+            requests = None if win is None else (base.total_requests, win.total_requests)
+            _add_point(cur, now, 100, d, results, requests, watch=True)
+            return cur, d
+
+        return self._commit(fn, st, now)
 
     def run(self, max_seconds: float | None = None, stop: Callable[[], bool] | None = None) -> RolloutRecord:
         """Drive the rollout until it is Promoted, RolledBack or Aborted (or ``stop``/``max_seconds``),
@@ -477,6 +544,14 @@ class Controller:
                 if not paused_logged:
                     self.log(f"[{_fmt_time(self.clock())}] paused at canary {st.weight}%: {st.reason}")
                     paused_logged = True
+            elif st.phase is Phase.VERIFYING:
+                paused_logged = False
+                if (rec.watch or {}).get("start") is None:
+                    rec = self._watch_start()  # a controller stopped between promotion and this
+                    continue
+                if self.clock() >= st.next_analysis_at:
+                    rec = self._verify(rec)
+                    continue
             elif rec.step_baseline is None:
                 rec = self._rebaseline()  # resumed by an operator: the analysis window starts now
                 continue
@@ -489,6 +564,40 @@ class Controller:
             wait = self.poll_s if st.phase is Phase.PAUSED else max(st.next_analysis_at - self.clock(), 0.01)
             self.sleep(min(self.poll_s, wait))
             rec = self._load()
+
+
+def _add_point(
+    rec: RolloutRecord,
+    now: float,
+    weight: int,
+    d: Decision,
+    results: list[GateResult],
+    requests: tuple[float, float] | None,
+    **extra: Any,
+) -> None:
+    """One analysis on the record's timeline (the report's and the operator metrics' source)."""
+    point = {
+        "t": now,
+        "weight": weight,
+        "verdict": d.verdict.value if d.verdict else None,
+        "action": d.action.value,
+        "new_weight": d.weight,
+        "gates": {g.gate: g.to_dict()["value"] for g in results},
+        "verdicts": {g.gate: g.verdict.value for g in results},
+        **extra,
+    }
+    if requests is not None:
+        point["requests"] = {"stable": requests[0], "canary": requests[1]}
+    rec.timeline = [*rec.timeline, point][-TIMELINE_LIMIT:]
+
+
+def restore_previous(router: TrafficRouter, rec: RolloutRecord) -> None:
+    """The watch after promotion failed (or was aborted): the previous model back, all traffic on it."""
+    restore = getattr(router, "restore", None)
+    if restore is None:  # a router without the watch's support (record validation refuses such records)
+        router.rollback()
+        return
+    restore((rec.watch or {}).get("previous_model"))
 
 
 def command(
@@ -521,15 +630,17 @@ def command(
         rec.state = new.to_dict()
         if d.reset_window and rec.baselines:
             rec.set_baselines(None)  # the running controller re-baselines on its next tick
-        if d.action in (Action.PROMOTE, Action.ROLLBACK):
+        if d.action in (Action.PROMOTE, Action.ROLLBACK, Action.RESTORE):
             rec.pending = {"action": d.action.value, "weight": d.weight}
         return rec, d
 
     rec, d = store.update_with(fn)
-    if d.action in (Action.PROMOTE, Action.ROLLBACK):
+    if d.action in (Action.PROMOTE, Action.ROLLBACK, Action.RESTORE):
         r = router or build_router(rec.router, api)
         if d.action is Action.PROMOTE:
             r.promote()
+        elif d.action is Action.RESTORE:
+            restore_previous(r, rec)
         else:
             r.rollback()
 

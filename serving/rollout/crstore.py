@@ -63,7 +63,7 @@ def evidence_view(g: dict[str, Any]) -> dict[str, Any]:
 
 
 CONDITION_OF = {
-    "Progressing": (Phase.PROGRESSING,),
+    "Progressing": (Phase.PROGRESSING, Phase.VERIFYING),  # Verifying: the watch after promotion runs
     "Promoted": (Phase.PROMOTED,),
     "RolledBack": (Phase.ROLLED_BACK, Phase.ABORTED),
     "Paused": (Phase.PAUSED,),

@@ -20,6 +20,12 @@ Rules (see serving/rollout/README.md for the reasoning):
   analyses pause the rollout for an operator. Inconclusive is never a pass: it never advances
   a step and never promotes.
 * pause/resume/promote/abort are operator commands; terminal phases accept none of them.
+* the watch after promotion (``RolloutSpec.post_promotion_intervals`` > 0, Argo Rollouts'
+  post-promotion analysis): a pass at the last step promotes into ``Verifying``, a live phase in which
+  :func:`verify` folds one analysis per interval of the new stable against the previous version's
+  recorded baseline. ``post_promotion_intervals`` passes end it ``Promoted``; a failure, or
+  ``max_inconclusive`` inconclusive intervals in a row (an unverified version is not a verified one),
+  restore the previous model (``Action.RESTORE``) and end it ``RolledBack``.
 * webhooks decide nothing here, they only say no: a pre-rollout "no" ends the rollout before any
   traffic moves (:func:`refuse`); a confirm-promotion "no" turns the pass at the last step into a
   hold (``analyse(..., awaiting=...)``).
@@ -39,12 +45,14 @@ from serving.contract.errors import MlrolloutError
 from serving.rollout.gates import GateResult, Verdict, overall_verdict
 
 HISTORY_LIMIT = 500
+MAX_WATCH_INTERVALS = 1000
 AWAITING = "waiting for promotion confirmation"
 
 
 class Phase(StrEnum):
     PROGRESSING = "Progressing"
     PAUSED = "Paused"
+    VERIFYING = "Verifying"  # promoted, and the watch after promotion still runs (not terminal)
     PROMOTED = "Promoted"
     ROLLED_BACK = "RolledBack"
     ABORTED = "Aborted"
@@ -60,6 +68,7 @@ class Action(StrEnum):
     PAUSE = "pause"  # keep the weight, stop analysing until resumed
     PROMOTE = "promote"  # canary takes all traffic and becomes the stable version
     ROLLBACK = "rollback"  # all traffic back to stable
+    RESTORE = "restore"  # after a promotion: the previous model back on stable, all traffic to it
     NONE = "none"  # nothing to do (e.g. resume that only restarts analysis)
 
 
@@ -79,6 +88,8 @@ class RolloutSpec:
     interval_s: float = 30.0
     threshold: int = 2
     max_inconclusive: int = 5
+    # intervals the new stable is watched after promotion (0: none, promotion ends the rollout)
+    post_promotion_intervals: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, str | bytes) or any(
@@ -105,9 +116,18 @@ class RolloutSpec:
                 raise ValueError(
                     f"{name}{f' ({what})' if what else ''} must be a whole number >= 1, got {v!r}"
                 )
+        v = self.post_promotion_intervals
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_WATCH_INTERVALS:
+            raise ValueError(
+                f"post_promotion_intervals (the watch after promotion) must be a whole number from 0 to "
+                f"{MAX_WATCH_INTERVALS}, got {v!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "steps": list(self.steps)}
+        d = {**dataclasses.asdict(self), "steps": list(self.steps)}
+        if not self.post_promotion_intervals:
+            del d["post_promotion_intervals"]  # off: the record stays as it was before the watch existed
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RolloutSpec:
@@ -116,6 +136,7 @@ class RolloutSpec:
             interval_s=float(d["interval_s"]),
             threshold=int(d["threshold"]),
             max_inconclusive=int(d["max_inconclusive"]),
+            post_promotion_intervals=d.get("post_promotion_intervals", 0),
         )
 
 
@@ -155,6 +176,7 @@ class RolloutState:
     failed_checks: int = 0
     inconclusive_checks: int = 0  # consecutive, in the current step
     analyses: int = 0  # analyses run in the whole rollout
+    watch_passes: int = 0  # passed intervals of the watch after promotion
     step_started_at: float = 0.0
     next_analysis_at: float = 0.0
     reason: str = ""
@@ -164,6 +186,8 @@ class RolloutState:
         d = dataclasses.asdict(self)
         d["phase"] = self.phase.value
         d["history"] = list(self.history)
+        if not self.watch_passes:
+            del d["watch_passes"]  # a state outside a watch keeps the shape it had before
         return d
 
     @classmethod
@@ -270,6 +294,23 @@ def analyse(
     if state.step_index == len(spec.steps) - 1 and awaiting is not None:
         why = f"hold: all gates passed at the last step ({state.weight}%); {AWAITING}: {awaiting}"
         return fold(Action.HOLD, state.weight, why, inconclusive_checks=0, next_analysis_at=nxt)
+    if state.step_index == len(spec.steps) - 1 and spec.post_promotion_intervals:
+        n = spec.post_promotion_intervals
+        why = (
+            f"promote: all gates passed at the last step ({state.weight}%); watching the new stable for "
+            f"{n} interval{'s' if n > 1 else ''} against the previous version's baseline"
+        )
+        return fold(
+            Action.PROMOTE,
+            100,
+            why,
+            phase=Phase.VERIFYING,
+            weight=100,
+            inconclusive_checks=0,
+            watch_passes=0,
+            step_started_at=now,
+            next_analysis_at=nxt,
+        )
     if state.step_index == len(spec.steps) - 1:
         why = f"promote: all gates passed at the last step ({state.weight}%)"
         return fold(Action.PROMOTE, 100, why, phase=Phase.PROMOTED, weight=100, inconclusive_checks=0)
@@ -285,6 +326,69 @@ def analyse(
         inconclusive_checks=0,
         step_started_at=now,
         next_analysis_at=nxt,
+    )
+
+
+def verify(
+    state: RolloutState,
+    spec: RolloutSpec,
+    results: list[GateResult] | tuple[GateResult, ...],
+    now: float,
+) -> tuple[RolloutState, Decision]:
+    """Fold one interval of the watch after promotion: the new stable judged against the previous
+    version's baseline (the caller passes that baseline as the gates' "stable").
+
+    verdict       counter reaches its limit                          else
+    FAIL          (at once) restore the previous model: RolledBack  -
+    INCONCLUSIVE  max_inconclusive in a row: restore, RolledBack     hold
+    PASS          post_promotion_intervals passes: Promoted          hold
+
+    A failure restores at once, without ``threshold``: the new version already serves all traffic and
+    its reference is fixed (the previous version's recorded baseline), so a second failed interval
+    would only serve users one more interval of a version known to be worse. Inconclusive intervals
+    do not count as passes; too many in a row restore too, since promotion is only final once the new
+    version was verified (there is no paused watch to resume).
+    """
+    if state.phase is not Phase.VERIFYING:
+        raise InvalidTransition(f"cannot verify a rollout that is {state.phase.value}, not Verifying")
+    results = tuple(results)
+    verdict = overall_verdict(results)
+    n = spec.post_promotion_intervals
+    i = state.watch_passes + 1
+
+    def fold(action: Action, weight: int, reason: str, /, **changes: Any) -> tuple[RolloutState, Decision]:
+        d = Decision(action, weight, reason, verdict, results)
+        return _apply(state, now, "watch", d, analyses=state.analyses + 1, reason=reason, **changes)
+
+    restore = {"phase": Phase.ROLLED_BACK, "weight": 0}
+    if verdict is Verdict.FAIL:
+        bad = _failing(results, Verdict.FAIL)
+        why = (
+            f"rollback: after promotion, watch interval {i}/{n} failed against the previous version's "
+            f"baseline: {bad}; the previous model is restored"
+        )
+        return fold(Action.RESTORE, 0, why, failed_checks=state.failed_checks + 1, **restore)
+    if verdict is Verdict.INCONCLUSIVE:
+        k, why = state.inconclusive_checks + 1, _failing(results, Verdict.INCONCLUSIVE)
+        if k < spec.max_inconclusive:
+            msg = f"hold: watch inconclusive {k}/{spec.max_inconclusive} ({why}); keep collecting"
+            return fold(Action.HOLD, 100, msg, inconclusive_checks=k, next_analysis_at=now + spec.interval_s)
+        msg = (
+            f"rollback: after promotion, {k} inconclusive watch intervals in a row ({why}); the new version "
+            "could not be verified against the previous version's baseline, so the previous model is restored"
+        )
+        return fold(Action.RESTORE, 0, msg, inconclusive_checks=k, **restore)
+    if i >= n:
+        why = f"promote: the watch after promotion passed {i}/{n} intervals against the previous version"
+        return fold(Action.NONE, 100, why, phase=Phase.PROMOTED, watch_passes=i, inconclusive_checks=0)
+    why = f"hold: watch after promotion passed {i}/{n} against the previous version's baseline"
+    return fold(
+        Action.HOLD,
+        100,
+        why,
+        watch_passes=i,
+        inconclusive_checks=0,
+        next_analysis_at=now + spec.interval_s,
     )
 
 
@@ -318,6 +422,11 @@ def pause(
     state: RolloutState, now: float, reason: str = "paused by operator"
 ) -> tuple[RolloutState, Decision]:
     _require_live(state, "pause")
+    if state.phase is Phase.VERIFYING:
+        raise InvalidTransition(
+            "cannot pause during the watch after promotion: promote ends it, abort restores the previous "
+            "model"
+        )
     if state.phase is Phase.PAUSED:
         raise InvalidTransition("cannot pause: the rollout is already Paused")
     d = Decision(Action.PAUSE, state.weight, reason)
@@ -346,8 +455,13 @@ def resume(state: RolloutState, spec: RolloutSpec, now: float) -> tuple[RolloutS
 def promote(
     state: RolloutState, now: float, reason: str = "promoted by operator"
 ) -> tuple[RolloutState, Decision]:
-    """Manual full promotion (Argo's ``promote --full``): skip the remaining steps."""
+    """Manual full promotion (Argo's ``promote --full``): skip the remaining steps, and the watch after
+    promotion (an operator's promote is the verification). During the watch the new version already
+    serves, so nothing is left to do on the data plane (``Action.NONE``)."""
     _require_live(state, "promote")
+    if state.phase is Phase.VERIFYING:
+        d = Decision(Action.NONE, 100, f"{reason} (the watch after promotion ended early)")
+        return _apply(state, now, "promote", d, phase=Phase.PROMOTED, reason=d.reason)
     d = Decision(Action.PROMOTE, 100, reason)
     return _apply(state, now, "promote", d, phase=Phase.PROMOTED, weight=100, reason=reason)
 
@@ -356,5 +470,8 @@ def abort(
     state: RolloutState, now: float, reason: str = "aborted by operator"
 ) -> tuple[RolloutState, Decision]:
     _require_live(state, "abort")
+    if state.phase is Phase.VERIFYING:  # the new version serves: abort puts the previous model back
+        d = Decision(Action.RESTORE, 0, f"{reason}; the previous model is restored")
+        return _apply(state, now, "abort", d, phase=Phase.ABORTED, weight=0, reason=d.reason)
     d = Decision(Action.ROLLBACK, 0, reason)
     return _apply(state, now, "abort", d, phase=Phase.ABORTED, weight=0, reason=reason)

@@ -34,6 +34,7 @@ record before and after), never from a second copy of the decision logic.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import socket
@@ -86,6 +87,7 @@ EVENT_REASON = {
     "pause": "Paused",
     "promote": "Promoted",
     "rollback": "RolledBack",
+    "restore": "RolledBack",  # after promotion: the previous model restored
 }
 
 
@@ -121,6 +123,7 @@ def rollout_spec(strategy: dict[str, Any]) -> RolloutSpec:
         interval_s=parse_duration(strategy.get("interval") or "30s"),
         threshold=int(strategy.get("threshold", d.threshold)),
         max_inconclusive=int(strategy.get("maxInconclusive", d.max_inconclusive)),
+        post_promotion_intervals=int(strategy.get("postPromotionIntervals", d.post_promotion_intervals)),
     )
 
 
@@ -160,7 +163,7 @@ def build_record(
     cls, fullname = release_router(obj)
     rs = rollout_spec(spec.get("strategy") or {})
     if rs.interval_s < interval_floor_s:
-        rs = RolloutSpec(rs.steps, interval_floor_s, rs.threshold, rs.max_inconclusive)
+        rs = dataclasses.replace(rs, interval_s=interval_floor_s)
     gates = gates_from_spec((spec.get("strategy") or {}).get("gates") or {})
     model = spec["model"].get("name") or obj["metadata"]["name"]
     metrics, urls = metrics_config(obj, prometheus_url)
@@ -399,8 +402,12 @@ def event_for(h: dict[str, Any], rec: ctl.RolloutRecord) -> tuple[str, str, str]
         reason = "Started"
     elif h["event"] == "resume":
         reason = "Resumed"
-    elif h["action"] == "rollback" and h.get("phase") == Phase.ABORTED.value:
+    elif h["action"] in ("rollback", "restore") and h.get("phase") == Phase.ABORTED.value:
         reason = "Aborted"
+    elif h["action"] == "promote" and h.get("phase") == Phase.VERIFYING.value:
+        reason = "Verifying"  # promoted, the watch after promotion begins
+    elif h["event"] in ("watch", "promote") and h.get("phase") == Phase.PROMOTED.value:
+        reason = "Promoted"  # the watch after promotion passed (or an operator ended it)
     else:
         reason = EVENT_REASON.get(h["action"])
     if reason is None:

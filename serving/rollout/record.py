@@ -25,7 +25,7 @@ from serving.rollout.gates import Gate, GateResult, gates_from_config
 from serving.rollout.machine import Action, Phase, RolloutSpec, RolloutState
 from serving.rollout.metrics import Target
 from serving.rollout.metrics import check_config as check_metrics_config
-from serving.rollout.routers import validate_config
+from serving.rollout.routers import ROUTERS, validate_config
 from serving.rollout.stats import Snapshot
 
 RECORD_KIND = "mlrollout.io/v1alpha1 RolloutRecord"
@@ -113,6 +113,8 @@ def _check_state(st: Any, spec: RolloutSpec) -> None:
         raise RecordError(
             f"state.phase: {st.get('phase')!r} is not one of {[p.value for p in Phase]}"
         ) from None
+    if not _int(st.get("watch_passes", 0)) or st.get("watch_passes", 0) < 0:
+        raise RecordError(f"state.watch_passes: must be a whole number >= 0, got {st['watch_passes']!r}")
     for k in ("step_index", "weight", "failed_checks", "inconclusive_checks", "analyses"):
         if k not in st or not _int(st[k]) or st[k] < 0:
             raise RecordError(f"state.{k}: must be a whole number >= 0, got {st.get(k)!r}")
@@ -126,7 +128,7 @@ def _check_state(st: Any, spec: RolloutSpec) -> None:
         raise RecordError(
             f"state.step_index: {st['step_index']} is out of range for {n} steps {list(spec.steps)}"
         )
-    want = {Phase.PROMOTED: 100, Phase.ROLLED_BACK: 0, Phase.ABORTED: 0}.get(
+    want = {Phase.PROMOTED: 100, Phase.VERIFYING: 100, Phase.ROLLED_BACK: 0, Phase.ABORTED: 0}.get(
         phase, spec.steps[st["step_index"]]
     )
     if st["weight"] != want:
@@ -163,6 +165,41 @@ def _check_snapshots(where: str, b: Any) -> None:
             Snapshot.from_dict(snap)
         except (AttributeError, TypeError, ValueError) as e:
             raise RecordError(f"{where}.{side}: {e}") from None
+
+
+def _check_watch(rec: dict[str, Any], spec: RolloutSpec, st: dict[str, Any] | None) -> None:
+    """``watch``: what the watch after promotion needs, bounded (a predictor spec and two snapshots):
+    ``previous_model`` (the stable InferenceService's predictor before the promotion, for the routers that
+    promote by copy), ``baseline`` (the previous version's counters over the rollout, the watch's
+    reference) and ``start`` (the new stable's counters when the watch began)."""
+    router = rec["router"].get("router")
+    if spec.post_promotion_intervals and not hasattr(ROUTERS.get(router), "restore"):
+        raise RecordError(
+            f"spec.post_promotion_intervals: router {router} cannot restore the previous model after a "
+            f"promotion; the watch after promotion needs one of "
+            f"{sorted(n for n, c in ROUTERS.items() if hasattr(c, 'restore'))}"
+        )
+    w = rec.get("watch")
+    if w is None:
+        if st is not None and st.get("phase") == Phase.VERIFYING:
+            raise RecordError("watch: a Verifying rollout needs the watch's baseline, got nothing")
+        return
+    if not isinstance(w, dict) or set(w) - {"previous_model", "baseline", "start"}:
+        raise RecordError("watch: must be an object with previous_model, baseline and start")
+    if w.get("previous_model") is not None and not isinstance(w["previous_model"], dict):
+        raise RecordError(
+            f"watch.previous_model: must be an object or null, got {_kind(w['previous_model'])}"
+        )
+    for k in ("baseline", "start"):
+        if w.get(k) is not None:
+            try:
+                if not isinstance(w[k], dict):
+                    raise TypeError(f"must be an object, got {_kind(w[k])}")
+                Snapshot.from_dict(w[k])
+            except (AttributeError, TypeError, ValueError) as e:
+                raise RecordError(f"watch.{k}: {e}") from None
+    if st is not None and st.get("phase") == Phase.VERIFYING and w.get("baseline") is None:
+        raise RecordError("watch.baseline: a Verifying rollout needs the previous version's baseline")
 
 
 def validate_record(rec: Any) -> dict[str, Any]:
@@ -218,9 +255,10 @@ def validate_record(rec: Any) -> dict[str, Any]:
             Action.SET_WEIGHT,
             Action.PROMOTE,
             Action.ROLLBACK,
+            Action.RESTORE,
         ):
             got = pending.get("action") if isinstance(pending, dict) else pending
-            raise RecordError(f"pending.action: {got!r} is not set_weight, promote or rollback")
+            raise RecordError(f"pending.action: {got!r} is not set_weight, promote, rollback or restore")
         w = pending.get("weight")
         if not _int(w) or not 0 <= w <= 100:
             raise RecordError(f"pending.weight: must be a percentage 0..100, got {w!r}")
@@ -231,6 +269,7 @@ def validate_record(rec: Any) -> dict[str, Any]:
         _check_snapshots("baselines.rollout", baselines.get("rollout"))
     if baselines.get("step") is not None:
         _check_snapshots("baselines.step", baselines["step"])
+    _check_watch(rec, spec, st)
     tl = rec.get("timeline", [])
     if not isinstance(tl, list):
         raise RecordError(f"timeline: must be a list, got {_kind(tl)}")
@@ -250,7 +289,14 @@ def validate_record(rec: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the record
 
 # the keys a valid record may lack, and the value the code reads in their place
-_OPTIONAL: dict[str, Any] = {"state": None, "pending": None, "baselines": {}, "timeline": [], "created_at": 0}
+_OPTIONAL: dict[str, Any] = {
+    "state": None,
+    "pending": None,
+    "baselines": {},
+    "timeline": [],
+    "created_at": 0,
+    "watch": None,
+}
 _FIELDS = ("kind", "spec", "gates", "stable", "canary", "router", "metrics", *_OPTIONAL)
 
 
@@ -262,8 +308,9 @@ class RolloutRecord:
     :meth:`Target.to_dict`; ``router``/``metrics``: their config; ``state``: :meth:`RolloutState.to_dict`,
     None until the first tick; ``pending``: ``{"action", "weight"}`` of an action stored but not yet
     applied; ``baselines``: ``{"rollout": {side: snapshot}, "step": {side: snapshot} | None}``;
-    ``timeline``: one point per analysis; ``created_at``: wall-clock seconds; ``extra``: keys this code
-    does not know, kept as they were.
+    ``timeline``: one point per analysis; ``created_at``: wall-clock seconds; ``watch``: the watch
+    after promotion's previous model and snapshots (:func:`_check_watch`), None without one; ``extra``:
+    keys this code does not know, kept as they were.
     """
 
     spec: dict[str, Any]
@@ -277,6 +324,7 @@ class RolloutRecord:
     baselines: dict[str, Any] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = 0
+    watch: dict[str, Any] | None = None
     kind: str = RECORD_KIND
     extra: dict[str, Any] = field(default_factory=dict)
     # optional keys the JSON did not have: written back only once they hold something else

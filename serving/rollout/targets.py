@@ -123,15 +123,39 @@ def promote_by_copy(
     if obj is None:
         raise kube.KubeError(f"InferenceService {namespace}/{source} is gone")
     predictor = predictor_for(obj, track="stable")
-    kube.patch(api, kube.ISVC, namespace, target, {"spec": {"predictor": predictor}})
-    wait_serving(
-        api,
-        namespace,
-        target,
-        predictor.get("model", {}).get("storageUri"),
-        timeout_s=timeout_s,
-        poll_s=poll_s,
-    )
+    _put_predictor(api, namespace, target, predictor, predictor, timeout_s, poll_s)
+
+
+def _put_predictor(
+    api: Any, namespace: str, target: str, patch: dict, predictor: dict, timeout_s: float, poll_s: float
+) -> None:
+    """Merge-patch ``target``'s predictor and wait until every pod serves ``predictor``'s model."""
+    kube.patch(api, kube.ISVC, namespace, target, {"spec": {"predictor": patch}})
+    uri = predictor.get("model", {}).get("storageUri")
+    wait_serving(api, namespace, target, uri, timeout_s=timeout_s, poll_s=poll_s)
+
+
+def restore_predictor(
+    api: Any, namespace: str, target: str, predictor: dict, timeout_s: float = 300.0, poll_s: float = 2.0
+) -> None:
+    """Put a recorded ``predictor`` back on ``target`` and wait until every pod serves it: promotion by
+    copy in reverse (the watch after promotion's rollback). The predictor is replaced as a whole
+    (``spec.predictor: null`` first would drop it; a JSON merge patch of the recorded object restores each
+    field it has), and fields the promotion added that the recorded one lacks are set to null."""
+    obj = kube.get(api, kube.ISVC, namespace, target)
+    if obj is None:
+        raise kube.KubeError(f"InferenceService {namespace}/{target} is gone")
+    patch = _merge_replace(obj["spec"].get("predictor") or {}, predictor)
+    _put_predictor(api, namespace, target, patch, predictor, timeout_s, poll_s)
+
+
+def _merge_replace(current: dict, wanted: dict) -> dict:
+    """A JSON merge patch that turns ``current`` into ``wanted`` (keys only in ``current`` become null)."""
+    out: dict = {k: None for k in current if k not in wanted}
+    for k, v in wanted.items():
+        cur = current.get(k)
+        out[k] = _merge_replace(cur, v) if isinstance(v, dict) and isinstance(cur, dict) else copy.deepcopy(v)
+    return out
 
 
 def deploy_canary(

@@ -209,6 +209,45 @@ class GatewayApiRouter:
     def rollback(self) -> None:
         self.set_weights(100, 0)
 
+    # the watch after promotion (machine.verify). Promotion copies the canary's predictor onto the stable
+    # InferenceService, so afterwards the new version answers from the stable side, and restoring the
+    # previous model is the same copy in reverse, from the predictor recorded before the promotion.
+    @property
+    def promoted_side(self) -> str:
+        return "stable" if self.stable_isvc and self.canary_isvc else "canary"
+
+    def previous_model(self) -> dict[str, Any] | None:
+        """The stable InferenceService's predictor now (recorded before a promotion overwrites it)."""
+        if not (self.stable_isvc and self.canary_isvc):
+            return None  # promotion only moves weights: the stable side keeps its model
+        obj = kube.get(self.api, kube.ISVC, self.namespace, self.stable_isvc)
+        if obj is None:
+            raise RouterError(f"InferenceService {self.namespace}/{self.stable_isvc} does not exist")
+        return targets.predictor_for(obj, track="stable")
+
+    def restore(self, previous: dict[str, Any] | None) -> None:
+        """The previous model back on the stable InferenceService (every pod serving it), all traffic on
+        stable."""
+        if not (self.stable_isvc and self.canary_isvc):
+            self.rollback()
+            return
+        if not previous:
+            raise RouterError(
+                f"no previous model recorded for {self.namespace}/{self.stable_isvc}: cannot restore it"
+            )
+        try:
+            targets.restore_predictor(
+                self.api,
+                self.namespace,
+                self.stable_isvc,
+                previous,
+                timeout_s=self.ready_timeout_s,
+                poll_s=self.poll_s,
+            )
+        except kube.KubeError as e:
+            raise RouterError(f"{e}; the previous model is not restored yet") from e
+        self.set_weights(100, 0)
+
     def config(self) -> dict[str, Any]:
         return {
             "router": self.name,

@@ -242,6 +242,17 @@ class LocalProxyRouter:
     def rollback(self) -> None:
         self.set_weights(100, 0)
 
+    # the watch after promotion (machine.verify): promotion here is the weights alone, so the stable
+    # server still runs the previous model and restoring it is a rollback; the new version is the canary
+    # server's
+    promoted_side = "canary"
+
+    def previous_model(self) -> None:
+        return None  # nothing to keep: the stable server is never changed
+
+    def restore(self, previous: dict[str, Any] | None) -> None:
+        self.rollback()
+
     def config(self) -> dict[str, Any]:
         return {
             "router": self.name,
