@@ -326,10 +326,17 @@ class LocalStack:
         )
         return self
 
-    def replace_canary(self, pkg: str | os.PathLike, env: dict[str, str] | None = None) -> RuntimeServer:
-        """Swap the canary runtime (new package/faults) without touching stable, HAProxy or Prometheus."""
+    def replace_canary(
+        self, pkg: str | os.PathLike, env: dict[str, str] | None = None, keep_weights: bool = False
+    ) -> RuntimeServer:
+        """Swap the canary runtime (new package/faults) without touching stable, HAProxy or Prometheus.
+
+        ``keep_weights``: leave HAProxy's weights as they are (HAProxy switches the canary server's address
+        at once), e.g. a promoted version whose serving process comes back broken, for the watch after
+        promotion; by default all traffic goes to stable first."""
         router = self.router()
-        router.rollback()
+        if not keep_weights:
+            router.rollback()
         old = self.canary
         self.canary_pkg, self.canary_env = Path(pkg), dict(env or {})
         self.canary = self._runtime(self.canary_pkg, self.canary_env, "canary")
