@@ -382,6 +382,12 @@ HEALTH_CASES = {
         "Suspended",
         "paused at weight 10%",
     ),
+    # the watch after promotion: promoted, not yet final (a failure restores 1.0.0)
+    "verifying": (
+        mr(**ST, phase="Verifying", canaryWeight=100, message="hold: watch after promotion passed 1/3"),
+        "Progressing",
+        "1.1.0 promoted, watched after promotion: hold",
+    ),
     "promoted": (mr(**ST, phase="Promoted", canaryWeight=100), "Healthy", "1.1.0 serves (Promoted)"),
     "rolled back": (
         mr(**ST, phase="RolledBack", message="success rate 0.7 < 0.99"),

@@ -82,6 +82,7 @@ def test_a_valid_rollout_is_accepted_and_defaulted(kc):
     d = RolloutSpec()
     assert s["steps"] == list(d.steps) and s["interval"] == "30s"
     assert (s["threshold"], s["maxInconclusive"]) == (d.threshold, d.max_inconclusive)
+    assert s["postPromotionIntervals"] == d.post_promotion_intervals == 0, "no watch after promotion"
     assert "router" not in s  # chosen by the target (gateway_api for a release)
     g = s["gates"]
     assert g == {
@@ -207,6 +208,26 @@ BAD = [
         "cohort-on-knative",
         {"target": {"inferenceService": {"name": "kn"}}, **strategy(cohort={"header": "x-user-bucket"})},
         ["a cohort routes by HTTPRoute matches: it needs a release target and the gateway_api router"],
+    ),
+    (
+        "watch-negative",
+        strategy(postPromotionIntervals=-1),
+        ["spec.strategy.postPromotionIntervals", "should be greater than or equal to 0"],
+    ),
+    (
+        "watch-1001",
+        strategy(postPromotionIntervals=1001),
+        ["spec.strategy.postPromotionIntervals", "should be less than or equal to 1000"],
+    ),
+    (
+        "watch-with-knative",
+        {"target": {"inferenceService": {"name": "kn"}}, **strategy(postPromotionIntervals=3)},
+        ["the watch after promotion restores the previous model by copying it back onto the stable"],
+    ),
+    (
+        "watch-with-knative-router",
+        strategy(router="kserve_knative", postPromotionIntervals=3),
+        ["it needs a release target with router gateway_api (kserve_knative cannot restore it)"],
     ),
     (
         "webhook-url-without-scheme",

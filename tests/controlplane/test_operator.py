@@ -73,12 +73,10 @@ class Runtimes:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                side = {"/stable/metrics": STABLE, "/canary/metrics": CANARY}.get(self.path)
-                if side is None:
+                body = outer.body(self.path)
+                if body is None:
                     self.send_error(404)
                     return
-                with outer.lock:
-                    body = exposition(outer.world, side).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.send_header("Content-Length", str(len(body)))
@@ -96,6 +94,14 @@ class Runtimes:
         ]
         for t in self.threads:
             t.start()
+
+    def body(self, path: str) -> bytes | None:
+        """The /metrics text for ``path`` (None: not found)."""
+        side = {"/stable/metrics": STABLE, "/canary/metrics": CANARY}.get(path)
+        if side is None:
+            return None
+        with self.lock:
+            return exposition(self.world, side).encode()
 
     def _tick(self) -> None:
         last = time.monotonic()

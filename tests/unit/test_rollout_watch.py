@@ -6,11 +6,13 @@ spec and Events, and the CRD's field. The real data planes: tests/integration/te
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
 from serving.rollout import controller as ctl
-from serving.rollout import crstore, machine, operator
+from serving.rollout import crstore, handoff, machine, operator
+from serving.rollout.cli import main as cli_main
 from serving.rollout.gates import GateResult, Verdict
 from serving.rollout.machine import Action, InvalidTransition, Phase, RolloutSpec
 from serving.rollout.record import RecordError, RolloutRecord
@@ -279,3 +281,68 @@ def test_the_crd_field_is_the_spec_field(schema):  # noqa: F811
     assert "gateway_api" in r["rule"] and r["fieldPath"] == ".strategy.postPromotionIntervals"
     spec = copy.deepcopy(SPEC)
     assert spec.post_promotion_intervals == 3
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+START = ["start", "--model", "m", "--stable-version", "1.0.0", "--canary-version", "2.0.0"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            [
+                *START,
+                "--router",
+                "local_proxy",
+                "--haproxy-socket",
+                "h.sock",
+                "--watch-after-promotion",
+                "-1",
+            ],
+            "error: post_promotion_intervals (the watch after promotion) must be a whole number from 0",
+        ),
+        (
+            [*START, "--router", "kserve_knative", "--isvc", "m", "--watch-after-promotion", "3"],
+            "error: --watch-after-promotion: router kserve_knative cannot restore the previous model",
+        ),
+    ],
+)
+def test_cli_refuses_a_watch_it_cannot_run_in_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main([*argv, "--state-file", "s.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err, err
+    assert not (tmp_path / "s.json").exists(), "refused before anything is written"
+
+
+def test_cli_status_shows_the_watch(tmp_path, capsys):
+    store = FileStateStore(tmp_path / "s.json")
+    d = verifying_record()
+    d["pending"] = None
+    st, _ = promoted()
+    st, _ = machine.verify(st, SPEC, PASS, 30.0)
+    d["state"] = st.to_dict()
+    store.update(lambda _old: RolloutRecord.from_dict(d))
+    assert cli_main(["status", "--state-file", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "phase Verifying" in out and "watch after promotion: 1/3 intervals passed" in out
+
+
+def test_the_kfp_hand_off_waits_through_the_watch_and_reports_its_rollback():
+    """handoff.outcome: Verifying is not an end (the step keeps waiting); the watch's rollback is
+    RolledBack, and the step's failure line carries the reason naming the gate and "after promotion"."""
+    rec = RolloutRecord.from_dict({**verifying_record(), "pending": None})
+    meta = {"name": "churn", "namespace": "models"}
+
+    def obj(r: RolloutRecord) -> dict:
+        view = crstore.status_view(r, {}, 1, 0.0)
+        return {"metadata": meta, "status": {**view, "record": json.dumps(r.to_dict())}}
+
+    assert handoff.outcome(obj(rec), CANARY.version) is None, "still watching: not this version's end"
+    st, _ = machine.verify(rec.rollout_state, SPEC, FAIL, 30.0)
+    rec.state = st.to_dict()
+    assert handoff.outcome(obj(rec), CANARY.version) == "RolledBack"
+    line = handoff.failure_line(obj(rec), CANARY.version)
+    assert "RolledBack" in line and "rollback: after promotion" in line and "success_rate=0.7" in line
