@@ -501,9 +501,11 @@ class Controller:
             cur.state = new.to_dict()
             if d.action is Action.RESTORE:
                 cur.pending = {"action": d.action.value, "weight": d.weight}
-            # "stable" here is the previous version's recorded baseline, "canary" the new stable
-            requests = None if win is None else (base.total_requests, win.total_requests)
-            _add_point(cur, now, 100, d, results, requests, watch=True)
+            # the new stable answers everything (the observed share is 100 %); the previous version's
+            # recorded baseline is kept beside it, as what the interval was compared with
+            requests = None if win is None else (0.0, win.total_requests)
+            extra = {} if win is None else {"baseline_requests": base.total_requests}
+            _add_point(cur, now, 100, d, results, requests, watch=True, **extra)
             return cur, d
 
         return self._commit(fn, st, now)

@@ -209,6 +209,10 @@ def test_a_version_that_degrades_after_promotion_is_restored(tmp_path):
     assert base["requests"]["200"] == pytest.approx(100 * 10.0 * 0.5, rel=0.05)
     assert any("] watch 1/3 FAIL -> rollback: after promotion, watch interval 1/3" in line for line in logs)
     assert rec.timeline[-1]["watch"] is True and rec.timeline[-1]["action"] == "restore"
+    # the timeline: the new stable answered everything; what it was compared with is beside it
+    point = rec.timeline[-1]
+    assert point["requests"]["stable"] == 0 and point["requests"]["canary"] > 0
+    assert point["baseline_requests"] == pytest.approx(sum(base["requests"].values()))
 
 
 def test_a_good_version_passes_the_watch_and_stays_promoted(tmp_path):
