@@ -123,6 +123,14 @@ def test_a_version_broken_after_promotion_is_rolled_back_to_the_previous_model(
     assert after.failures() == [], after.failures()[:3]
     # the broken version's errors reached clients (what the watch bounds), none of the previous model's
     assert answers.model_failures("2.0.0") and answers.model_failures("1.0.0") == []
+    watch = [h for h in st["history"] if h["event"] == "watch"]
+    print(
+        f"watch: {len(watch)} intervals ({st.get('watch_passes', 0)} passed before the breakage), "
+        f"restored {t_end - min(a.t for a in answers.model_failures('2.0.0')):.1f} s after the first "
+        "failed answer; answers: "
+        f"{promoted.total} from 2.0.0 before it broke, {len(answers.model_failures('2.0.0'))} failed 2.0.0 "
+        f"answers, {after.total} after the rollback all 1.0.0"
+    )
 
 
 def test_a_good_version_passes_the_watch_and_stays_promoted(stack, packages, tmp_path):  # noqa: F811
