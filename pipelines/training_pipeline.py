@@ -68,6 +68,7 @@ def training_pipeline(
     rollout_router: str = "gateway_api",
     rollout_steps: str = "10,25,50,100",
     rollout_interval_s: float = 60.0,
+    rollout_watch_intervals: int = 0,
     prometheus_url: str = "http://prometheus.monitoring.svc.cluster.local:9090",
     max_drift: float = 0.15,
 ) -> Model:
@@ -112,6 +113,9 @@ def training_pipeline(
             ``knativeCanary``).
         rollout_steps: Comma-separated canary weights in percent, e.g. ``10,25,50,100``.
         rollout_interval_s: Seconds between analyses (one per step, after the weight is set).
+        rollout_watch_intervals: The watch after promotion: analyses of the new stable against the
+            previous version's baseline after the promotion; a failure restores the previous model.
+            0 = none (needs ``gateway_api``).
         prometheus_url: Prometheus the operator's gates query; empty = the ModelRollout's own
             ``spec.metrics`` (on create: the operator's ``--prometheus-url``).
         max_drift: Drift gate: largest Jensen-Shannon distance between canary and stable predictions.
@@ -195,6 +199,7 @@ def training_pipeline(
         model_name=model_name,
         steps=rollout_steps,
         interval_s=rollout_interval_s,
+        post_promotion_intervals=rollout_watch_intervals,
         prometheus_url=prometheus_url,
         max_drift=max_drift,
     )

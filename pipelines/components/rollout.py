@@ -30,6 +30,7 @@ def progressive_rollout(
     steps: str,
     interval_s: float,
     threshold: int,
+    post_promotion_intervals: int,
     prometheus_url: str,
     min_success_rate: float,
     max_p99_ms: float,
@@ -58,6 +59,9 @@ def progressive_rollout(
         steps: Comma-separated canary weights in percent, the last 100, e.g. ``10,25,50,100``.
         interval_s: Seconds between analyses (one per step, after the weight is set).
         threshold: Failed analyses (over the rollout) that roll the canary back.
+        post_promotion_intervals: The watch after promotion: analyses of the new stable against the
+            previous version's baseline after the promotion (a failure restores the previous model);
+            0 = none. Needs ``gateway_api``.
         prometheus_url: Prometheus the operator's gates query; empty = the ModelRollout's own
             ``spec.metrics``, or on create the operator's ``--prometheus-url``.
         min_success_rate: Success-rate gate: least share of non-5xx canary responses.
@@ -85,6 +89,7 @@ def progressive_rollout(
         steps=steps,
         interval_s=interval_s,
         threshold=threshold,
+        post_promotion_intervals=post_promotion_intervals,
         prometheus_url=prometheus_url,
         min_success_rate=min_success_rate,
         max_p99_ms=max_p99_ms,
@@ -111,6 +116,7 @@ def rollout_steps(
     min_success_rate=GATE_DEFAULTS["min_success_rate"],
     max_p99_ms=GATE_DEFAULTS["max_p99_ms"],
     threshold=2,
+    post_promotion_intervals=0,
     timeout_s=3600.0,
     fail_on_rollback=True,
 ):
@@ -123,7 +129,7 @@ def rollout_steps(
                       steps=rollout_steps_csv, interval_s=rollout_interval_s,
                       prometheus_url=prometheus_url, max_drift=max_drift)
 
-    Every argument is keyword-only (15 of them: a positional call would mix them up silently).
+    Every argument is keyword-only (16 of them: a positional call would mix them up silently).
 
     Returns the ``progressive_rollout`` task (its output is the final phase).
     """
@@ -137,6 +143,7 @@ def rollout_steps(
             steps=steps,
             interval_s=interval_s,
             threshold=threshold,
+            post_promotion_intervals=post_promotion_intervals,
             prometheus_url=prometheus_url,
             min_success_rate=min_success_rate,
             max_p99_ms=max_p99_ms,

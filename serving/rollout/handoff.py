@@ -59,6 +59,7 @@ def spec(
     steps: str = "10,25,50,100",
     interval_s: float = 60.0,
     threshold: int = RolloutSpec.threshold,
+    post_promotion_intervals: int = RolloutSpec.post_promotion_intervals,
     min_success_rate: float | None = None,
     max_p99_ms: float | None = None,
     max_drift: float | None = None,
@@ -76,7 +77,12 @@ def spec(
     if not model_name:
         raise ValueError("model_name is required (the runtime's `model` metric label)")
     ws = parse_steps(steps)
-    rs = RolloutSpec(ws, interval_s, threshold)
+    rs = RolloutSpec(ws, interval_s, threshold, post_promotion_intervals=post_promotion_intervals)
+    if rs.post_promotion_intervals and router != "gateway_api":
+        raise ValueError(
+            f"the watch after promotion (post_promotion_intervals) needs router gateway_api, got {router!r}: "
+            "kserve_knative cannot restore the previous model"
+        )
     if ws and ws[-1] != 100:
         raise ValueError(f"the last step must be 100 (the ModelRollout promotes from 100 %), got {list(ws)}")
     given = {"min_success_rate": min_success_rate, "max_p99_ms": max_p99_ms, "max_drift": max_drift}
@@ -89,6 +95,8 @@ def spec(
             "steps": list(rs.steps),
             "interval": interval_text(interval_s),
             "threshold": rs.threshold,
+            # always written, so a patch of an existing ModelRollout sets it (0: no watch)
+            "postPromotionIntervals": rs.post_promotion_intervals,
             "router": router,
             "gates": {GATE_FIELDS[k]: v for k, v in gates.items()},
         },

@@ -41,6 +41,7 @@ def test_the_spec_is_what_the_operator_drives():
         "steps": [20, 50, 100],
         "interval": "1500ms",
         "threshold": 3,
+        "postPromotionIntervals": 0,
         "router": "gateway_api",
         "gates": {"minSuccessRate": 0.95, "maxP99Ms": 250.0, "maxDrift": 0.2},
     }

@@ -350,3 +350,16 @@ def test_the_kfp_hand_off_waits_through_the_watch_and_reports_its_rollback():
     assert handoff.outcome(obj(rec), CANARY.version) == "RolledBack"
     line = handoff.failure_line(obj(rec), CANARY.version)
     assert "RolledBack" in line and "rollback: after promotion" in line and "success_rate=0.7" in line
+
+
+def test_the_kfp_step_asks_for_the_watch_and_the_operator_reads_it_back():
+    base = {"fullname": "bc", "model_name": "m", "storage_uri": "s3://b/m/2", "version": "2.0.0"}
+    spec = handoff.spec(**base, steps="50,100", post_promotion_intervals=3)
+    assert spec["strategy"]["postPromotionIntervals"] == 3
+    rec = operator.build_record(handoff.manifest("bc", "models", spec), "1.0.0", "http://prom:9090")
+    assert rec.rollout_spec.post_promotion_intervals == 3
+    assert handoff.spec(**base)["strategy"]["postPromotionIntervals"] == 0, "written: a patch turns it off"
+    with pytest.raises(ValueError, match="needs router gateway_api, got 'kserve_knative'"):
+        handoff.spec(**base, router="kserve_knative", post_promotion_intervals=3)
+    with pytest.raises(ValueError, match="post_promotion_intervals"):
+        handoff.spec(**base, post_promotion_intervals=-1)
