@@ -7,6 +7,7 @@ checked from the ``x-model-version`` header of every answer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -56,9 +57,11 @@ def packages(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def stack(packages, tmp_path_factory):
-    s = LocalStack(packages["v1"], packages["v2"], tmp_path_factory.mktemp("stack"), log=lambda m: None)
+@contextlib.contextmanager
+def started_stack(stable_pkg, canary_pkg, workdir):
+    """A running LocalStack; afterwards every process it started must be gone (also used by
+    test_rollout_compare_local.py)."""
+    s = LocalStack(stable_pkg, canary_pkg, workdir, log=lambda m: None)
     s.start()
     pids = s.pids()
     try:
@@ -68,6 +71,12 @@ def stack(packages, tmp_path_factory):
         time.sleep(0.2)
         alive = [p for p in pids if _alive(p)]
         assert not alive, f"processes left running after stop(): {alive}"
+
+
+@pytest.fixture(scope="module")
+def stack(packages, tmp_path_factory):
+    with started_stack(packages["v1"], packages["v2"], tmp_path_factory.mktemp("stack")) as s:
+        yield s
 
 
 def _alive(pid: int) -> bool:
