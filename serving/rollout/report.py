@@ -1,5 +1,6 @@
 """The end-of-rollout report: a text summary and a PNG timeline (a verdict strip, the weights, and one panel
-per gate that ran: success rate, p99, drift, accuracy)."""
+per gate that ran: success rate, p99, drift, accuracy; a comparison with stable shows its statistic against
+its decision boundary at every analysis, with the effect and n on each side written beside the points)."""
 
 from __future__ import annotations
 
@@ -127,6 +128,15 @@ _AXES = {
         "accuracy on labelled feedback; threshold: stable's minus the drop",
     ),
 }
+# a comparison with stable (gates.sequential_verdict): its statistic on a z scale, FAIL where it reaches
+# the boundary, which moves with n on each side; the y label says which statistic
+_COMPARISON_AXES = {
+    "ErrorRateVsStable": ("z, error shares", "server-error share"),
+    "AccuracyVsStable": ("z, wrong shares", "wrong-answer share on labelled feedback"),
+    "LatencyVsStable": ("z, Mann-Whitney", "latency histograms (effect: P(canary slower) - 1/2)"),
+    "DriftTest": ("sqrt(chi2)", "score histograms (effect: Cohen's w)"),
+}
+_MAX_EFFECT_LABELS = 8  # more analyses than this: label the first, the failures and the last only
 _REASON_CHARS = 34  # the verdict strip's labels are rotated text: keep each to what fits its height
 
 
@@ -158,6 +168,38 @@ def analyses(record: RolloutRecord) -> list[dict[str, Any]]:
     for a in out:
         a["reason"] = short_reason(a)
     return out
+
+
+def comparison_evidence(record: RolloutRecord, gate: str) -> list[dict[str, Any]]:
+    """Per analysis of a comparison with stable: the time, verdict, statistic, boundary (None while
+    there is no information), effect, and n on each side, from the decision history's evidence."""
+    out = []
+    for h in (record.state or {}).get("history", []):
+        for e in h.get("evidence", []):
+            if e.get("gate") == gate and e.get("sequential"):
+                out.append(
+                    {
+                        "t": h["t"],
+                        "verdict": e["verdict"],
+                        "statistic": e.get("statistic"),
+                        "boundary": e.get("boundary"),
+                        "effect": e.get("effect"),
+                        "n": e.get("samples"),
+                        "m": e.get("baseline_samples"),
+                    }
+                )
+    return out
+
+
+def effect_label(e: dict[str, Any]) -> str:
+    """``effect +0.0104`` and ``n 1732 vs 1673`` (canary vs stable) on two lines, and for a FAIL the
+    statistic against its boundary: what a comparison's point is written with. Four decimals: the effects
+    are shares or differences of shares, and a float-noise 1e-15 reads as the 0 it is."""
+    effect = "effect n/a" if e["effect"] is None else f"effect {round(e['effect'], 4) + 0.0:+.4f}"
+    text = f"{effect}\nn {e['n']} vs {e['m']}"
+    if e["verdict"] == "fail" and e["statistic"] is not None and e["boundary"] is not None:
+        text += f"\n{e['statistic']:.3f} >= {e['boundary']:.3f}"
+    return text
 
 
 def short_reason(analysis: dict[str, Any]) -> str:
@@ -281,6 +323,59 @@ def _plot_gate(ax, name: str, cfg: dict[str, Any], items, t0: float, threshold: 
     ax.set_title(f"{name}: {about}" if about else name, fontsize=8, loc="left")
 
 
+def _plot_comparison(ax, name: str, cfg: dict[str, Any], record: RolloutRecord, t0: float) -> None:
+    """A comparison with stable: its statistic at every analysis (marked by verdict) against the decision
+    boundary at that analysis (which moves with n on each side), each point labelled with its effect
+    and n canary vs stable."""
+    label, about = _COMPARISON_AXES[cfg["kind"]]
+    ev = comparison_evidence(record, name)
+    valued = [e for e in ev if e["statistic"] is not None]
+    ax.plot([e["t"] - t0 for e in valued], [e["statistic"] for e in valued], "-", color="0.7")
+    for verdict, (marker, color, _) in VERDICT_STYLE.items():
+        mine = [(e["t"] - t0, e["statistic"]) for e in valued if e["verdict"] == verdict]
+        if mine:
+            ax.plot(*zip(*mine, strict=True), marker, color=color, ms=8)
+    empty = [e["t"] - t0 for e in ev if e["statistic"] is None]
+    ax.plot(empty, [0.04] * len(empty), "v", color="tab:gray", ms=8, transform=ax.get_xaxis_transform())
+    bounded = [(e["t"] - t0, e["boundary"]) for e in ev if e["boundary"] is not None]
+    if bounded:  # no boundary while neither side has a failure (no information): nothing to draw there
+        ax.plot(*zip(*bounded, strict=True), ls="--", color="tab:red", lw=1, drawstyle="steps-post")
+        ax.annotate(  # at the left edge: the points (and their labels) start one interval later
+            f"boundary {bounded[-1][1]:.4g}",
+            (0.005, bounded[-1][1]),
+            xycoords=("axes fraction", "data"),
+            ha="left",
+            va="bottom",
+            fontsize=7,
+            color="tab:red",
+        )
+    labelled = valued
+    if len(valued) > _MAX_EFFECT_LABELS:
+        keep = {0, len(valued) - 1} | {i for i, e in enumerate(valued) if e["verdict"] == "fail"}
+        labelled = [e for i, e in enumerate(valued) if i in keep]
+    for e in labelled:
+        ax.annotate(
+            effect_label(e),
+            (e["t"] - t0, e["statistic"]),
+            xytext=(4, 4),
+            textcoords="offset points",
+            fontsize=6.5,
+            color="tab:red" if e["verdict"] == "fail" else "0.25",
+        )
+    tops = [e["statistic"] for e in valued] + [b for _, b in bounded]
+    if tops:  # room above the highest point for its label
+        lo = min(0.0, *tops)
+        ax.set_ylim(lo - 0.1 * (max(tops) - lo or 1), max(tops) + 0.45 * (max(tops) - lo or 1))
+    ax.set_ylabel(label, fontsize=8)
+    alpha = cfg.get("alpha")
+    ax.set_title(
+        f"{name}: canary vs stable, {about}; FAIL at the boundary"
+        + (f" (alpha {alpha:.3g})" if alpha is not None else ""),
+        fontsize=8,
+        loc="left",
+    )
+
+
 def _plot_threshold(ax, per_analysis: list[tuple[float, float]], fixed: float | None) -> None:
     """The threshold each analysis was judged against (a comparative gate's moves with stable), else the
     gate's configured one."""
@@ -323,7 +418,7 @@ def _legend(fig) -> None:
         Line2D([], [], ls="", marker=m, color=c, ms=8, label=text) for m, c, text in VERDICT_STYLE.values()
     ]
     handles += [
-        Line2D([], [], color="tab:red", ls="--", lw=1, label="gate threshold"),
+        Line2D([], [], color="tab:red", ls="--", lw=1, label="gate threshold / a comparison's boundary"),
         Line2D([], [], color="black", lw=1, label="promote"),
         Line2D([], [], color="tab:red", lw=1, label="rollback"),
     ]
@@ -340,6 +435,18 @@ def plot_timeline(
 ) -> Path:
     """A verdict strip (every analysis, its verdict and reason), the canary weight, then one panel per
     gate that ran, sharing the time axis."""
+    import matplotlib.pyplot as plt
+
+    fig = timeline_figure(record, title, traffic)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def timeline_figure(record: RolloutRecord, title: str | None = None, traffic: Any = None):
+    """The timeline as a matplotlib Figure (its axes in :func:`panel_names` order); the caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,7 +466,10 @@ def plot_timeline(
     _plot_strip(axes[0], items, t0)
     _plot_weights(axes[1], record, t0, traffic)
     for ax, (name, cfg) in zip(axes[2:], cfgs.items(), strict=True):
-        _plot_gate(ax, name, cfg, items, t0, thresholds.get(name))
+        if cfg.get("kind") in _COMPARISON_AXES:
+            _plot_comparison(ax, name, cfg, record, t0)
+        else:
+            _plot_gate(ax, name, cfg, items, t0, thresholds.get(name))
     _mark_decisions(axes, record, t0)
     _legend(fig)
     axes[-1].set_xlabel("time since rollout start (s)")
@@ -368,11 +478,7 @@ def plot_timeline(
         title
         or f"{record.canary['model']} {record.stable['version']} -> {record.canary['version']}: {st['phase']}"
     )
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def write_report(
