@@ -71,6 +71,12 @@ def training_pipeline(
     rollout_watch_intervals: int = 0,
     prometheus_url: str = "http://prometheus.monitoring.svc.cluster.local:9090",
     max_drift: float = 0.15,
+    compare_with_stable: bool = False,
+    rollout_alpha: float = 0.01,
+    max_error_increase: float = 0.005,
+    latency_min_effect: float = 0.05,
+    drift_min_effect: float = 0.1,
+    accuracy_min_effect: float = 0.0,
 ) -> Model:
     """Train, gate, export, verify and package a classifier; with ``deploy``, roll it out.
 
@@ -119,6 +125,15 @@ def training_pipeline(
         prometheus_url: Prometheus the operator's gates query; empty = the ModelRollout's own
             ``spec.metrics`` (on create: the operator's ``--prometheus-url``).
         max_drift: Drift gate: largest Jensen-Shannon distance between canary and stable predictions.
+        compare_with_stable: Judge the canary against stable with sequential tests at a stated
+            false-rollback rate (error rate, latency histograms, drift test) beside the p99 limit,
+            instead of the absolute gates (the ModelRollout's ``compareWithStable``).
+        rollout_alpha: The comparisons' false-rollback rate, split over them (0 < alpha <= 0.5).
+        max_error_increase: Comparison: smallest error-rate increase worth catching (0.005 = 0.5 points).
+        latency_min_effect: Comparison: smallest slowdown worth catching, P(canary slower) - 1/2.
+        drift_min_effect: Comparison: smallest score-histogram change worth catching (Cohen's w).
+        accuracy_min_effect: Comparison: smallest accuracy drop on labelled feedback worth catching
+            (0.02 = 2 points); 0 = no accuracy comparison.
 
     Returns:
         The model package: ``<name>/1/model.onnx`` + ``<name>/model-card.json``.
@@ -202,5 +217,11 @@ def training_pipeline(
         post_promotion_intervals=rollout_watch_intervals,
         prometheus_url=prometheus_url,
         max_drift=max_drift,
+        compare_with_stable=compare_with_stable,
+        alpha=rollout_alpha,
+        max_error_increase=max_error_increase,
+        latency_min_effect=latency_min_effect,
+        drift_min_effect=drift_min_effect,
+        accuracy_min_effect=accuracy_min_effect,
     )
     return packaged.outputs["package"]

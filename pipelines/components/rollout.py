@@ -35,6 +35,12 @@ def progressive_rollout(
     min_success_rate: float,
     max_p99_ms: float,
     max_drift: float,
+    compare_with_stable: bool,
+    alpha: float,
+    max_error_increase: float,
+    latency_min_effect: float,
+    drift_min_effect: float,
+    accuracy_min_effect: float,
     timeout_s: float,
     fail_on_rollback: bool,
     report: Output[Markdown],
@@ -67,6 +73,16 @@ def progressive_rollout(
         min_success_rate: Success-rate gate: least share of non-5xx canary responses.
         max_p99_ms: Latency gate: largest canary p99 in milliseconds.
         max_drift: Drift gate: largest Jensen-Shannon distance between canary and stable predictions.
+        compare_with_stable: Judge canary vs stable with sequential tests at a stated false-rollback
+            rate (error rate, latency histograms, drift test; accuracy with ``accuracy_min_effect``)
+            beside the ``max_p99_ms`` limit, instead of the absolute gates (CRD ``compareWithStable``).
+        alpha: The rollout's false-rollback rate, split over the comparisons (0 < alpha <= 0.5).
+        max_error_increase: Smallest error-rate increase worth catching, as a share (0.005 = 0.5
+            points).
+        latency_min_effect: Smallest slowdown worth catching: P(canary slower than stable) - 1/2.
+        drift_min_effect: Smallest score-histogram change worth catching (Cohen's w).
+        accuracy_min_effect: Smallest accuracy drop worth catching on labelled feedback (0.02 = 2
+            points); 0 = no accuracy comparison.
         timeout_s: Seconds the step waits for the end (then it fails; the operator carries on).
         fail_on_rollback: Fail the run when the canary is rolled back or aborted.
         report: Markdown: the outcome, the last analysis per gate, the history of decisions.
@@ -94,6 +110,12 @@ def progressive_rollout(
         min_success_rate=min_success_rate,
         max_p99_ms=max_p99_ms,
         max_drift=max_drift,
+        compare_with_stable=compare_with_stable,
+        alpha=alpha,
+        max_error_increase=max_error_increase,
+        latency_min_effect=latency_min_effect,
+        drift_min_effect=drift_min_effect,
+        accuracy_min_effect=accuracy_min_effect,
         timeout_s=timeout_s,
         fail_on_rollback=fail_on_rollback,
         report_path=report.path,
@@ -115,6 +137,12 @@ def rollout_steps(
     max_drift,
     min_success_rate=GATE_DEFAULTS["min_success_rate"],
     max_p99_ms=GATE_DEFAULTS["max_p99_ms"],
+    compare_with_stable=False,
+    alpha=GATE_DEFAULTS["alpha"],
+    max_error_increase=GATE_DEFAULTS["max_error_increase"],
+    latency_min_effect=GATE_DEFAULTS["latency_min_effect"],
+    drift_min_effect=GATE_DEFAULTS["drift_min_effect"],
+    accuracy_min_effect=0.0,
     threshold=2,
     post_promotion_intervals=0,
     timeout_s=3600.0,
@@ -129,7 +157,9 @@ def rollout_steps(
                       steps=rollout_steps_csv, interval_s=rollout_interval_s,
                       prometheus_url=prometheus_url, max_drift=max_drift)
 
-    Every argument is keyword-only (16 of them: a positional call would mix them up silently).
+    Every argument is keyword-only (22 of them: a positional call would mix them up silently). The
+    comparison settings default to the CRD's (``tests/unit/test_rollout_components.py`` reads them from
+    the CRD); ``accuracy_min_effect`` 0 is the CRD's absent field (no accuracy comparison).
 
     Returns the ``progressive_rollout`` task (its output is the final phase).
     """
@@ -148,6 +178,12 @@ def rollout_steps(
             min_success_rate=min_success_rate,
             max_p99_ms=max_p99_ms,
             max_drift=max_drift,
+            compare_with_stable=compare_with_stable,
+            alpha=alpha,
+            max_error_increase=max_error_increase,
+            latency_min_effect=latency_min_effect,
+            drift_min_effect=drift_min_effect,
+            accuracy_min_effect=accuracy_min_effect,
             timeout_s=timeout_s,
             fail_on_rollback=fail_on_rollback,
         )

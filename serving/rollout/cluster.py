@@ -195,6 +195,7 @@ def progressive_rollout(
     log_metric: Callable[[str, float], None],
     log: Callable[[str], None] = print,
     metrics: dict[str, Any] | None = None,
+    **comparison: Any,
 ) -> str:
     """What the KFP step does, end to end; returns the final phase.
 
@@ -202,7 +203,9 @@ def progressive_rollout(
     ModelRollout ``namespace/<fullname>``, waits until the operator ends its rollout, writes the report
     and the metrics, and raises RuntimeError with one line on RolledBack/Aborted/Failed when
     ``fail_on_rollback``. ``metrics``: ``spec.metrics`` instead of what ``prometheus_url`` says (tests
-    point the operator at scripted runtimes)."""
+    point the operator at scripted runtimes). ``comparison``: the comparisons' settings as
+    :func:`handoff.spec` names them (``compare_with_stable``, ``alpha``, ``max_error_increase``,
+    ``latency_min_effect``, ``drift_min_effect``, ``accuracy_min_effect``), checked there."""
     version = package_version(package_dir)
     spec = handoff.spec(
         fullname=fullname,
@@ -218,6 +221,7 @@ def progressive_rollout(
         max_p99_ms=max_p99_ms,
         max_drift=max_drift,
         metrics=metrics if metrics is not None else handoff.prometheus(prometheus_url),
+        **comparison,
     )  # every value checked (ValueError) before the first API call
     obj = apply(api, namespace, fullname, spec)
     log(

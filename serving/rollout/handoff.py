@@ -34,7 +34,17 @@ PROMOTED = "Promoted"
 TERMINAL = ("Promoted", "RolledBack", "Aborted", "Failed")
 # the step's gate parameters as spec.strategy.gates fields (the CRD's camelCase of gates.DEFAULTS;
 # tests/unit/test_rollout_handoff.py keeps them equal to operator.GATE_FIELDS)
-GATE_FIELDS = {"min_success_rate": "minSuccessRate", "max_p99_ms": "maxP99Ms", "max_drift": "maxDrift"}
+GATE_FIELDS = {
+    "min_success_rate": "minSuccessRate",
+    "max_p99_ms": "maxP99Ms",
+    "max_drift": "maxDrift",
+    # the comparisons with stable (compareWithStable): the false-rollback rate and the smallest effects
+    "alpha": "alpha",
+    "max_error_increase": "maxErrorIncrease",
+    "latency_min_effect": "latencyMinEffect",
+    "drift_min_effect": "driftMinEffect",
+    "accuracy_min_effect": "accuracyMinEffect",
+}
 # metrics keys the step owns in spec.metrics (the others are set to null, so a merge patch leaves none)
 METRICS_KEYS = ("provider", "url", "stableMetricsUrl", "canaryMetricsUrl")
 
@@ -63,12 +73,21 @@ def spec(
     min_success_rate: float | None = None,
     max_p99_ms: float | None = None,
     max_drift: float | None = None,
+    compare_with_stable: bool | None = None,
+    alpha: float | None = None,
+    max_error_increase: float | None = None,
+    latency_min_effect: float | None = None,
+    drift_min_effect: float | None = None,
+    accuracy_min_effect: float | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``spec`` of the release's ModelRollout for this model (ValueError for a value no rollout takes).
 
     ``metrics``: ``spec.metrics`` to set (None: leave the object's own, or, on create, none: the
-    operator's ``--prometheus-url``). A gate left None keeps the CRD's default."""
+    operator's ``--prometheus-url``). A gate left None keeps the CRD's default. ``compare_with_stable``
+    is ``compareWithStable`` (the comparisons with stable instead of the absolute gates); their
+    settings are checked whether it is on or not, as the operator does. ``accuracy_min_effect`` 0 is
+    "no accuracy comparison", as None (a KFP parameter cannot be None, and the CRD refuses 0)."""
     fit = [n for n, cls in ROUTERS.items() if hasattr(cls, "for_release")]
     if router not in fit:
         raise ValueError(f"router must be {choices(fit)}, got {router!r}")
@@ -85,9 +104,26 @@ def spec(
         )
     if ws and ws[-1] != 100:
         raise ValueError(f"the last step must be 100 (the ModelRollout promotes from 100 %), got {list(ws)}")
-    given = {"min_success_rate": min_success_rate, "max_p99_ms": max_p99_ms, "max_drift": max_drift}
+    if compare_with_stable is not None and not isinstance(compare_with_stable, bool):
+        raise ValueError(f"compare_with_stable must be true or false, got {compare_with_stable!r}")
+    if accuracy_min_effect == 0 and not isinstance(accuracy_min_effect, bool):
+        accuracy_min_effect = None
+    given = {
+        "min_success_rate": min_success_rate,
+        "max_p99_ms": max_p99_ms,
+        "max_drift": max_drift,
+        "alpha": alpha,
+        "max_error_increase": max_error_increase,
+        "latency_min_effect": latency_min_effect,
+        "drift_min_effect": drift_min_effect,
+        "accuracy_min_effect": accuracy_min_effect,
+    }
     gates = {k: v for k, v in given.items() if v is not None}
-    default_gates(**gates)  # the gates' own range checks (ValueError), as the operator will build them
+    # the gates' own range checks (ValueError, naming the CLI flag), as the operator will build them
+    default_gates(compare=bool(compare_with_stable), **gates)
+    fields = {GATE_FIELDS[k]: v for k, v in gates.items()}
+    if compare_with_stable is not None:
+        fields["compareWithStable"] = compare_with_stable
     out: dict[str, Any] = {
         "target": {"release": {"fullname": fullname}, "inferenceService": None},
         "model": {"name": model_name, "storageUri": storage_uri, "version": version},
@@ -98,7 +134,7 @@ def spec(
             # always written, so a patch of an existing ModelRollout sets it (0: no watch)
             "postPromotionIntervals": rs.post_promotion_intervals,
             "router": router,
-            "gates": {GATE_FIELDS[k]: v for k, v in gates.items()},
+            "gates": fields,
         },
     }
     if metrics is not None:

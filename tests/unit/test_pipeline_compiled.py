@@ -126,6 +126,12 @@ def test_training_pipeline_interface():
         "rollout_interval_s",
         "prometheus_url",
         "max_drift",
+        "compare_with_stable",
+        "rollout_alpha",
+        "max_error_increase",
+        "latency_min_effect",
+        "drift_min_effect",
+        "accuracy_min_effect",
     ):
         assert params[name]["isOptional"], name
     tasks = doc["root"]["dag"]["tasks"]
@@ -156,6 +162,12 @@ def test_training_pipeline_interface():
         "interval_s": "rollout_interval_s",
         "prometheus_url": "prometheus_url",
         "max_drift": "max_drift",
+        "compare_with_stable": "compare_with_stable",
+        "alpha": "rollout_alpha",
+        "max_error_increase": "max_error_increase",
+        "latency_min_effect": "latency_min_effect",
+        "drift_min_effect": "drift_min_effect",
+        "accuracy_min_effect": "accuracy_min_effect",
     }
     for arg, param in wiring.items():
         channel = rollout_in[arg]["componentInputParameter"]

@@ -45,6 +45,12 @@ def test_components_have_the_documented_interface(compiled):
         "min_success_rate",
         "max_p99_ms",
         "max_drift",
+        "compare_with_stable",
+        "alpha",
+        "max_error_increase",
+        "latency_min_effect",
+        "drift_min_effect",
+        "accuracy_min_effect",
         "timeout_s",
         "fail_on_rollback",
     }
@@ -53,6 +59,46 @@ def test_components_have_the_documented_interface(compiled):
     assert out["report"]["artifactType"]["schemaTitle"] == "system.Markdown"
     assert out["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
     assert pr["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "STRING"
+
+
+# the step's comparison settings -> spec.strategy.gates fields of the CRD
+COMPARISON_FIELDS = {
+    "compare_with_stable": "compareWithStable",
+    "alpha": "alpha",
+    "max_error_increase": "maxErrorIncrease",
+    "latency_min_effect": "latencyMinEffect",
+    "drift_min_effect": "driftMinEffect",
+    "accuracy_min_effect": "accuracyMinEffect",
+}
+
+
+def crd_gate_fields() -> dict:
+    from pathlib import Path
+
+    crd = Path(__file__).resolve().parents[2] / "helm/mlrollout-operator/crds/modelrollouts.mlrollout.io.yaml"
+    doc = yaml.safe_load(crd.read_text())
+    (version,) = doc["spec"]["versions"]
+    strategy = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["strategy"]
+    return strategy["properties"]["gates"]["properties"]
+
+
+def test_the_steps_comparison_settings_default_to_the_crds():
+    import inspect
+
+    from pipelines.components.rollout import rollout_steps
+    from pipelines.training_pipeline import training_pipeline
+
+    fields = crd_gate_fields()
+    step = inspect.signature(rollout_steps).parameters
+    pipeline = inspect.signature(training_pipeline.python_func).parameters
+    for arg, field in COMPARISON_FIELDS.items():
+        if "default" in fields[field]:
+            want = fields[field]["default"]
+        else:  # absent in the CRD (no accuracy comparison): the step's 0, which the CRD itself refuses
+            assert fields[field].get("exclusiveMinimum") and fields[field]["minimum"] == 0, field
+            want = 0.0
+        assert step[arg].default == want, arg
+        assert pipeline[arg if arg != "alpha" else "rollout_alpha"].default == want, arg
 
 
 def test_components_pin_their_packages_and_image(compiled):
@@ -212,6 +258,12 @@ def test_the_component_body_runs_the_hand_off_and_fills_its_outputs(tmp_path, mo
         min_success_rate=0.99,
         max_p99_ms=500.0,
         max_drift=0.15,
+        compare_with_stable=True,
+        alpha=0.02,
+        max_error_increase=0.01,
+        latency_min_effect=0.05,
+        drift_min_effect=0.1,
+        accuracy_min_effect=0.0,
         timeout_s=60.0,
         fail_on_rollback=True,
         report=report,
@@ -237,5 +289,16 @@ def test_the_component_body_runs_the_hand_off_and_fills_its_outputs(tmp_path, mo
         "version": "2.0.0",
     }
     assert obj["spec"]["metrics"] == {"provider": "prometheus", "url": "http://prom:9090"}
+    # the comparison settings as the CRD's fields; accuracy_min_effect 0: no accuracy comparison
+    assert obj["spec"]["strategy"]["gates"] == {
+        "minSuccessRate": 0.99,
+        "maxP99Ms": 500.0,
+        "maxDrift": 0.15,
+        "compareWithStable": True,
+        "alpha": 0.02,
+        "maxErrorIncrease": 0.01,
+        "latencyMinEffect": 0.05,
+        "driftMinEffect": 0.1,
+    }
     assert (tmp_path / "report.md").read_text().startswith("# Rollout of 2.0.0: Promoted")
     assert metrics.metadata["promoted"] == 1.0 and metrics.metadata["success_rate_n"] == 500.0

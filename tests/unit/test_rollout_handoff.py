@@ -58,6 +58,43 @@ def test_the_spec_is_what_the_operator_drives():
     assert rec.router["route"] == "bc-mlrollout-model" and rec.metrics["url"] == "http://prom:9090"
 
 
+def test_the_comparison_settings_are_what_the_operator_drives():
+    from serving.rollout.gates import AccuracyVsStable, DriftTest, ErrorRateVsStable, LatencyVsStable
+
+    spec = handoff.spec(
+        **BASE,
+        compare_with_stable=True,
+        alpha=0.02,
+        max_error_increase=0.01,
+        latency_min_effect=0.1,
+        drift_min_effect=0.2,
+        accuracy_min_effect=0.03,
+        metrics=handoff.prometheus("http://prom:9090"),
+    )
+    assert spec["strategy"]["gates"] == {
+        "compareWithStable": True,
+        "alpha": 0.02,
+        "maxErrorIncrease": 0.01,
+        "latencyMinEffect": 0.1,
+        "driftMinEffect": 0.2,
+        "accuracyMinEffect": 0.03,
+    }
+    rec = op.build_record(handoff.manifest("bc-mlrollout-model", "models", spec), "1.0.0", "")
+    gates = {type(g): g for g in rec.gate_objects()}
+    # the absolute p99 limit beside the four comparisons, alpha split over them (a union bound)
+    assert set(gates) == {LatencyGate, ErrorRateVsStable, LatencyVsStable, DriftTest, AccuracyVsStable}
+    assert {g.alpha for t, g in gates.items() if t is not LatencyGate} == {0.02 / 4}
+    assert gates[ErrorRateVsStable].min_effect == 0.01 and gates[LatencyVsStable].min_effect == 0.1
+    assert gates[DriftTest].min_effect == 0.2 and gates[AccuracyVsStable].min_effect == 0.03
+    # off, with the step's "no accuracy comparison" (0): the absolute gates, the settings still written
+    off = handoff.spec(
+        **BASE, compare_with_stable=False, alpha=0.05, accuracy_min_effect=0.0, metrics=spec["metrics"]
+    )
+    assert off["strategy"]["gates"] == {"compareWithStable": False, "alpha": 0.05}
+    rec = op.build_record(handoff.manifest("bc-mlrollout-model", "models", off), "1.0.0", "")
+    assert {type(g) for g in rec.gate_objects()} == {SuccessRateGate, LatencyGate, DriftGate}
+
+
 def test_gate_fields_are_the_operators():
     assert all(op.GATE_FIELDS[camel] == snake for snake, camel in handoff.GATE_FIELDS.items())
 
@@ -103,6 +140,16 @@ def test_interval_as_the_crd_duration(seconds, text):
         ({"threshold": 0}, "threshold"),
         ({"router": "local_proxy"}, "router must be gateway_api or kserve_knative"),
         ({"fullname": ""}, "release_fullname is required"),
+        # the comparisons' settings, refused whether compare_with_stable is on or not
+        ({"alpha": 0.7}, "--alpha"),
+        ({"alpha": 0.0, "compare_with_stable": True}, "--alpha"),
+        ({"max_error_increase": 0.0}, "--max-error-increase"),
+        ({"max_error_increase": 1.5}, "--max-error-increase"),
+        ({"latency_min_effect": 0.6}, "--latency-min-effect"),
+        ({"drift_min_effect": 3.0}, "--drift-min-effect"),
+        ({"accuracy_min_effect": -0.1}, "--accuracy-min-effect"),
+        ({"accuracy_min_effect": 1.5}, "--accuracy-min-effect"),
+        ({"compare_with_stable": "yes"}, "compare_with_stable must be true or false"),
     ],
 )
 def test_nonsense_is_refused_before_any_api_call(kw, message, tmp_path):
