@@ -105,6 +105,42 @@ def test_a_valid_rollout_is_accepted_and_defaulted(kc):
     assert "status" not in obj  # only the operator writes it
 
 
+def test_the_kfp_steps_comparison_settings_are_accepted_as_written(kc):
+    """What the KFP step writes (handoff.spec) with the comparisons on, and with the step's defaults
+    (accuracy_min_effect 0, which the CRD would refuse, is left out): accepted, no field pruned."""
+    from serving.rollout import handoff
+
+    base = {"model_name": "churn", "storage_uri": "s3://mlpipeline/models/churn/1.1.0", "version": "1.1.0"}
+    on = handoff.spec(
+        fullname="churn",
+        **base,
+        compare_with_stable=True,
+        alpha=0.02,
+        max_error_increase=0.01,
+        latency_min_effect=0.1,
+        drift_min_effect=0.2,
+        accuracy_min_effect=0.03,
+    )
+    got = json.loads(create(kc, handoff.manifest("kfp-compare", NS, on)).stdout)["spec"]["strategy"]["gates"]
+    assert {k: got[k] for k in on["strategy"]["gates"]} == on["strategy"]["gates"]
+    assert got["accuracyMinEffect"] == 0.03 and got["compareWithStable"] is True
+    defaults = handoff.spec(
+        fullname="churn",
+        **base,
+        compare_with_stable=False,
+        alpha=gates.DEFAULTS["alpha"],
+        max_error_increase=gates.DEFAULTS["max_error_increase"],
+        latency_min_effect=gates.DEFAULTS["latency_min_effect"],
+        drift_min_effect=gates.DEFAULTS["drift_min_effect"],
+        accuracy_min_effect=0.0,
+    )
+    got = json.loads(create(kc, handoff.manifest("kfp-defaults", NS, defaults)).stdout)["spec"]["strategy"]
+    assert "accuracyMinEffect" not in got["gates"] and got["gates"]["compareWithStable"] is False
+    # the step's defaults are the ones the API server fills in for an object that names none
+    plain = json.loads(create(kc, rollout("kfp-plain")).stdout)["spec"]["strategy"]["gates"]
+    assert {k: plain[k] for k in defaults["strategy"]["gates"]} == defaults["strategy"]["gates"]
+
+
 def test_a_full_spec_is_accepted_as_written(kc):
     spec = {
         "target": {"inferenceService": {"name": "churn-kn"}},

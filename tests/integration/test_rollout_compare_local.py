@@ -9,8 +9,8 @@ re-packaged, so only the injected errors tell them apart.
 Why these settings (the 1 % rate needs thousands of canary requests to be seen):
 
 * traffic: batch 1 (the fault is drawn once per *request*, so one row per request gives the most
-  evidence per CPU second), 8 keep-alive clients, no feedback; about 150-500 requests/s here
-  depending on the load of the 2-core machine;
+  evidence per CPU second), 8 keep-alive clients, no feedback: 460-525 requests/s measured here
+  with other work on the 2-core machine (the time bounds below hold down to about 70 requests/s);
 * steps 50 -> 100 (50 % first: canary and stable grow equally, which is where a two-proportion
   comparison learns fastest), 2 s intervals (Prometheus scrapes every 1 s);
 * ``min_requests`` 3000: a step passes only with 3000 canary requests in its window (and 3000 on
@@ -25,15 +25,16 @@ How sure the outcomes are (computed with ``serving.rollout.stats`` on these numb
 * the bad canary can only be promoted by passing the look that promotes it, which has at least
   2 x 3000 canary requests and at least 3000 stable ones, stable with 0 errors. At n = 6000 vs 3000
   the mixture ratio reaches 1/alpha from 29 canary errors on (``two_proportion`` + ``mixture_log_lr``),
-  and P(Binomial(6000, 0.01) < 29) = 3e-6: P(promoted) <= 3e-6. In 4000 simulated rollouts of these
-  settings at 150 and at 400 requests/s all were rolled back, the median at about 1500 canary
-  requests (99th percentile 2600), so the rollback comes before the first step's window is full;
+  and P(Binomial(6000, 0.01) < 29) = 3e-6: P(promoted) <= 3e-6. In 2 x 20000 simulated rollouts of
+  these settings (Poisson traffic at 150 and at 400 requests/s, the same gate and looks) all were
+  rolled back, 11 of them only at the second step; the median at about 1500-1600 canary requests
+  (99th percentile 2600-2800), so the rollback usually comes before the first step's window is full;
 * the good canary answers without server errors, as stable does: the difference is 0, which is never
   harmful, so the one-sided test cannot fail it (P(rolled back) = 0 unless a runtime really errs,
   which the test would then show); it needs 9000 requests (about 20-60 s here) to be promoted;
-* the effect at a rollback (the canary's observed error share, stable's being 0) is at least
-  k*/n >= 29/6000 = 0.0048 (no rollback happens below the boundary) and at most 0.033 in 99.99 % of
-  simulated rollbacks (a few early errors in a small window): the test accepts [0.004, 0.04].
+* the effect at a rollback (the canary's observed error share, stable's being 0) lay in
+  [0.0045, 0.037] in all 40000 simulated rollbacks (small: a late look with many requests; large: a
+  few early errors in a small window): the test accepts [0.004, 0.04].
 
 The runtime draws its faults with an unseeded ``random.random()`` in its own process; the traffic
 generator's inputs are seeded (``SEED``). The probabilities above cover the runtime's draws.
@@ -94,7 +95,7 @@ def compare_rollout(stack, tmp_path):
         concurrency=8,
         batch=1,
         max_requests=60_000,
-        max_seconds=110,
+        max_seconds=170,
         seed=SEED,
     )
     gates = [
@@ -105,8 +106,9 @@ def compare_rollout(stack, tmp_path):
     with tg:
         store = FileStateStore(tmp_path / "state.json")
         rec = ctl.new_record(
-            # inconclusive looks hold the weight while the window grows: up to 45 of them (90 s)
-            RolloutSpec(STEPS, INTERVAL, threshold=2, max_inconclusive=45),
+            # inconclusive looks hold the weight while the window grows: up to 75 of them (150 s, so
+            # that even ~70 requests/s on a busy machine reach the 9000 a promotion needs)
+            RolloutSpec(STEPS, INTERVAL, threshold=2, max_inconclusive=75),
             gates,
             stack.stable_target,
             stack.canary_target,
@@ -116,7 +118,7 @@ def compare_rollout(stack, tmp_path):
         t_begin = time.time()
         ctl.begin(store, rec)
         c = ctl.Controller(store, router=stack.router(), provider=stack.provider(), log=logs.append)
-        rec = c.run(max_seconds=100)
+        rec = c.run(max_seconds=150)
         t_end = time.time()
         time.sleep(1.0)  # traffic after the final decision
     return rec, tg.result(), t_begin, t_end, logs
@@ -149,12 +151,12 @@ def test_canary_with_one_percent_errors_is_rolled_back_by_the_comparison(stack, 
     # what the clients saw: the canary answered (and failed) while it was live, stable never failed,
     # and after the rollback only stable answers
     live = traffic.window(t_begin, t_end)
-    served = live.by_version()
-    assert served.get(canary.version, 0) >= n, (served, e)  # Prometheus can only lag the clients
     canary_failed = len(live.model_failures(canary.version))
-    share = canary_failed / (canary_failed + served[canary.version])
+    canary_answers = live.by_version().get(canary.version, 0) + canary_failed
+    assert canary_answers >= n, (canary_answers, e)  # Prometheus can only lag the clients
     # the fault knob really drew 1 %: a binomial 4.5-sigma bound on what the clients saw
-    assert abs(share - FAULT_RATE) <= 4.5 * math.sqrt(FAULT_RATE * (1 - FAULT_RATE) / served[canary.version])
+    share = canary_failed / canary_answers
+    assert abs(share - FAULT_RATE) <= 4.5 * math.sqrt(FAULT_RATE * (1 - FAULT_RATE) / canary_answers), share
     assert traffic.model_failures("1.0.0") == [] and traffic.proxy_failures() == []
     after = traffic.window(t_end + 0.3, t_end + 10)
     assert after.total > 0 and set(after.by_version()) == {"1.0.0"}, after.by_version()
@@ -175,7 +177,8 @@ def test_the_same_traffic_with_a_good_canary_is_promoted(stack, packages, tmp_pa
     # over the whole rollout: both steps' windows on the canary, stable at 50 % before
     assert e["samples"] >= 2 * MIN_REQUESTS and e["baseline_samples"] >= MIN_REQUESTS, e
     assert e["effect"] == 0.0 and e["statistic"] == 0.0, e  # neither side failed a request
-    assert e["boundary"] is None, e  # no error on either side: no information, no boundary yet
+    # no error on either side: no information, no boundary yet (or, should a later rule give one, below it)
+    assert e["boundary"] is None or e["statistic"] < e["boundary"], e
 
     live = traffic.window(t_begin, t_end)
     assert live.by_version().get(canary.version, 0) >= 2 * MIN_REQUESTS, live.by_version()
