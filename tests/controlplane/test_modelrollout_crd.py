@@ -109,18 +109,10 @@ def test_the_kfp_steps_comparison_settings_are_accepted_as_written(kc):
     """What the KFP step writes (handoff.spec) with the comparisons on, and with the step's defaults
     (accuracy_min_effect 0, which the CRD would refuse, is left out): accepted, no field pruned."""
     from serving.rollout import handoff
+    from tests.unit.test_rollout_handoff import COMPARE
 
     base = {"model_name": "churn", "storage_uri": "s3://mlpipeline/models/churn/1.1.0", "version": "1.1.0"}
-    on = handoff.spec(
-        fullname="churn",
-        **base,
-        compare_with_stable=True,
-        alpha=0.02,
-        max_error_increase=0.01,
-        latency_min_effect=0.1,
-        drift_min_effect=0.2,
-        accuracy_min_effect=0.03,
-    )
+    on = handoff.spec(fullname="churn", **base, **COMPARE)
     got = json.loads(create(kc, handoff.manifest("kfp-compare", NS, on)).stdout)["spec"]["strategy"]["gates"]
     assert {k: got[k] for k in on["strategy"]["gates"]} == on["strategy"]["gates"]
     assert got["accuracyMinEffect"] == 0.03 and got["compareWithStable"] is True

@@ -58,19 +58,21 @@ def test_the_spec_is_what_the_operator_drives():
     assert rec.router["route"] == "bc-mlrollout-model" and rec.metrics["url"] == "http://prom:9090"
 
 
+# the step's comparison settings, none at its default (also tests/controlplane/test_modelrollout_crd.py)
+COMPARE = {
+    "compare_with_stable": True,
+    "alpha": 0.02,
+    "max_error_increase": 0.01,
+    "latency_min_effect": 0.1,
+    "drift_min_effect": 0.2,
+    "accuracy_min_effect": 0.03,
+}
+
+
 def test_the_comparison_settings_are_what_the_operator_drives():
     from serving.rollout.gates import AccuracyVsStable, DriftTest, ErrorRateVsStable, LatencyVsStable
 
-    spec = handoff.spec(
-        **BASE,
-        compare_with_stable=True,
-        alpha=0.02,
-        max_error_increase=0.01,
-        latency_min_effect=0.1,
-        drift_min_effect=0.2,
-        accuracy_min_effect=0.03,
-        metrics=handoff.prometheus("http://prom:9090"),
-    )
+    spec = handoff.spec(**BASE, **COMPARE, metrics=handoff.prometheus("http://prom:9090"))
     assert spec["strategy"]["gates"] == {
         "compareWithStable": True,
         "alpha": 0.02,
