@@ -219,6 +219,20 @@ def _cell(v: Any) -> str:
     return " ".join(str(v if v is not None else "").split()).replace("|", "\\|")
 
 
+def _effect(g: dict[str, Any]) -> str:
+    """A comparison's effect (canary minus stable, in the gate's scale), signed; "" for a limit."""
+    e = g.get("effect")
+    return f"{e:+.4g}" if isinstance(e, int | float) and math.isfinite(e) else ""
+
+
+def _comparison_evidence(g: dict[str, Any]) -> str:
+    """``, stable n=1041, effect +0.0153`` for a comparison with stable (its value and threshold are
+    the statistic and the boundary); "" for an absolute limit."""
+    if not _effect(g):
+        return ""
+    return f", stable n={g.get('baselineN')}, effect {_effect(g)}"
+
+
 def failure_line(obj: dict[str, Any], version: str) -> str:
     """The one line the step fails with on RolledBack, Aborted or Failed."""
     st = obj.get("status") or {}
@@ -226,7 +240,7 @@ def failure_line(obj: dict[str, Any], version: str) -> str:
     failed = [g for g in st.get("lastAnalysis") or [] if g.get("verdict") == "fail"]
     gates = "; ".join(
         f"{g['gate']}={_num(g.get('value'))} (threshold {g.get('op', '')}{_num(g.get('threshold'))}, "
-        f"n={g.get('n')})"
+        f"n={g.get('n')}" + _comparison_evidence(g) + ")"
         for g in failed
     )
     why = " ".join((st.get("message") or "no reason recorded").split())
@@ -291,13 +305,18 @@ def markdown(obj: dict[str, Any]) -> str:
         "",
     ]
     if e["last_analysis"]:
-        lines += ["| gate | value | threshold | n | stable n | verdict |", "|---|---|---|---|---|---|"]
+        # a comparison with stable: value and threshold are its statistic and decision boundary at this
+        # look, the effect its size (canary minus stable); an absolute limit has no effect
+        lines += [
+            "| gate | value | threshold | n | stable n | verdict | effect |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for g in e["last_analysis"]:
             unit = f" {g['unit']}" if g.get("unit") else ""
             lines.append(
                 f"| {_cell(g['gate'])} | {_num(g.get('value'))}{unit} | {_cell(g.get('op', ''))} "
                 f"{_num(g.get('threshold'))}{unit} | {g.get('n', 0)} | {_num(g.get('baselineN'))} "
-                f"| **{_cell(g['verdict'])}** |"
+                f"| **{_cell(g['verdict'])}** | {_effect(g)} |"
             )
     else:
         lines.append("No analysis was made.")
@@ -321,7 +340,8 @@ def markdown(obj: dict[str, Any]) -> str:
 
 def kfp_metrics(obj: dict[str, Any]) -> dict[str, float]:
     """Scalar metrics for the KFP UI: the outcome, the final weight and step, analyses by verdict (in
-    the history the status keeps), each gate's last value and sample count."""
+    the history the status keeps), each gate's last value and sample count, and for a comparison with
+    stable its effect and stable's sample count."""
     e = evidence(obj)
     out: dict[str, float] = {
         "promoted": 1.0 if e["phase"] == PROMOTED else 0.0,
@@ -334,4 +354,7 @@ def kfp_metrics(obj: dict[str, Any]) -> dict[str, float]:
         if isinstance(g.get("value"), int | float) and math.isfinite(g["value"]):
             out[f"{g['gate']}"] = float(g["value"])
         out[f"{g['gate']}_n"] = float(g.get("n") or 0)
+        if _effect(g):  # a comparison with stable: its effect and stable's n beside its statistic
+            out[f"{g['gate']}_effect"] = float(g["effect"])
+            out[f"{g['gate']}_stable_n"] = float(g.get("baselineN") or 0)
     return out

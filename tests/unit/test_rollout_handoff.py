@@ -339,3 +339,40 @@ def test_the_wait_times_out_with_where_the_rollout_stands(monkeypatch):
     monkeypatch.setattr(watch.Watch, "stream", lambda self, fn, *a, **kw: iter(()))
     with pytest.raises(cluster.WaitTimeout, match=r"did not end within 0\.2 s: Paused at step 1, canary 50%"):
         cluster.wait(FakeApi(), "models", "bc", "2.0.0", 0.2, lambda _m: None)
+
+
+def test_a_comparisons_evidence_in_the_report_metrics_and_failure_line(tmp_path):
+    """A 5 %-erroring canary under the comparisons, rolled back at its first analysis: the Markdown row,
+    the KFP metrics and the failure line carry the comparison's effect and stable's n beside its
+    statistic and boundary (value and threshold)."""
+    from serving.rollout import controller as ctl
+    from serving.rollout import gates
+    from serving.rollout.machine import RolloutSpec
+    from serving.rollout.store import FileStateStore
+    from tests.unit.test_rollout_controller import CANARY, DEAD_ROUTER, SCRAPE, STABLE
+
+    world = World(error_rate=0.05)
+    store = FileStateStore(tmp_path / "state.json")
+    rec = ctl.new_record(
+        RolloutSpec((10, 100), 10.0, 2, 3), gates.defaults(compare=True), STABLE, CANARY, DEAD_ROUTER, SCRAPE
+    )
+    ctl.begin(store, rec)
+    ctl.Controller(store, router=world, provider=world, clock=world.clock, sleep=world.sleep).run(
+        max_seconds=60
+    )
+    obj = _obj({**status_view(store.load(), {}, 2, 1_000.0), "record": json.dumps({"pending": None})})
+    assert obj["status"]["phase"] == "RolledBack"
+    (g,) = [g for g in obj["status"]["lastAnalysis"] if g["gate"] == "error_rate_vs_stable"]
+    assert g["verdict"] == "fail" and g["effect"] == pytest.approx(0.05) and g["statistic"] >= g["boundary"]
+    (row,) = [r for r in handoff.markdown(obj).splitlines() if r.startswith("| error_rate_vs_stable ")]
+    assert row.endswith(f"| {g['n']} | {g['baselineN']} | **fail** | {g['effect']:+.4g} |"), row
+    (limit,) = [r for r in handoff.markdown(obj).splitlines() if r.startswith("| latency_p99 ")]
+    assert limit.endswith("| **pass** |  |"), "an absolute limit has no effect"
+    m = handoff.kfp_metrics(obj)
+    assert m["error_rate_vs_stable"] == pytest.approx(g["statistic"])
+    assert m["error_rate_vs_stable_effect"] == pytest.approx(0.05)
+    assert m["error_rate_vs_stable_stable_n"] == g["baselineN"] > 0
+    assert "latency_p99_effect" not in m
+    line = handoff.failure_line(obj, "2.0.0")
+    assert f"error_rate_vs_stable={g['value']:.4g} (threshold <={g['threshold']:.4g}, n={g['n']}, " in line
+    assert line.endswith(f"stable n={g['baselineN']}, effect {g['effect']:+.4g})]"), line
