@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="after promotion, compare the new stable with the previous version's baseline for N more "
         "intervals; a failure restores the previous model (default 0: no watch)",
     )
+    s.add_argument(
+        "--shadow",
+        action="store_true",
+        help="a shadow step before the first weight: the canary answers a mirrored copy of every request "
+        "at weight 0 (nobody sees its answers) and only a passing analysis of it lets the canary take "
+        "live traffic (local_proxy, gateway_api)",
+    )
     for router in ROUTERS.values():
         router.add_arguments(s)
     cohorts.add_arguments(s)
@@ -274,6 +281,7 @@ def cmd_start(a: argparse.Namespace) -> int:
         threshold=a.threshold,
         max_inconclusive=a.max_inconclusive,
         post_promotion_intervals=a.watch_after_promotion,
+        shadow=a.shadow,
     )
     stable = Target(a.model, a.stable_version, a.stable_metrics_url)
     canary = Target(a.model, a.canary_version, a.canary_metrics_url)

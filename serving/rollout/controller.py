@@ -28,7 +28,15 @@ from typing import Any
 
 from serving.contract.errors import MlrolloutError
 from serving.rollout import cohorts, machine
-from serving.rollout.gates import Gate, GateResult, Verdict, evaluate_all, gates_to_config, overall_verdict
+from serving.rollout.gates import (
+    Gate,
+    GateResult,
+    Verdict,
+    evaluate_all,
+    gates_to_config,
+    overall_verdict,
+    shadow_gates,
+)
 from serving.rollout.machine import Action, Decision, Phase, RolloutSpec, RolloutState
 from serving.rollout.metrics import MetricsError, MetricsProvider, Target, build_provider
 from serving.rollout.record import RECORD_KIND, RecordError, RolloutRecord, validate_record  # noqa: F401 (callers use ctl.RecordError, ...)
@@ -138,6 +146,8 @@ def check_reachable(
     try:
         router = router or build_router(record.router, api)
         router.get_weights()
+        if record.spec.get("shadow"):
+            router.check_mirror()  # type: ignore[attr-defined] (the record says it is a MirroringRouter)
     except Exception as e:  # RouterError, OSError, kubernetes ApiException / ConfigException, ...
         problems.append(f"router {record.router.get('router')}: {_one_line(e)}")
     try:
@@ -195,9 +205,13 @@ def _fmt_time(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%H:%M:%S")
 
 
+def _where(state: RolloutState, spec: RolloutSpec) -> str:
+    return "shadow step" if state.shadow else f"step {state.step_index + 1}/{len(spec.steps)}"
+
+
 def describe_decision(state: RolloutState, spec: RolloutSpec, d: Decision, now: float, note: str = "") -> str:
     """The decision's line (``note`` at its end, e.g. the cohort), then one line per gate's evidence."""
-    head = f"[{_fmt_time(now)}] step {state.step_index + 1}/{len(spec.steps)}"
+    head = f"[{_fmt_time(now)}] {_where(state, spec)}"
     if state.phase is Phase.VERIFYING:
         head = f"[{_fmt_time(now)}] watch {state.watch_passes + 1}/{spec.post_promotion_intervals}"
     verdict = d.verdict.value.upper() if d.verdict else ""
@@ -308,6 +322,14 @@ class Controller:
 
     # ----------------------------------------------------------------- data plane
     def _execute(self, action: str | None, weight: int) -> None:
+        if self.spec.shadow and action in (Action.SET_WEIGHT, Action.PROMOTE, Action.ROLLBACK):
+            # a weight of 0 to set is the shadow step (steps are >= 1): weights first, then mirror; any
+            # other action stops the mirror first, so no mirrored copy lands in a live window
+            if action == Action.SET_WEIGHT and weight == 0:
+                self.router.set_weights(100, 0)
+                self.router.set_mirror(True)  # type: ignore[attr-defined]
+                return
+            self.router.set_mirror(False)  # type: ignore[attr-defined]
         if action == Action.SET_WEIGHT:
             self.router.set_weights(100 - weight, weight)
         elif action == Action.PROMOTE:
@@ -332,10 +354,17 @@ class Controller:
             self._clear_pending()
         elif st.phase in (Phase.PROGRESSING, Phase.PAUSED):
             want = (100 - st.weight, st.weight)
+            if self.spec.shadow and not st.shadow and self.router.get_mirror():  # type: ignore[attr-defined]
+                self.router.set_mirror(False)  # type: ignore[attr-defined]
             if self.router.get_weights() != want:
                 self.router.set_weights(*want)
-        elif st.phase in (Phase.ROLLED_BACK, Phase.ABORTED) and self.router.get_weights() != (100, 0):
-            self.router.rollback()
+            if st.shadow and not self.router.get_mirror():  # type: ignore[attr-defined]
+                self.router.set_mirror(True)  # type: ignore[attr-defined]
+        else:
+            if self.spec.shadow and self.router.get_mirror():  # type: ignore[attr-defined]
+                self.router.set_mirror(False)  # type: ignore[attr-defined]
+            if st.phase in (Phase.ROLLED_BACK, Phase.ABORTED) and self.router.get_weights() != (100, 0):
+                self.router.rollback()
 
     # ----------------------------------------------------------------- loop
     def _first_tick(self) -> RolloutRecord:
@@ -375,8 +404,10 @@ class Controller:
         self.log(
             f"[{_fmt_time(now)}] start rollout {self.canary.model}: "
             f"{self.stable.version} -> {self.canary.version}"
-            f" steps {list(self.spec.steps)} every {self.spec.interval_s:g}s via {self.router.name}"
+            f" steps {'shadow, ' if self.spec.shadow else ''}{list(self.spec.steps)}"
+            f" every {self.spec.interval_s:g}s via {self.router.name}"
             f" + {self.provider.name}; canary weight {d.weight}%"
+            + (" (mirrored)" if state.shadow else "")
             + cohorts.note(getattr(self.router, "cohort", None), d.weight)
         )
         self._execute(d.action, d.weight)
@@ -409,13 +440,16 @@ class Controller:
         if snaps is not None:
             base, ref = rec.step_baseline, rec.rollout_baseline
             win_c, win_s = snaps["canary"] - base["canary"], snaps["stable"] - base["stable"]
+            # the shadow step: no label comes back for an answer nobody saw (gates.shadow_gates)
+            judges = shadow_gates(self.gates) if st.shadow else self.gates
             results = evaluate_all(
-                self.gates, win_c, win_s, snaps["stable"] - ref["stable"], snaps["canary"] - ref["canary"]
+                judges, win_c, win_s, snaps["stable"] - ref["stable"], snaps["canary"] - ref["canary"]
             )
         awaiting = None
         if (
             self.confirm is not None
             and st.step_index == len(self.spec.steps) - 1
+            and not st.shadow  # a pass there advances to the first live weight, never promotes
             and overall_verdict(results) is Verdict.PASS
         ):
             awaiting = self.confirm()  # only a pass at the last step would promote: ask only then
@@ -526,8 +560,7 @@ class Controller:
             if not st.phase.terminal:
                 self.log(
                     f"[{_fmt_time(self.clock())}] resume rollout {self.canary.model}:{self.canary.version} "
-                    f"at step "
-                    f"{st.step_index + 1}/{len(self.spec.steps)} (canary {st.weight}%, {st.phase.value}, "
+                    f"at {_where(st, self.spec)} (canary {st.weight}%, {st.phase.value}, "
                     f"{st.failed_checks} failed checks)"
                 )
             self._reconcile(rec)
@@ -639,6 +672,8 @@ def command(
     rec, d = store.update_with(fn)
     if d.action in (Action.PROMOTE, Action.ROLLBACK, Action.RESTORE):
         r = router or build_router(rec.router, api)
+        if rec.rollout_spec.shadow:
+            r.set_mirror(False)  # type: ignore[attr-defined] (a shadow step ends with the rollout)
         if d.action is Action.PROMOTE:
             r.promote()
         elif d.action is Action.RESTORE:

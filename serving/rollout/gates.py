@@ -737,6 +737,18 @@ def evaluate_all(
     return [g.evaluate(canary, stable, stable_ref, canary_ref) for g in gates]
 
 
+# Gates that judge the canary's answers by the labels callers send back for them (feedback). In the
+# shadow step no caller ever sees a canary answer, so no label comes back for one: these would only
+# ever be inconclusive there and pause the rollout.
+LABEL_GATES: tuple[type, ...] = (AccuracyGate, AccuracyVsStable)
+
+
+def shadow_gates(gates: list[Gate]) -> list[Gate]:
+    """The gates that judge the shadow step: all but :data:`LABEL_GATES`. Mirrored copies are the same
+    requests stable answered, so errors, latency and the score/label distributions compare directly."""
+    return [g for g in gates if not isinstance(g, LABEL_GATES)]
+
+
 def gates_to_config(gates: list[Gate]) -> list[dict[str, Any]]:
     return [{"kind": type(g).__name__, **{k: v for k, v in vars(g).items()}} for g in gates]
 

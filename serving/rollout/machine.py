@@ -26,6 +26,10 @@ Rules (see serving/rollout/README.md for the reasoning):
   recorded baseline. ``post_promotion_intervals`` passes end it ``Promoted``; a failure, or
   ``max_inconclusive`` inconclusive intervals in a row (an unverified version is not a verified one),
   restore the previous model (``Action.RESTORE``) and end it ``RolledBack``.
+* an optional *shadow step* (``RolloutSpec.shadow``) comes before the first weight: the canary weight
+  is 0 and the router mirrors every request to the canary, whose answers nobody sees
+  (``RolloutState.shadow``). Its analyses fold like any step's, but only a PASS leaves it, for the first
+  live weight; a FAIL at the threshold rolls back having never answered a user.
 * webhooks decide nothing here, they only say no: a pre-rollout "no" ends the rollout before any
   traffic moves (:func:`refuse`); a confirm-promotion "no" turns the pass at the last step into a
   hold (``analyse(..., awaiting=...)``).
@@ -90,8 +94,11 @@ class RolloutSpec:
     max_inconclusive: int = 5
     # intervals the new stable is watched after promotion (0: none, promotion ends the rollout)
     post_promotion_intervals: int = 0
+    shadow: bool = False  # a shadow step (mirrored traffic at weight 0) before steps[0]
 
     def __post_init__(self) -> None:
+        if not isinstance(self.shadow, bool):
+            raise ValueError(f"shadow must be true or false, got {self.shadow!r}")
         if isinstance(self.steps, str | bytes) or any(
             isinstance(s, bool) or not isinstance(s, int) for s in self.steps
         ):
@@ -127,6 +134,8 @@ class RolloutSpec:
         d = {**dataclasses.asdict(self), "steps": list(self.steps)}
         if not self.post_promotion_intervals:
             del d["post_promotion_intervals"]  # off: the record stays as it was before the watch existed
+        if not self.shadow:
+            del d["shadow"]  # a rollout without a shadow step is written as before there was one
         return d
 
     @classmethod
@@ -137,6 +146,7 @@ class RolloutSpec:
             threshold=int(d["threshold"]),
             max_inconclusive=int(d["max_inconclusive"]),
             post_promotion_intervals=d.get("post_promotion_intervals", 0),
+            shadow=d.get("shadow", False),  # records written before the shadow step have none
         )
 
 
@@ -181,6 +191,7 @@ class RolloutState:
     next_analysis_at: float = 0.0
     reason: str = ""
     history: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    shadow: bool = False  # in the shadow step: weight 0, the router mirrors to the canary
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -188,6 +199,8 @@ class RolloutState:
         d["history"] = list(self.history)
         if not self.watch_passes:
             del d["watch_passes"]  # a state outside a watch keeps the shape it had before
+        if not self.shadow:
+            del d["shadow"]  # as for RolloutSpec: records outside a shadow step are written as before
         return d
 
     @classmethod
@@ -216,7 +229,14 @@ def _apply(state: RolloutState, now: float, event: str, decision: Decision, **ch
 
 
 def start(spec: RolloutSpec, now: float) -> tuple[RolloutState, Decision]:
-    """A new rollout at its first step."""
+    """A new rollout at its first step, or in its shadow step (weight 0, mirrored) when it has one."""
+    if spec.shadow:
+        why = "start: shadow step: canary weight 0%, the canary gets a mirrored copy of every request"
+        decision = Decision(Action.SET_WEIGHT, 0, why, reset_window=True)
+        state = RolloutState(
+            weight=0, shadow=True, step_started_at=now, next_analysis_at=now + spec.interval_s, reason=why
+        )
+        return _apply(state, now, "start", decision)
     w = spec.steps[0]
     decision = Decision(Action.SET_WEIGHT, w, f"start: canary weight {w}%", reset_window=True)
     state = RolloutState(
@@ -253,6 +273,8 @@ def analyse(
     results = tuple(results)
     verdict = overall_verdict(results)
     nxt = now + spec.interval_s
+    where = "in the shadow step: " if state.shadow else ""
+    last = state.step_index == len(spec.steps) - 1 and not state.shadow
 
     def fold(action: Action, weight: int, reason: str, /, **changes: Any) -> tuple[RolloutState, Decision]:
         d = Decision(action, weight, reason, verdict, results, reset_window=action is Action.SET_WEIGHT)
@@ -264,9 +286,9 @@ def analyse(
         decisive = any(g.sequential for g in results if g.verdict is Verdict.FAIL)
         if decisive or n >= spec.threshold:
             why = (
-                f"rollback: a sequential comparison failed at its stated error rate: {bad}"
+                f"rollback: {where}a sequential comparison failed at its stated error rate: {bad}"
                 if decisive
-                else f"rollback: failed check {n}/{spec.threshold}: {bad}"
+                else f"rollback: {where}failed check {n}/{spec.threshold}: {bad}"
             )
             return fold(
                 Action.ROLLBACK,
@@ -276,8 +298,9 @@ def analyse(
                 weight=0,
                 failed_checks=n,
                 inconclusive_checks=0,
+                shadow=False,
             )
-        why = f"hold: failed check {n}/{spec.threshold}: {bad}"
+        why = f"hold: {where}failed check {n}/{spec.threshold}: {bad}"
         return fold(
             Action.HOLD, state.weight, why, failed_checks=n, inconclusive_checks=0, next_analysis_at=nxt
         )
@@ -289,12 +312,25 @@ def analyse(
                 "then resume (or abort)"
             )
             return fold(Action.PAUSE, state.weight, msg, phase=Phase.PAUSED, inconclusive_checks=n)
-        msg = f"hold: inconclusive {n}/{spec.max_inconclusive} ({why}); keep collecting"
+        msg = f"hold: {where}inconclusive {n}/{spec.max_inconclusive} ({why}); keep collecting"
         return fold(Action.HOLD, state.weight, msg, inconclusive_checks=n, next_analysis_at=nxt)
-    if state.step_index == len(spec.steps) - 1 and awaiting is not None:
+    if state.shadow:  # the only way out of the shadow step but a rollback: its pass
+        w = spec.steps[0]
+        why = f"advance: all gates passed in the shadow step (mirrored traffic); canary weight -> {w}%"
+        return fold(
+            Action.SET_WEIGHT,
+            w,
+            why,
+            shadow=False,
+            weight=w,
+            inconclusive_checks=0,
+            step_started_at=now,
+            next_analysis_at=nxt,
+        )
+    if last and awaiting is not None:
         why = f"hold: all gates passed at the last step ({state.weight}%); {AWAITING}: {awaiting}"
         return fold(Action.HOLD, state.weight, why, inconclusive_checks=0, next_analysis_at=nxt)
-    if state.step_index == len(spec.steps) - 1 and spec.post_promotion_intervals:
+    if last and spec.post_promotion_intervals:
         n = spec.post_promotion_intervals
         why = (
             f"promote: all gates passed at the last step ({state.weight}%); watching the new stable for "
@@ -311,7 +347,7 @@ def analyse(
             step_started_at=now,
             next_analysis_at=nxt,
         )
-    if state.step_index == len(spec.steps) - 1:
+    if last:
         why = f"promote: all gates passed at the last step ({state.weight}%)"
         return fold(Action.PROMOTE, 100, why, phase=Phase.PROMOTED, weight=100, inconclusive_checks=0)
     i = state.step_index + 1
@@ -395,7 +431,7 @@ def verify(
 def awaiting_promotion(state: RolloutState, spec: RolloutSpec) -> bool:
     """Whether the rollout waits for a promotion approval: Progressing at the last step, and its last
     analysis passed but held (only ``analyse(..., awaiting=...)`` holds a pass)."""
-    if state.phase is not Phase.PROGRESSING or state.step_index != len(spec.steps) - 1:
+    if state.phase is not Phase.PROGRESSING or state.step_index != len(spec.steps) - 1 or state.shadow:
         return False
     last = next((h for h in reversed(state.history) if h.get("event") == "analysis"), None)
     return bool(last and last.get("action") == Action.HOLD and last.get("verdict") == Verdict.PASS)
@@ -463,7 +499,7 @@ def promote(
         d = Decision(Action.NONE, 100, f"{reason} (the watch after promotion ended early)")
         return _apply(state, now, "promote", d, phase=Phase.PROMOTED, reason=d.reason)
     d = Decision(Action.PROMOTE, 100, reason)
-    return _apply(state, now, "promote", d, phase=Phase.PROMOTED, weight=100, reason=reason)
+    return _apply(state, now, "promote", d, phase=Phase.PROMOTED, weight=100, reason=reason, shadow=False)
 
 
 def abort(
@@ -474,4 +510,4 @@ def abort(
         d = Decision(Action.RESTORE, 0, f"{reason}; the previous model is restored")
         return _apply(state, now, "abort", d, phase=Phase.ABORTED, weight=0, reason=d.reason)
     d = Decision(Action.ROLLBACK, 0, reason)
-    return _apply(state, now, "abort", d, phase=Phase.ABORTED, weight=0, reason=reason)
+    return _apply(state, now, "abort", d, phase=Phase.ABORTED, weight=0, reason=reason, shadow=False)

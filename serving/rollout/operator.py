@@ -124,6 +124,7 @@ def rollout_spec(strategy: dict[str, Any]) -> RolloutSpec:
         threshold=int(strategy.get("threshold", d.threshold)),
         max_inconclusive=int(strategy.get("maxInconclusive", d.max_inconclusive)),
         post_promotion_intervals=int(strategy.get("postPromotionIntervals", d.post_promotion_intervals)),
+        shadow=bool((strategy.get("shadow") or {}).get("enabled", False)),
     )
 
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving.contract.errors import MlrolloutError
-from serving.rollout.gates import Gate, GateResult, gates_from_config
+from serving.rollout.gates import Gate, GateResult, gates_from_config, shadow_gates
 from serving.rollout.machine import Action, Phase, RolloutSpec, RolloutState
 from serving.rollout.metrics import Target
 from serving.rollout.metrics import check_config as check_metrics_config
-from serving.rollout.routers import ROUTERS, validate_config
+from serving.rollout.routers import ROUTERS, choices, mirrors, validate_config
 from serving.rollout.stats import Snapshot
 
 RECORD_KIND = "mlrollout.io/v1alpha1 RolloutRecord"
@@ -128,8 +128,18 @@ def _check_state(st: Any, spec: RolloutSpec) -> None:
         raise RecordError(
             f"state.step_index: {st['step_index']} is out of range for {n} steps {list(spec.steps)}"
         )
+    shadow = st.get("shadow", False)
+    if not isinstance(shadow, bool):
+        raise RecordError(f"state.shadow: must be true or false, got {shadow!r}")
+    if shadow and not spec.shadow:
+        raise RecordError("state.shadow: the rollout is in a shadow step but its spec has none")
+    if shadow and (phase not in (Phase.PROGRESSING, Phase.PAUSED) or st["step_index"] != 0):
+        raise RecordError(
+            f"state.shadow: only a live rollout before its first step is in the shadow step, not a "
+            f"{phase.value} one at step {st['step_index'] + 1}"
+        )
     want = {Phase.PROMOTED: 100, Phase.VERIFYING: 100, Phase.ROLLED_BACK: 0, Phase.ABORTED: 0}.get(
-        phase, spec.steps[st["step_index"]]
+        phase, 0 if shadow else spec.steps[st["step_index"]]
     )
     if st["weight"] != want:
         raise RecordError(
@@ -222,11 +232,16 @@ def validate_record(rec: Any) -> dict[str, Any]:
             raise
         raise RecordError(f"spec: {_why(e)}") from None
     try:
-        gates_from_config(_need(rec, "gates", list))
+        gate_objs = gates_from_config(_need(rec, "gates", list))
     except RecordError:
         raise
     except (TypeError, ValueError) as e:
         raise RecordError(str(e)) from None
+    if spec.shadow and not shadow_gates(gate_objs):
+        raise RecordError(
+            "spec.shadow: the shadow step needs a gate that judges mirrored traffic (success rate, "
+            "latency, drift or a comparison); the accuracy gates need labels for answers users saw"
+        )
     stable = _check_target("stable", _need(rec, "stable", dict))
     canary = _check_target("canary", _need(rec, "canary", dict))
     if stable.version == canary.version:
@@ -239,6 +254,16 @@ def validate_record(rec: Any) -> dict[str, Any]:
         raise
     except (TypeError, ValueError) as e:
         raise RecordError(f"router: {e}") from None
+    if spec.shadow and rec["router"].get("cohort"):
+        raise RecordError(
+            "spec.shadow: a shadow step and a cohort do not combine yet (a cohort's match rules would "
+            "carry users past the mirrored rule); choose one"
+        )
+    if spec.shadow and not mirrors(rec["router"]["router"]):
+        raise RecordError(
+            f"spec.shadow: router {rec['router']['router']} cannot mirror traffic; the shadow step needs "
+            f"{choices(n for n in ROUTERS if mirrors(n))}"
+        )
     metrics = _need(rec, "metrics", dict)
     try:
         check_metrics_config(metrics)

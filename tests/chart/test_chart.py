@@ -300,6 +300,16 @@ BAD_VALUES = {
         ],
         "additional properties 'intervall' not allowed",
     ),
+    "operator shadow not a bool": (
+        [
+            "model.storageUri=s3://m/a",
+            "model.version=1.0.0",
+            "strategy.type=canary",
+            "operator.enabled=true",
+            "operator.strategy.shadow.enabled=maybe",
+        ],
+        "at '/operator/strategy/shadow/enabled': got string, want boolean",
+    ),
 }
 
 

@@ -56,6 +56,12 @@ def test_canary_renders_the_desired_model_and_none_of_the_operators_fields(rende
     )
 
 
+def test_the_shadow_step_reaches_the_modelrollout(render):
+    objs = render(sets=(*CANARY, *ON, "operator.strategy.shadow.enabled=true"))
+    (mr,) = kinds(objs, "ModelRollout")
+    assert mr["spec"]["strategy"] == {"shadow": {"enabled": True}}
+
+
 def test_without_the_operator_nothing_changes(render):
     objs = render(sets=(*CANARY, "strategy.canary.storageUri=s3://mlpipeline/m/1.1.0"))
     assert not kinds(objs, "ModelRollout")

@@ -164,6 +164,15 @@ def test_a_cohort_is_accepted_as_written(kc):
         assert obj["spec"]["strategy"]["cohort"] == cohort
 
 
+def test_a_shadow_step_is_accepted_for_a_release_and_off_unless_enabled(kc):
+    on = json.loads(create(kc, rollout("shadow-on", **strategy(shadow={"enabled": True}))).stdout)
+    assert on["spec"]["strategy"]["shadow"] == {"enabled": True}
+    empty = json.loads(create(kc, rollout("shadow-empty", **strategy(shadow={}))).stdout)
+    assert empty["spec"]["strategy"]["shadow"] == {"enabled": False}  # defaulted: RolloutSpec().shadow
+    off = json.loads(create(kc, rollout("shadow-off")).stdout)
+    assert "shadow" not in off["spec"]["strategy"]
+
+
 BAD = [
     ("steps-not-increasing", strategy(steps=[10, 50, 25, 100]), ["steps must be strictly increasing"]),
     ("steps-repeated", strategy(steps=[10, 10, 100]), ["steps must be strictly increasing"]),
@@ -256,6 +265,21 @@ BAD = [
         "watch-with-knative-router",
         strategy(router="kserve_knative", postPromotionIntervals=3),
         ["it needs a release target with router gateway_api (kserve_knative cannot restore it)"],
+    ),
+    (
+        "shadow-with-an-isvc-target",
+        {"target": {"inferenceService": {"name": "kn"}}, **strategy(shadow={"enabled": True})},
+        ["the shadow step mirrors traffic with an HTTPRoute RequestMirror filter: it needs the gateway_api"],
+    ),
+    (
+        "shadow-with-the-knative-router",
+        strategy(router="kserve_knative", shadow={"enabled": True}),
+        ["spec.strategy.shadow.enabled", "kserve_knative cannot mirror"],
+    ),
+    (
+        "shadow-not-a-bool",
+        strategy(shadow={"enabled": "yes"}),
+        ["spec.strategy.shadow.enabled", "must be of type boolean"],
     ),
     (
         "webhook-url-without-scheme",

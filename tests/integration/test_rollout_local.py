@@ -97,7 +97,9 @@ def gates(max_p99_ms: float, min_predictions: int):
     ]
 
 
-def run_rollout(stack, tmp_path, steps, max_p99_ms=2000.0, min_predictions=400, interval=INTERVAL):
+def run_rollout(
+    stack, tmp_path, steps, max_p99_ms=2000.0, min_predictions=400, interval=INTERVAL, shadow=False
+):
     tg = TrafficGenerator(
         stack.proxy_url, stack.model, X, Y, rps=120, concurrency=24, batch=16, max_seconds=120
     )
@@ -106,7 +108,7 @@ def run_rollout(stack, tmp_path, steps, max_p99_ms=2000.0, min_predictions=400, 
         time.sleep(interval)  # stable-only traffic: the drift gate's stable reference
         store = FileStateStore(tmp_path / "state.json")
         rec = ctl.new_record(
-            RolloutSpec(steps, interval, threshold=2, max_inconclusive=6),
+            RolloutSpec(steps, interval, threshold=2, max_inconclusive=6, shadow=shadow),
             gates(max_p99_ms, min_predictions),
             stack.stable_target,
             stack.canary_target,

@@ -22,7 +22,7 @@ from serving.rollout import commands, crd, gates, hooks, kube
 from serving.rollout.cli import parse_duration
 from serving.rollout.gates import Verdict
 from serving.rollout.machine import Action, Phase, RolloutSpec
-from serving.rollout.routers import ROUTERS
+from serving.rollout.routers import ROUTERS, mirrors
 from tests.chart.conftest import tools, versions_env  # noqa: F401  (tools: the pinned helm, or a skip naming why)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,8 +212,24 @@ def test_router_enum_is_the_registry_cluster_routers(schema):
     cluster = [name for name, cls in ROUTERS.items() if hasattr(cls, "for_release")]
     assert at(schema, "spec.strategy.router")["enum"] == cluster
     assert set(ROUTERS) - set(cluster) == {"local_proxy"}
-    r = rule_of(at(schema, "spec"), "router == 'kserve_knative'")
-    assert "'kserve_knative'" in r["rule"] and "kserve_knative" in cluster
+    r = rule_of(at(schema, "spec"), "self.strategy.router == 'kserve_knative'")
+    assert "inferenceService" in r["rule"] and "kserve_knative" in cluster
+
+
+def test_the_shadow_step_is_the_spec_flag_and_refused_where_no_router_mirrors(schema):
+    shadow = at(schema, "spec.strategy.shadow")
+    assert set(shadow["properties"]) == {"enabled"}
+    assert at(schema, "spec.strategy.shadow.enabled") == {
+        **at(schema, "spec.strategy.shadow.enabled"),
+        "type": "boolean",
+        "default": RolloutSpec().shadow,
+    }
+    r = rule_of(at(schema, "spec"), "self.strategy.shadow.enabled")
+    # the routers the rule lets through are the cluster routers that mirror, and only those
+    cluster = [name for name, cls in ROUTERS.items() if hasattr(cls, "for_release")]
+    refused = [name for name in cluster if f"'{name}'" in r["rule"]]
+    assert refused == [n for n in cluster if not mirrors(n)] == ["kserve_knative"]
+    assert "inferenceService" in r["rule"] and r["fieldPath"] == ".strategy.shadow.enabled"
 
 
 def test_status_enums_are_the_state_machine(schema):

@@ -13,7 +13,13 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from serving.rollout.routers.base import Release, RouterError, TrafficRouter, check_weights
+from serving.rollout.routers.base import (
+    MirroringRouter,
+    Release,
+    RouterError,
+    TrafficRouter,
+    check_weights,
+)
 from serving.rollout.routers.gateway_api import GatewayApiRouter
 from serving.rollout.routers.haproxy import (
     HAPROXY_NAME,
@@ -32,6 +38,7 @@ __all__ = [
     "HAProxyRuntimeAPI",
     "KServeKnativeRouter",
     "LocalProxyRouter",
+    "MirroringRouter",
     "Release",
     "RouterError",
     "TrafficRouter",
@@ -39,6 +46,7 @@ __all__ = [
     "check_haproxy_name",
     "check_weights",
     "choices",
+    "mirrors",
     "validate_config",
 ]
 
@@ -50,6 +58,12 @@ def choices(names: Any = None) -> str:
     """``a, b or c`` over ``names`` (default: every registered router), for error messages."""
     names = list(ROUTERS if names is None else names)
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def mirrors(name: str) -> bool:
+    """Whether router ``name`` can mirror traffic to the canary (:class:`MirroringRouter`)."""
+    cls = ROUTERS.get(name)
+    return cls is not None and callable(getattr(cls, "set_mirror", None))
 
 
 def validate_config(cfg: Any) -> dict[str, Any]:

@@ -15,6 +15,9 @@ A router class also says how it is configured:
 
 Routers that drive a Helm release of the chart (the KFP step) also have ``for_release(fullname,
 namespace)``: a :class:`Release`.
+
+Routers that can mirror (the shadow step: the canary answers a copy of every request at weight 0 and
+nobody sees its answers) also implement :class:`MirroringRouter`; :func:`routers.mirrors` says which.
 """
 
 from __future__ import annotations
@@ -47,6 +50,20 @@ class TrafficRouter(Protocol):
 
     def config(self) -> dict[str, Any]:
         """What :func:`build_router` needs to rebuild this router (persisted with the state)."""
+        ...
+
+
+class MirroringRouter(TrafficRouter, Protocol):
+    """A router that can send a copy of every request to the canary and discard its answer."""
+
+    def set_mirror(self, on: bool) -> None:
+        """Mirror to the canary (``on``) or stop; idempotent, and independent of the weights."""
+        ...
+
+    def get_mirror(self) -> bool: ...
+
+    def check_mirror(self) -> None:
+        """RouterError naming what is missing when the data plane cannot mirror (checked at start)."""
         ...
 
 

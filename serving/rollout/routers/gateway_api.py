@@ -17,6 +17,7 @@ say the step).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from serving.rollout import cohorts, kube, targets
@@ -150,26 +151,65 @@ class GatewayApiRouter:
                 rules.append(r)
         return rules
 
-    def set_weights(self, stable: int, canary: int) -> None:
-        check_weights(stable, canary)
+    def _write(self, change: Callable[[dict, dict], None]) -> None:
+        """``change(route, body)`` on a fresh read (it edits the route's rules in place, or sets the body's
+        own), then one merge patch of ``spec.rules`` with the read's resourceVersion (a 409 is re-read and
+        retried)."""
 
         def attempt() -> None:
             route = self._get_route()
-            _, s, c = self._refs(route)
-            s["weight"], c["weight"] = int(stable), int(canary)
-            body = {
-                "metadata": {"resourceVersion": route["metadata"]["resourceVersion"]},
-                "spec": {"rules": route["spec"]["rules"]},
-            }
-            if self.cohort:
-                body["spec"]["rules"] = self._cohort_rules(route, int(canary))
-                body["metadata"]["annotations"] = {SHARE_ANNOTATION: str(int(canary))}
+            body: dict[str, Any] = {"metadata": {"resourceVersion": route["metadata"]["resourceVersion"]}}
+            body["spec"] = {"rules": route["spec"]["rules"]}
+            change(route, body)
             kube.patch(self.api, kube.HTTPROUTE, self.namespace, self.route, body)
 
         try:
             kube.retry_on_conflict(attempt, f"HTTPRoute {self.namespace}/{self.route}", attempts=5)
         except kube.KubeError as e:
             raise RouterError(str(e)) from e
+
+    def set_weights(self, stable: int, canary: int) -> None:
+        check_weights(stable, canary)
+
+        def change(route: dict, body: dict) -> None:
+            _, s, c = self._refs(route)
+            s["weight"], c["weight"] = int(stable), int(canary)
+            if self.cohort:
+                body["spec"]["rules"] = self._cohort_rules(route, int(canary))
+                body["metadata"]["annotations"] = {SHARE_ANNOTATION: str(int(canary))}
+
+        self._write(change)
+
+    # ----------------------------------------------------------------- mirroring (shadow step)
+
+    def _is_our_mirror(self, f: dict) -> bool:
+        return f.get("type") == "RequestMirror" and (
+            f.get("requestMirror", {}).get("backendRef", {}).get("name") == self.canary_backend
+        )
+
+    def set_mirror(self, on: bool) -> None:
+        """A ``RequestMirror`` filter to the canary Service on the weighted rule (the gateway sends a copy
+        of every request there and discards its answer), or none; other filters are kept as they are."""
+
+        def change(route: dict, body: dict) -> None:
+            rule = self._base(route)
+            _, _, c = self._refs(route)
+            filters = [f for f in rule.get("filters", []) if not self._is_our_mirror(f)]
+            if on:
+                ref = {k: c[k] for k in ("group", "kind", "name", "namespace", "port") if k in c}
+                filters.append({"type": "RequestMirror", "requestMirror": {"backendRef": ref}})
+            if filters:
+                rule["filters"] = filters
+            else:
+                rule.pop("filters", None)
+
+        self._write(change)
+
+    def get_mirror(self) -> bool:
+        return any(self._is_our_mirror(f) for f in self._base(self._get_route()).get("filters", []))
+
+    def check_mirror(self) -> None:
+        self.get_mirror()  # the route and its weighted rule exist
 
     def get_weights(self) -> tuple[int, int]:
         route = self._get_route()

@@ -7,6 +7,10 @@ With a cohort (:mod:`serving.rollout.cohorts`) the backend also carries :func:`c
 the user key itself (``xxh32,mod(100)``) and reads the canary's share from a map file, which the runtime
 API changes in memory (``set map``), again without a reload. The server weights keep the same share for
 requests that carry no key.
+
+Mirroring (the shadow step) is the key ``mirror`` of the map file ``mlrollout-mirror.map`` (``on``/``off``,
+``set map`` on the same socket), which the HAProxy config reads for every request; the local stack's
+config (``serving/demo/localstack``) has the Lua action behind it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from serving.rollout.routers.base import RouterError, check_weights, require_fla
 # HAProxy backend and server names as the runtime API receives them: a newline or `;` would start
 # another command on the admin socket (runtime-API command injection from a flag or a stored record).
 HAPROXY_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# the map whose key "mirror" turns mirroring to the canary on and off (the config's contract)
+MIRROR_MAP = "mlrollout-mirror.map"
+MIRROR_KEY = "mirror"
+_MAP_LINE = re.compile(r"^(\d+) \((.*?)\) ")
 
 
 def check_haproxy_name(what: str, name: Any) -> str:
@@ -195,17 +203,27 @@ class LocalProxyRouter:
         except (IndexError, ValueError) as e:
             raise RouterError(f"HAProxy answered {out!r} to 'get weight {self.backend}/{server}'") from e
 
-    def _set_share(self, share: int) -> None:
-        out = self.api.command(f"set map {self.cohort_map} {SHARE_KEY} {int(share)}")
-        if out:
-            raise RouterError(f"HAProxy refused 'set map {self.cohort_map} {SHARE_KEY} {share}': {out}")
+    def _map_set(self, ref: str, key: str, value: str) -> None:
+        out = self.api.command(f"set map {ref} {key} {value}")
+        if out:  # HAProxy answers nothing on success
+            raise RouterError(f"HAProxy refused 'set map {ref} {key} {value}': {out}")
 
-    def _get_share(self) -> int:
-        out = self.api.command(f"show map {self.cohort_map}")
+    def _map_get(self, ref: str, key: str) -> tuple[str | None, str]:
+        """(the value of ``key`` in map ``ref``, or None; HAProxy's whole answer)."""
+        out = self.api.command(f"show map {ref}")
         for line in out.splitlines():  # "0x55d0c8a0 share 25"
             parts = line.split()
-            if len(parts) == 3 and parts[1] == SHARE_KEY and parts[2].lstrip("-").isdigit():
-                return int(parts[2])
+            if len(parts) == 3 and parts[1] == key:
+                return parts[2], out
+        return None, out
+
+    def _set_share(self, share: int) -> None:
+        self._map_set(self.cohort_map, SHARE_KEY, str(int(share)))
+
+    def _get_share(self) -> int:
+        value, out = self._map_get(self.cohort_map, SHARE_KEY)
+        if value is not None and value.lstrip("-").isdigit():
+            return int(value)
         raise RouterError(
             f"HAProxy answered {out!r} to 'show map {self.cohort_map}': no {SHARE_KEY} entry; is it"
             " the map file of the HAProxy config's cohort rules (routers.haproxy.cohort_rules)?"
@@ -235,6 +253,33 @@ class LocalProxyRouter:
                 # weight equals (they add up to 100), so the controller's reconcile sets both again
                 return 0, 0
         return weights
+
+    # ----------------------------------------------------------------- mirroring (shadow step)
+
+    def _mirror_map(self) -> str:
+        """``#<id>`` of the mirror map, found by its file name in ``show map`` (so no path from a flag or
+        a record ever reaches the socket)."""
+        out = self.api.command("show map")
+        for line in out.splitlines():
+            m = _MAP_LINE.match(line)
+            if m and m.group(2).rsplit("/", 1)[-1] == MIRROR_MAP:
+                return f"#{m.group(1)}"
+        raise RouterError(
+            f"HAProxy at {self.api.socket_path} has no map {MIRROR_MAP}: its config cannot mirror to the "
+            "canary (the shadow step needs the mirror action; see serving/rollout/README.md, Shadow step)"
+        )
+
+    def check_mirror(self) -> None:
+        self.get_mirror()
+
+    def set_mirror(self, on: bool) -> None:
+        self._map_set(self._mirror_map(), MIRROR_KEY, "on" if on else "off")
+
+    def get_mirror(self) -> bool:
+        value, out = self._map_get(self._mirror_map(), MIRROR_KEY)
+        if value is None:
+            raise RouterError(f"HAProxy map {MIRROR_MAP} has no key {MIRROR_KEY!r} (got {out[:200]!r})")
+        return value == "on"
 
     def promote(self) -> None:
         self.set_weights(0, 100)
