@@ -34,6 +34,10 @@ PREDICTION_SCORE_COUNT = f"{PREDICTION_SCORE}_count"
 PREDICTED_CLASS_TOTAL = f"{PREDICTED_CLASS}_total"
 FEEDBACK_TOTAL = f"{FEEDBACK}_total"
 FEEDBACK_NOT_COUNTED_TOTAL = f"{FEEDBACK_NOT_COUNTED}_total"
+# not the runtime's: the local stack's HAProxy mirror (serving/demo/localstack/mirror.lua) counts rows of
+# mirrored requests whose predicted label the canary's answer and stable's answer to the same request
+# agree on, by model, the canary's version, stable's and RESULT (AGREE or DISAGREE)
+MIRROR_LABEL_ROWS_TOTAL = "mlrollout_mirror_label_rows_total"
 
 # --- label keys
 MODEL = "model"
@@ -46,6 +50,8 @@ OUTCOME = "outcome"  # feedback: CORRECT or INCORRECT
 REASON = "reason"  # feedback not counted: "duplicate", "unknown_id", "expired"
 LE = "le"  # a histogram bucket's upper bound (Prometheus)
 CORRECT, INCORRECT = "correct", "incorrect"
+RESULT = "result"  # label agreement of a mirrored row: AGREE or DISAGREE
+AGREE, DISAGREE = "agree", "disagree"
 
 REQUESTS_LABELS = (MODEL, VERSION, PROTOCOL, STATUS)
 REQUEST_DURATION_LABELS = (MODEL, VERSION, PROTOCOL)

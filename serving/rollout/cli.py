@@ -142,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-accuracy", type=float, help="enable the accuracy gate on labelled feedback")
     g.add_argument("--max-accuracy-drop", type=float, default=d["max_accuracy_drop"])
     g.add_argument("--min-labelled", type=int, default=d["min_labelled"])
+    g.add_argument(
+        "--min-agreement",
+        type=float,
+        help="with --shadow: the label agreement gate, the least share of mirrored rows whose predicted "
+        "label the canary and stable agree on (the local stack's HAProxy mirror pairs the answers)",
+    )
+    g.add_argument(
+        "--min-agreement-rows",
+        type=int,
+        default=gates.AgreementGate.min_rows,
+        help="mirrored rows the label agreement gate needs to be conclusive",
+    )
     c = s.add_argument_group("comparisons with stable (sequential tests, valid at every interval)")
     c.add_argument(
         "--compare",
@@ -262,9 +274,12 @@ def _store(a: argparse.Namespace, default_cm: str = "", owner: str = "") -> Stat
 
 
 def gates_from_args(a: argparse.Namespace) -> list[Gate]:
-    return gates.defaults(
+    out = gates.defaults(
         drift=not a.no_drift_gate, compare=a.compare, **{k: getattr(a, k) for k in gates.DEFAULTS}
     )
+    if a.min_agreement is not None:  # the shadow step's own gate (not in DEFAULTS: it is local only)
+        out.append(gates.AgreementGate(a.min_agreement, a.min_agreement_rows))
+    return out
 
 
 def cmd_start(a: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from serving.rollout.gates import (
     Verdict,
     evaluate_all,
     gates_to_config,
+    live_gates,
     overall_verdict,
     shadow_gates,
 )
@@ -441,7 +442,7 @@ class Controller:
             base, ref = rec.step_baseline, rec.rollout_baseline
             win_c, win_s = snaps["canary"] - base["canary"], snaps["stable"] - base["stable"]
             # the shadow step: no label comes back for an answer nobody saw (gates.shadow_gates)
-            judges = shadow_gates(self.gates) if st.shadow else self.gates
+            judges = shadow_gates(self.gates) if st.shadow else live_gates(self.gates)
             results = evaluate_all(
                 judges, win_c, win_s, snaps["stable"] - ref["stable"], snaps["canary"] - ref["canary"]
             )

@@ -355,6 +355,42 @@ class AccuracyGate:
         return GateResult(self.name, _judge(acc >= threshold), acc, threshold, ">=", n, m)
 
 
+@dataclass(frozen=True)
+class AgreementGate:
+    """The shadow step's label agreement: of the rows of mirrored requests, the share whose predicted
+    label the canary's answer and stable's answer to the *same* request agree on, at least
+    ``min_agreement``. Paired per request (the local stack's HAProxy mirror counts them), so it needs no
+    ground truth and no traffic-split noise: a class-swapped canary agrees on almost no row."""
+
+    min_agreement: float = 0.9
+    min_rows: int = 200
+    name: str = "label_agreement"
+
+    def __post_init__(self) -> None:
+        _in_range("label agreement", "min_agreement", "--min-agreement", self.min_agreement, 0.0, 1.0, False)
+        _count("label agreement", "min_rows", "--min-agreement-rows", self.min_rows)
+        _name(self.name)
+
+    @property
+    def threshold(self) -> float:
+        return self.min_agreement
+
+    def evaluate(
+        self, canary: Snapshot, stable: Snapshot, stable_ref: Snapshot, canary_ref: Snapshot | None = None
+    ) -> GateResult:
+        n = int(canary.compared_rows)
+        if n < self.min_rows or n <= 0:
+            return GateResult.inconclusive(
+                self.name,
+                self.min_agreement,
+                ">=",
+                n,
+                why=f"fewer than {self.min_rows} mirrored rows compared with stable",
+            )
+        share = canary.agreed_rows / n
+        return GateResult(self.name, _judge(share >= self.min_agreement), share, self.min_agreement, ">=", n)
+
+
 # ------------------------------------------------------------------ comparisons with stable (sequential)
 
 
@@ -741,12 +777,19 @@ def evaluate_all(
 # shadow step no caller ever sees a canary answer, so no label comes back for one: these would only
 # ever be inconclusive there and pause the rollout.
 LABEL_GATES: tuple[type, ...] = (AccuracyGate, AccuracyVsStable)
+# Gates that need mirrored requests (two answers to one request): only the shadow step has them.
+SHADOW_ONLY_GATES: tuple[type, ...] = (AgreementGate,)
 
 
 def shadow_gates(gates: list[Gate]) -> list[Gate]:
     """The gates that judge the shadow step: all but :data:`LABEL_GATES`. Mirrored copies are the same
     requests stable answered, so errors, latency and the score/label distributions compare directly."""
     return [g for g in gates if not isinstance(g, LABEL_GATES)]
+
+
+def live_gates(gates: list[Gate]) -> list[Gate]:
+    """The gates that judge a live step: all but :data:`SHADOW_ONLY_GATES` (no request is mirrored)."""
+    return [g for g in gates if not isinstance(g, SHADOW_ONLY_GATES)]
 
 
 def gates_to_config(gates: list[Gate]) -> list[dict[str, Any]]:
@@ -760,6 +803,7 @@ _KINDS = {
         LatencyGate,
         DriftGate,
         AccuracyGate,
+        AgreementGate,
         ErrorRateVsStable,
         LatencyVsStable,
         DriftTest,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving.contract.errors import MlrolloutError
-from serving.rollout.gates import Gate, GateResult, gates_from_config, shadow_gates
+from serving.rollout.gates import Gate, GateResult, gates_from_config, live_gates, shadow_gates
 from serving.rollout.machine import Action, Phase, RolloutSpec, RolloutState
 from serving.rollout.metrics import Target
 from serving.rollout.metrics import check_config as check_metrics_config
@@ -237,6 +237,10 @@ def validate_record(rec: Any) -> dict[str, Any]:
         raise
     except (TypeError, ValueError) as e:
         raise RecordError(str(e)) from None
+    if not spec.shadow and len(live_gates(gate_objs)) < len(gate_objs):
+        raise RecordError(
+            "gates: the label agreement gate judges only mirrored requests; it needs a shadow step (--shadow)"
+        )
     if spec.shadow and not shadow_gates(gate_objs):
         raise RecordError(
             "spec.shadow: the shadow step needs a gate that judges mirrored traffic (success rate, "
@@ -269,6 +273,11 @@ def validate_record(rec: Any) -> dict[str, Any]:
         check_metrics_config(metrics)
     except ValueError as e:
         raise RecordError(f"metrics.{e}") from None
+    if metrics.get("provider") != "prometheus" and len(live_gates(gate_objs)) < len(gate_objs):
+        raise RecordError(
+            "gates: the label agreement gate reads the mirror's counters from Prometheus "
+            "(--metrics prometheus); scrape reads only the runtimes"
+        )
     st = rec.get("state")
     if st is not None:
         _check_state(st, spec)

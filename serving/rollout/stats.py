@@ -42,6 +42,9 @@ class Snapshot:
     classes: dict[str, float] = field(default_factory=dict)  # predicted class -> count
     labelled_correct: float = 0.0  # labelled feedback (optional accuracy gate)
     labelled_total: float = 0.0
+    # the shadow step: rows of mirrored requests compared with stable's answer to the same request
+    agreed_rows: float = 0.0
+    compared_rows: float = 0.0
     at: float = 0.0  # when it was read (provider clock, seconds since the epoch)
 
     def __sub__(self, base: Snapshot) -> Snapshot:
@@ -49,6 +52,9 @@ class Snapshot:
         lc = self.labelled_correct - base.labelled_correct
         if lt < 0 or lc < 0:
             lt, lc = self.labelled_total, self.labelled_correct
+        cr, ar = self.compared_rows - base.compared_rows, self.agreed_rows - base.agreed_rows
+        if cr < 0 or ar < 0:  # the counters restarted (HAProxy restarted): count from zero
+            cr, ar = self.compared_rows, self.agreed_rows
         return Snapshot(
             requests=_sub(self.requests, base.requests),
             latency=_sub(self.latency, base.latency),
@@ -56,6 +62,8 @@ class Snapshot:
             classes=_sub(self.classes, base.classes),
             labelled_correct=lc,
             labelled_total=lt,
+            agreed_rows=ar,
+            compared_rows=cr,
             at=self.at,
         )
 
@@ -76,7 +84,7 @@ class Snapshot:
         return float(self.latency.get(math.inf, max(self.latency.values(), default=0.0)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "requests": self.requests,
             "latency": {_le_str(k): v for k, v in self.latency.items()},
             "scores": {_le_str(k): v for k, v in self.scores.items()},
@@ -85,6 +93,9 @@ class Snapshot:
             "labelled_total": self.labelled_total,
             "at": self.at,
         }
+        if self.compared_rows:  # only a mirrored side has them: other records are written as before
+            d["agreed_rows"], d["compared_rows"] = self.agreed_rows, self.compared_rows
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Snapshot:
@@ -95,6 +106,8 @@ class Snapshot:
             classes={str(k): float(v) for k, v in d.get("classes", {}).items()},
             labelled_correct=float(d.get("labelled_correct", 0.0)),
             labelled_total=float(d.get("labelled_total", 0.0)),
+            agreed_rows=float(d.get("agreed_rows", 0.0)),
+            compared_rows=float(d.get("compared_rows", 0.0)),
             at=float(d.get("at", 0.0)),
         )
 

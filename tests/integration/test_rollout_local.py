@@ -98,7 +98,14 @@ def gates(max_p99_ms: float, min_predictions: int):
 
 
 def run_rollout(
-    stack, tmp_path, steps, max_p99_ms=2000.0, min_predictions=400, interval=INTERVAL, shadow=False
+    stack,
+    tmp_path,
+    steps,
+    max_p99_ms=2000.0,
+    min_predictions=400,
+    interval=INTERVAL,
+    shadow=False,
+    extra_gates=(),
 ):
     tg = TrafficGenerator(
         stack.proxy_url, stack.model, X, Y, rps=120, concurrency=24, batch=16, max_seconds=120
@@ -109,7 +116,7 @@ def run_rollout(
         store = FileStateStore(tmp_path / "state.json")
         rec = ctl.new_record(
             RolloutSpec(steps, interval, threshold=2, max_inconclusive=6, shadow=shadow),
-            gates(max_p99_ms, min_predictions),
+            [*gates(max_p99_ms, min_predictions), *extra_gates],
             stack.stable_target,
             stack.canary_target,
             stack.router().config(),

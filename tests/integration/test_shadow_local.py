@@ -14,6 +14,7 @@ import pytest
 
 from serving.demo.badmodel import build_swapped_package, with_version
 from serving.demo.localstack import LocalStack
+from serving.rollout.gates import AgreementGate
 from tests.integration.test_rollout_local import run_rollout
 from tests.modelfactory import build_package
 
@@ -47,8 +48,21 @@ def stack(packages, tmp_path_factory):
 
 
 def shadow_rollout(stack, tmp_path):
-    """test_rollout_local's rollout (the same traffic and gates) with a shadow step before 50 %, 100 %."""
-    return run_rollout(stack, tmp_path, (50, 100), min_predictions=200, interval=INTERVAL, shadow=True)
+    """test_rollout_local's rollout (the same traffic and gates) with a shadow step before 50 %, 100 %,
+    and the shadow step's label agreement gate (at least 90 % of the mirrored rows)."""
+    return run_rollout(
+        stack,
+        tmp_path,
+        (50, 100),
+        min_predictions=200,
+        interval=INTERVAL,
+        shadow=True,
+        extra_gates=[AgreementGate(0.9, 200)],
+    )
+
+
+def _evidence(history_entry) -> dict:
+    return {e["gate"]: e for e in history_entry["evidence"]}
 
 
 def _canary_requests(stack) -> float:
@@ -63,6 +77,11 @@ def test_the_swapped_canary_is_caught_in_the_shadow_step_having_answered_no_user
     assert st["phase"] == "RolledBack", "\n".join(logs)
     assert "in the shadow step" in st["reason"] and "drift_js" in st["reason"], st["reason"]
     assert all(h["weight"] == 0 for h in st["history"]), "the canary was given a live weight"
+    # paired per request, the swapped canary agrees with stable on almost no row
+    agreement = _evidence(st["history"][-1])["label_agreement"]
+    assert agreement["verdict"] == "fail" and agreement["value"] < 0.2 and agreement["samples"] >= 200, (
+        agreement
+    )
     # every answer the traffic got: none from the canary, all from stable, none failed
     versions = traffic.by_version()
     assert traffic.total > 200 and versions[canary] == 0 and versions["1.0.0"] == traffic.total, versions
@@ -84,6 +103,10 @@ def test_a_good_canary_passes_the_shadow_step_and_is_promoted(stack, packages, t
     moves = [h for h in st["history"] if h["action"] in ("set_weight", "promote")]
     assert [h["weight"] for h in moves] == [0, 50, 100, 100], "\n".join(logs)
     assert "passed in the shadow step" in moves[1]["reason"]
+    agreement = _evidence(moves[1])["label_agreement"]
+    assert agreement["verdict"] == "pass" and agreement["value"] >= 0.9, agreement
+    # ... and the live steps do without it: no request is mirrored there
+    assert all("label_agreement" not in _evidence(h) for h in moves[2:]), moves[2:]
     # no user saw the canary before the shadow step passed; afterwards it answered its share
     t_pass = moves[1]["t"]
     shadow = traffic.window(0, t_pass)

@@ -18,7 +18,15 @@ import pytest
 from serving.rollout import controller as ctl
 from serving.rollout import machine as m
 from serving.rollout.cli import main as cli_main
-from serving.rollout.gates import AccuracyGate, AccuracyVsStable, DriftGate, GateResult, Verdict, shadow_gates
+from serving.rollout.gates import (
+    AccuracyGate,
+    AccuracyVsStable,
+    AgreementGate,
+    DriftGate,
+    GateResult,
+    Verdict,
+    shadow_gates,
+)
 from serving.rollout.machine import Action, Phase, RolloutSpec
 from serving.rollout.record import RecordError
 from serving.rollout.routers import HAProxyRuntimeAPI, LocalProxyRouter, RouterError, mirrors
@@ -104,8 +112,8 @@ def test_a_spec_without_shadow_is_unchanged_and_shadow_must_be_a_bool():
 ROUTER = {"router": "local_proxy", "socket_path": "/nonexistent"}
 
 
-def record(spec=SPEC, gates=GATES, router=ROUTER):
-    return ctl.new_record(spec, gates, STABLE, CANARY, router, SCRAPE)
+def record(spec=SPEC, gates=GATES, router=ROUTER, metrics=SCRAPE):
+    return ctl.new_record(spec, gates, STABLE, CANARY, router, metrics)
 
 
 def test_the_record_refuses_a_shadow_step_no_router_or_gate_can_carry():
@@ -153,9 +161,10 @@ class MirrorWorld(World):
     """The simulated world with a mirror: while it is on, the canary answers a copy of every request
     stable answers (the weights stay 100/0), as HAProxy's Lua mirror and a RequestMirror filter do."""
 
-    def __init__(self, **kw):
+    def __init__(self, agreement: float = 0.98, **kw):
         super().__init__(**kw)
         self.mirror = False
+        self.agreement = agreement  # the share of mirrored rows whose label matches stable's
 
     def set_mirror(self, on):
         self.calls.append(("mirror", on))
@@ -171,15 +180,19 @@ class MirrorWorld(World):
         if not self.mirror:
             return super().sleep(dt)
         weights, self.weights = self.weights, (100, 100)  # each side sees the whole rate
+        rows = self.rps * dt * self.batch
+        c = self.snaps[CANARY.version]
+        c.compared_rows += rows
+        c.agreed_rows += rows * self.agreement
         try:
             return super().sleep(dt)
         finally:
             self.weights = weights
 
 
-def drive(tmp_path, world, spec=SPEC, gates=GATES):
+def drive(tmp_path, world, spec=SPEC, gates=GATES, metrics=SCRAPE):
     store = FileStateStore(tmp_path / "state.json")
-    ctl.begin(store, record(spec, gates))
+    ctl.begin(store, record(spec, gates, metrics=metrics))
     logs: list[str] = []
     c = ctl.Controller(
         store, router=world, provider=world, clock=world.clock, sleep=world.sleep, log=logs.append
@@ -237,6 +250,56 @@ def test_an_operator_abort_in_the_shadow_step_stops_the_mirror(tmp_path):
     assert w.mirror is False and w.calls[-2:] == [("mirror", False), ("rollback",)]
 
 
+PROM = {"provider": "prometheus", "url": "http://127.0.0.1:9"}
+
+
+@pytest.mark.parametrize("agreement, phase", [(0.98, "Promoted"), (0.05, "RolledBack")])
+def test_label_agreement_judges_the_shadow_step_only(tmp_path, agreement, phase):
+    w = MirrorWorld(agreement=agreement)
+    spec = RolloutSpec((50, 100), 10.0, 1, 3, shadow=True)
+    rec, logs = drive(tmp_path, w, spec, [*GATES, AgreementGate(0.9, 200)], metrics=PROM)
+    assert rec.phase == phase, "\n".join(logs)
+    judged = [h for h in rec.state["history"] if h["event"] == "analysis"]
+    first = {e["gate"]: e for e in judged[0]["evidence"]}
+    assert first["label_agreement"]["value"] == pytest.approx(agreement)
+    assert first["label_agreement"]["verdict"] == ("pass" if agreement >= 0.9 else "fail")
+    for h in judged[1:]:  # live steps: no mirrored request, no agreement gate
+        assert "label_agreement" not in {e["gate"] for e in h["evidence"]}
+    if phase == "RolledBack":
+        assert len(judged) == 1 and "label_agreement=0.05" in rec.state["reason"]
+
+
+def test_the_label_agreement_gate_and_its_counters():
+    from serving.rollout.stats import Snapshot
+
+    gate = AgreementGate(0.9, 200)
+    assert gate.evaluate(Snapshot(agreed_rows=150, compared_rows=199), Snapshot(), Snapshot()).verdict is (
+        Verdict.INCONCLUSIVE
+    )
+    r = gate.evaluate(Snapshot(agreed_rows=900, compared_rows=1000), Snapshot(), Snapshot())
+    assert (r.verdict, r.value, r.samples) == (Verdict.PASS, 0.9, 1000)
+    assert gate.evaluate(Snapshot(agreed_rows=899, compared_rows=1000), Snapshot(), Snapshot()).verdict is (
+        Verdict.FAIL
+    )
+    with pytest.raises(ValueError, match="--min-agreement"):
+        AgreementGate(1.5)
+    # a window of the counters; a restart (counters lower than the baseline) counts from zero
+    later, base = Snapshot(agreed_rows=50, compared_rows=60), Snapshot(agreed_rows=20, compared_rows=30)
+    assert ((later - base).agreed_rows, (later - base).compared_rows) == (30, 30)
+    assert ((base - later).agreed_rows, (base - later).compared_rows) == (20, 30)
+    assert Snapshot.from_dict(later.to_dict()) == later
+    assert "compared_rows" not in Snapshot(labelled_total=3).to_dict()  # written as before without them
+
+
+def test_the_record_refuses_the_agreement_gate_without_a_shadow_step_or_prometheus():
+    gates = [*GATES, AgreementGate()]
+    with pytest.raises(RecordError, match=r"label agreement gate judges only mirrored requests.*--shadow"):
+        record(spec=RolloutSpec(), gates=gates, metrics=PROM)
+    with pytest.raises(RecordError, match="reads the mirror's counters from Prometheus"):
+        record(gates=gates, metrics=SCRAPE)
+    assert record(gates=gates, metrics=PROM).gates[-1]["kind"] == "AgreementGate"
+
+
 # --------------------------------------------------------------------------- HAProxy
 
 
@@ -265,6 +328,7 @@ def test_the_stack_config_with_the_lua_mirror_passes_haproxy_check(tmp_path):
     cfg, _ = _haproxy_cfg(tmp_path)
     text = cfg.read_text()
     assert "lua-load" in text and "http-request lua.mlrollout_mirror be_model canary" in text
+    assert "http-response lua.mlrollout_pair if { var(txn.mlr_pair) -m found }" in text
     p = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stdout + p.stderr
     cfg_plain, _ = _haproxy_cfg(tmp_path, mirror=False)
@@ -354,3 +418,24 @@ def test_the_operator_builds_the_shadow_step_from_the_modelrollout_and_the_floor
     knative = cr(strategy={**strategy, "router": "kserve_knative"})
     with pytest.raises(RecordError, match="router kserve_knative cannot mirror traffic"):
         op.build_record(knative, "1.0.0", "http://prom:9090")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--min-agreement", "1.5"], "--min-agreement"),
+        (["--min-agreement", "0.9"], "the label agreement gate judges only mirrored requests"),
+        (["--min-agreement", "0.9", "--shadow", "--metrics", "scrape"], "reads the mirror's counters from"),
+    ],
+)
+def test_bad_agreement_flags_are_one_line_exit_2(tmp_path, capsys, extra, message):
+    argv = [
+        "start", "--router", "local_proxy", "--haproxy-socket", str(tmp_path / "none.sock"),
+        "--stable-metrics-url", "http://127.0.0.1:9/s", "--canary-metrics-url", "http://127.0.0.1:9/c",
+        "--model", "m", "--stable-version", "1.0.0", "--canary-version", "2.0.0",
+        "--state-file", str(tmp_path / "s.json"), *extra,
+    ]  # fmt: skip
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "s.json").exists()

@@ -80,6 +80,13 @@ def haproxy_config(
         if mirror_map
         else ""
     )
+    pair = (
+        "    # label agreement (mirror.lua): the user's whole answer beside the canary's to that request\n"
+        "    http-response wait-for-body time 2s if { var(txn.mlr_pair) -m found }\n"
+        "    http-response lua.mlrollout_pair if { var(txn.mlr_pair) -m found }\n"
+        if mirror_map
+        else ""
+    )
     stats = (
         "    http-request use-service lua.mlrollout_mirror_metrics if { path /mirror/metrics }\n"
         if mirror_map
@@ -112,7 +119,7 @@ backend {BACKEND}
     option httpchk
     http-check send meth GET uri /v2/health/ready
     http-response set-header x-served-by %[srv_name]
-{cohort_lines}    server stable 127.0.0.1:{stable} weight 100 check inter 1s fall 3 rise 1
+{pair}{cohort_lines}    server stable 127.0.0.1:{stable} weight 100 check inter 1s fall 3 rise 1
     server canary 127.0.0.1:{canary} weight 0 check inter 1s fall 3 rise 1
 
 frontend fe_stats
@@ -413,13 +420,14 @@ class LocalStack:
         return self.canary
 
     def mirror_counts(self) -> dict[str, int]:
-        """What became of the mirrored copies so far (mirror.lua's counters): ok, error, dropped, skipped."""
+        """mirror.lua's counters so far: what became of the mirrored copies (ok, error, dropped, skipped),
+        the pairs (paired, unpaired) and the label rows (agree, disagree, summed over versions)."""
         text = httpx.get(f"http://127.0.0.1:{self.stats_port}/mirror/metrics", timeout=5).text
-        out = {}
+        out: dict[str, int] = {}
         for line in text.splitlines():
-            if line.startswith('mlrollout_mirror_requests_total{result="'):
-                name, value = line.split('"')[1], line.rsplit(" ", 1)[1]
-                out[name] = int(value)
+            if line.startswith("mlrollout_mirror_") and "result=" in line:
+                name = line.split('result="', 1)[1].split('"', 1)[0]
+                out[name] = out.get(name, 0) + int(line.rsplit(" ", 1)[1])
         return out
 
     def stop_prometheus(self) -> None:

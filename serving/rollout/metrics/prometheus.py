@@ -11,6 +11,7 @@ import httpx
 
 from serving.contract import signals
 from serving.rollout.metrics.base import (
+    AGREEMENT,
     CLASSES,
     DURATION_BUCKET,
     FEEDBACK,
@@ -88,6 +89,7 @@ class PrometheusProvider:
             }
 
         fb = by(FEEDBACK, signals.OUTCOME)
+        ag = by(AGREEMENT, signals.RESULT)  # only the local stack's mirror exports it (shadow step)
         return Snapshot(
             requests=by(REQUESTS, signals.STATUS),
             latency={parse_le(k): v for k, v in by(DURATION_BUCKET, signals.LE).items()},
@@ -95,5 +97,7 @@ class PrometheusProvider:
             classes=by(CLASSES, signals.CLASS),
             labelled_correct=fb.get(signals.CORRECT, 0.0),
             labelled_total=fb.get(signals.CORRECT, 0.0) + fb.get(signals.INCORRECT, 0.0),
+            agreed_rows=ag.get(signals.AGREE, 0.0),
+            compared_rows=ag.get(signals.AGREE, 0.0) + ag.get(signals.DISAGREE, 0.0),
             at=now,
         )
