@@ -13,10 +13,10 @@ import time
 import pytest
 
 from serving.demo.badmodel import build_swapped_package, with_version
-from serving.demo.localstack import LocalStack
+from serving.demo.localstack import LocalStack, TrafficGenerator
 from serving.rollout.gates import AgreementGate
 from tests.integration.test_rollout_local import run_rollout
-from tests.modelfactory import build_package
+from tests.modelfactory import breast_cancer, build_package
 
 pytestmark = [
     pytest.mark.integration,
@@ -26,6 +26,7 @@ pytestmark = [
     ),
 ]
 
+X, Y, _, _ = breast_cancer()
 INTERVAL = 3.0  # Prometheus scrapes every 1 s: a window may start up to 1 s before the mirror does
 
 
@@ -114,3 +115,31 @@ def test_a_good_canary_passes_the_shadow_step_and_is_promoted(stack, packages, t
     assert traffic.window(t_pass + 0.5, time.time()).by_version()[good.version] > 0
     assert traffic.failures() == [], traffic.failures()[:5]
     assert stack.router().get_weights() == (0, 100) and stack.router().get_mirror() is False
+
+
+def test_a_slow_canary_in_the_mirror_neither_delays_nor_fails_a_user(stack, packages, tmp_path):
+    """The mirror's bound: a canary that takes 3 s per answer fills the 64 copies in flight, the rest are
+    dropped and counted, and the users' answers (all from stable) neither wait for it nor fail."""
+    stack.replace_canary(
+        with_version(packages["good"], tmp_path / "slow", "2.8.0"), {"MLROLLOUT_FAULT_LATENCY_MS": "3000"}
+    )
+    router = stack.router()
+    before = stack.mirror_counts()
+    router.set_mirror(True)
+    try:
+        tg = TrafficGenerator(
+            stack.proxy_url, stack.model, X, Y, rps=60, concurrency=8, batch=16, max_seconds=5
+        )
+        with tg:
+            time.sleep(5)
+        traffic = tg.result()
+    finally:
+        router.set_mirror(False)
+    after = stack.mirror_counts()
+    dropped = after["dropped"] - before.get("dropped", 0)
+    assert traffic.total > 100 and traffic.failures() == [], traffic.failures()[:5]
+    assert set(traffic.by_version()) == {"1.0.0"}
+    assert dropped > 0, (before, after)  # more copies than 64 in flight at 3 s each: dropped, not queued
+    # had a user waited for the canary, each answer would take >= 3 s; allow a loaded machine's stragglers
+    slow = [a for a in traffic.answers if a.latency_s >= 3.0]
+    assert len(slow) <= traffic.total // 100, f"{len(slow)} of {traffic.total} answers took >= 3 s"

@@ -16,7 +16,7 @@
 -- without two readable answers of the same length is counted unpaired, never compared; pairs wait at
 -- most PAIR_TTL_S, and at most MAX_PENDING wait at once.
 
-local MAX_INFLIGHT = 32
+local MAX_INFLIGHT = 64
 local TIMEOUT_MS = 5000
 local MAX_PENDING = 4096
 local PAIR_TTL_S = 30
