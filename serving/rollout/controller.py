@@ -478,7 +478,10 @@ class Controller:
             if d.action in (Action.SET_WEIGHT, Action.PROMOTE, Action.ROLLBACK):
                 cur.pending = {"action": d.action.value, "weight": d.weight}
             requests = None if snaps is None else (win_s.total_requests, win_c.total_requests)
-            _add_point(cur, now, weight_before, d, results, requests)
+            # the shadow step: the canary's requests are mirrored copies, not a share of the users'
+            _add_point(
+                cur, now, weight_before, d, results, requests, **({"mirrored": True} if st.shadow else {})
+            )
             return cur, d
 
         rec = self._commit(fn, st, now)

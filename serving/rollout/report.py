@@ -32,7 +32,7 @@ def text_report(record: RolloutRecord, traffic: Any = None) -> str:
         f"Rollout of {record.canary['model']}: {record.stable['version']} (stable) -> "
         f"{record.canary['version']} (canary)",
         f"  router {record.router['router']}, metrics {record.metrics['provider']}, "
-        f"steps {spec['steps']}, "
+        f"steps {'shadow step, then ' if spec.get('shadow') else ''}{spec['steps']}, "
         f"interval {spec['interval_s']:g}s, rollback after {spec['threshold']} failed checks, "
         f"pause after {spec['max_inconclusive']} inconclusive",
         "  gates: "
@@ -49,6 +49,8 @@ def text_report(record: RolloutRecord, traffic: Any = None) -> str:
         req = p.get("requests") or {}
         tot = req.get("stable", 0) + req.get("canary", 0)
         share = f"{100 * req.get('canary', 0) / tot:8.1f}%" if tot else "      n/a"
+        if p.get("mirrored"):  # the shadow step: the users' share is 0; the canary answered copies
+            share = " mirrored"
         gates = ", ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in p["gates"].items())
         lines.append(
             f"  {p['t'] - t0:6.1f} {p['weight']:5d}% {share} {p['verdict'] or '':>12}  "
@@ -270,7 +272,7 @@ def _plot_weights(ax, record: RolloutRecord, t0: float, traffic: Any) -> None:
     for p in record.timeline:
         req = p.get("requests") or {}
         tot = req.get("stable", 0) + req.get("canary", 0)
-        if tot:
+        if tot and not p.get("mirrored"):  # mirrored copies are no share of the users' traffic
             obs.append((p["t"] - t0, 100 * req["canary"] / tot))
     if obs:
         ax.plot(*zip(*obs, strict=True), "o", color="tab:orange", label="canary share in the analysis window")

@@ -215,8 +215,16 @@ def test_a_good_canary_is_mirrored_then_walks_the_steps_with_the_mirror_off(tmp_
 
 
 def test_a_drifting_canary_is_rolled_back_in_the_shadow_step_without_live_traffic(tmp_path):
+    from serving.rollout.report import text_report
+
     w = MirrorWorld(scores=(0.59, 0.02, 0.02, 0.02, 0.35))  # the classes swapped
     rec, logs = drive(tmp_path, w)
+    # the report says so: a shadow step first, and its windows' canary requests are mirrored copies
+    text = text_report(rec)
+    assert "steps shadow step, then [10, 50, 100]" in text
+    assert all(p["mirrored"] and p["weight"] == 0 for p in rec.timeline)
+    rows = [line for line in text.splitlines() if line.strip().startswith(("30.0", "60.0"))]
+    assert len(rows) == 2 and all(" mirrored " in r and "50.0%" not in r for r in rows), rows
     assert rec.phase == "RolledBack" and rec.state["failed_checks"] == 2, "\n".join(logs)
     assert "in the shadow step" in rec.state["reason"] and "drift_js" in rec.state["reason"]
     # the canary never had a weight above 0, and the mirror is off at the end
