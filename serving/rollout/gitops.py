@@ -29,7 +29,7 @@ import json
 from typing import Any
 
 from serving.rollout import crd, kube, targets
-from serving.rollout.routers import Release
+from serving.rollout.routers import Release, kserve_canary
 
 RULES_ANNOTATION = "mlrollout.io/route-rules"
 
@@ -212,9 +212,16 @@ def deploy_canary(
     poll_s: float = 2.0,
 ) -> tuple[str, dict]:
     """The canary to the new model, dark, waiting until it serves: only ``storageUri`` (and Knative's
-    ``canaryTrafficPercent: 0``) change, no label or annotation the chart owns. A release without a canary
-    InferenceService to patch falls back to :func:`targets.deploy_canary` (it creates one from stable)."""
+    ``canaryTrafficPercent: 0``; kserve_canary: a ``spec.canary`` entry at 0 %) change, no label or
+    annotation the chart owns. A release without a canary InferenceService to patch falls back to
+    :func:`targets.deploy_canary` (it creates one from stable)."""
     cfg = release.config
+    if cfg.get("router") == "kserve_canary":
+        # a spec.canary entry on the one InferenceService; the chart owns the rest of it
+        return kserve_canary.deploy_dark(
+            api, namespace=namespace, isvc=release.owner_isvc, storage_uri=storage_uri, version=version,
+            ready_timeout_s=ready_timeout_s, poll_s=poll_s,
+        )  # fmt: skip
     knative = cfg.get("router") == "kserve_knative"
     name = release.owner_isvc if knative else cfg.get("canary_isvc", "")
     if not name or kube.get(api, kube.ISVC, namespace, name) is None:

@@ -130,7 +130,8 @@ def rollout_spec(strategy: dict[str, Any]) -> RolloutSpec:
 
 def release_router(obj: dict[str, Any]) -> tuple[Any, str]:
     """(the router class, the release fullname) for the target: a release (gateway_api by default), or
-    one Knative InferenceService (kserve_knative, whose ``for_release`` takes the InferenceService's name)."""
+    one InferenceService (kserve_knative by default, or kserve_canary; their ``for_release`` takes the
+    InferenceService's name)."""
     spec = obj["spec"]
     target = spec.get("target") or {}
     isvc = (target.get("inferenceService") or {}).get("name")

@@ -26,8 +26,10 @@ SOURCE_URI_ANNOTATION = "internal.serving.kserve.io/storage-initializer-sourceur
 TRACK_LABEL = "mlrollout.io/track"
 
 
-def predictor_deployment(isvc: str) -> str:
-    return f"{isvc}-predictor"
+def predictor_deployment(isvc: str, predictor_name: str = "") -> str:
+    """KServe's ``PredictorServiceName``: ``<isvc>-predictor``, or ``<isvc>-<name>-predictor`` when the
+    predictor (or a ``spec.canary`` entry) has a ``name`` (the Deployment and the Service share it)."""
+    return f"{isvc}-{predictor_name}-predictor" if predictor_name else f"{isvc}-predictor"
 
 
 def rollout_complete(dep: Any) -> tuple[bool, str]:
@@ -46,8 +48,13 @@ def rollout_complete(dep: Any) -> tuple[bool, str]:
     return True, "rolled out"
 
 
-def serving_state(api: Any, namespace: str, isvc: str, storage_uri: str | None) -> tuple[bool, str]:
-    """Whether ``isvc`` serves ``storage_uri`` (None: whatever its spec says) on all of its pods."""
+def serving_state(
+    api: Any, namespace: str, isvc: str, storage_uri: str | None, deployment: str = ""
+) -> tuple[bool, str]:
+    """Whether ``isvc`` serves ``storage_uri`` (None: whatever its spec says) on all of its pods.
+
+    ``deployment``: check that Deployment instead of the stable predictor's (a ``spec.canary`` entry's,
+    see :func:`predictor_deployment`)."""
     obj = kube.get(api, kube.ISVC, namespace, isvc)
     if obj is None:
         return False, f"InferenceService {namespace}/{isvc} does not exist"
@@ -60,11 +67,13 @@ def serving_state(api: Any, namespace: str, isvc: str, storage_uri: str | None) 
         if conds.get("Ready") == "True" and created and created == ready:
             return True, f"revision {ready} ready"
         return False, f"latest revision {created!r}, latest ready {ready!r}, Ready={conds.get('Ready')}"
+    # after a spec.canary promotion the stable predictor carries the canary's name, and so its Deployment
+    dep_name = deployment or predictor_deployment(isvc, obj["spec"]["predictor"].get("name") or "")
     try:
-        dep = kube.apps_api(api).read_namespaced_deployment(predictor_deployment(isvc), namespace)
+        dep = kube.apps_api(api).read_namespaced_deployment(dep_name, namespace)
     except Exception as e:
         if kube.is_not_found(e):
-            return False, f"Deployment {predictor_deployment(isvc)} not created yet"
+            return False, f"Deployment {dep_name} not created yet"
         raise
     served = (dep.spec.template.metadata.annotations or {}).get(SOURCE_URI_ANNOTATION)
     if want and served != want:
@@ -85,11 +94,13 @@ def wait_serving(
     timeout_s: float = 600.0,
     poll_s: float = 2.0,
     sleep: Callable[[float], None] = time.sleep,
+    deployment: str = "",
 ) -> dict:
-    """Block until every pod of ``isvc`` serves ``storage_uri``; returns the InferenceService."""
+    """Block until every pod of ``isvc`` (or of ``deployment``) serves ``storage_uri``; returns the
+    InferenceService."""
     deadline = time.monotonic() + timeout_s
     while True:
-        ok, why = serving_state(api, namespace, isvc, storage_uri)
+        ok, why = serving_state(api, namespace, isvc, storage_uri, deployment)
         if ok:
             obj = kube.get(api, kube.ISVC, namespace, isvc)
             assert obj is not None

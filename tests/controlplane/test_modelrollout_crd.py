@@ -173,6 +173,12 @@ def test_a_shadow_step_is_accepted_for_a_release_and_off_unless_enabled(kc):
     assert "shadow" not in off["spec"]["strategy"]
 
 
+def test_a_standard_inference_service_target_takes_the_kserve_canary_router(kc):
+    spec = {"target": {"inferenceService": {"name": "churn"}}, **strategy(router="kserve_canary")}
+    obj = json.loads(create(kc, rollout("kcanary", **spec)).stdout)["spec"]
+    assert obj["strategy"]["router"] == "kserve_canary" and obj["target"] == spec["target"]
+
+
 BAD = [
     ("steps-not-increasing", strategy(steps=[10, 50, 25, 100]), ["steps must be strictly increasing"]),
     ("steps-repeated", strategy(steps=[10, 10, 100]), ["steps must be strictly increasing"]),
@@ -229,7 +235,10 @@ BAD = [
     (
         "isvc-with-gateway-router",
         {"target": {"inferenceService": {"name": "kn"}}, **strategy(router="gateway_api")},
-        ["an inferenceService target is one Knative InferenceService: its router is kserve_knative"],
+        [
+            "an inferenceService target is one InferenceService: its router is kserve_knative (Knative "
+            "mode) or kserve_canary (Standard mode, spec.canary); gateway_api needs a release target"
+        ],
     ),
     (
         "cohort-header-and-cookie",
@@ -274,7 +283,7 @@ BAD = [
     (
         "shadow-with-the-knative-router",
         strategy(router="kserve_knative", shadow={"enabled": True}),
-        ["spec.strategy.shadow.enabled", "kserve_knative cannot mirror"],
+        ["spec.strategy.shadow.enabled", "kserve_knative and kserve_canary cannot mirror"],
     ),
     (
         "shadow-not-a-bool",

@@ -212,8 +212,9 @@ def test_router_enum_is_the_registry_cluster_routers(schema):
     cluster = [name for name, cls in ROUTERS.items() if hasattr(cls, "for_release")]
     assert at(schema, "spec.strategy.router")["enum"] == cluster
     assert set(ROUTERS) - set(cluster) == {"local_proxy"}
-    r = rule_of(at(schema, "spec"), "self.strategy.router == 'kserve_knative'")
-    assert "inferenceService" in r["rule"] and "kserve_knative" in cluster
+    r = rule_of(at(schema, "spec"), "router in ['kserve_knative', 'kserve_canary']")
+    assert "['kserve_knative', 'kserve_canary']" in r["rule"]
+    assert {"kserve_knative", "kserve_canary"} <= set(cluster)
 
 
 def test_the_shadow_step_is_the_spec_flag_and_refused_where_no_router_mirrors(schema):
@@ -228,7 +229,7 @@ def test_the_shadow_step_is_the_spec_flag_and_refused_where_no_router_mirrors(sc
     # the routers the rule lets through are the cluster routers that mirror, and only those
     cluster = [name for name, cls in ROUTERS.items() if hasattr(cls, "for_release")]
     refused = [name for name in cluster if f"'{name}'" in r["rule"]]
-    assert refused == [n for n in cluster if not mirrors(n)] == ["kserve_knative"]
+    assert refused == [n for n in cluster if not mirrors(n)] == ["kserve_knative", "kserve_canary"]
     assert "inferenceService" in r["rule"] and r["fieldPath"] == ".strategy.shadow.enabled"
 
 

@@ -140,7 +140,7 @@ def test_interval_as_the_crd_duration(seconds, text):
         ({"interval_s": 0.0}, "interval"),
         ({"interval_s": float("nan")}, "interval"),
         ({"threshold": 0}, "threshold"),
-        ({"router": "local_proxy"}, "router must be gateway_api or kserve_knative"),
+        ({"router": "local_proxy"}, "router must be gateway_api, kserve_knative or kserve_canary"),
         ({"fullname": ""}, "release_fullname is required"),
         # the comparisons' settings, refused whether compare_with_stable is on or not
         ({"alpha": 0.7}, "--alpha"),

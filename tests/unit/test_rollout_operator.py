@@ -105,6 +105,17 @@ def test_a_knative_inference_service_target_is_driven_by_kserve_knative():
     assert op.build_record(obj, "1.0.0", "http://p").router["isvc"] == "kn"
 
 
+def test_a_standard_inference_service_target_can_name_kserve_canary():
+    """spec.canary on that one InferenceService (the entry the operator adds is the only one); promotion
+    by copy, so the chart's HTTPRoute and PDB keep their <name>-predictor."""
+    obj = cr(target={"inferenceService": {"name": "churn"}})
+    obj["spec"]["strategy"]["router"] = "kserve_canary"
+    rec = op.build_record(obj, "1.0.0", "http://prom:9090")
+    assert rec.router == {"router": "kserve_canary", "isvc": "churn", "namespace": "models", "canary": "",
+                          "promotion": "copy", "kubeconfig": None}  # fmt: skip
+    assert rec.canary["version"] == obj["spec"]["model"]["version"]
+
+
 def _driven(tmp_path, **world_kw):
     world = World(**world_kw)
     store, c, _ = make(tmp_path, world, threshold=1)

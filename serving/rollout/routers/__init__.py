@@ -4,6 +4,8 @@
 * ``gateway_api`` (:mod:`.gateway_api`): the backendRef weights of an HTTPRoute in front of two
   InferenceServices; promotion copies the canary's predictor into stable.
 * ``kserve_knative`` (:mod:`.knative`): ``canaryTrafficPercent`` on one InferenceService.
+* ``kserve_canary`` (:mod:`.kserve_canary`): a ``spec.canary`` entry's ``trafficPercent`` on one
+  Standard-mode InferenceService (KServe >= 0.20).
 
 Adding a router: one file with a class like those (see :mod:`.base`), and one line in :data:`ROUTERS`.
 """
@@ -28,14 +30,18 @@ from serving.rollout.routers.haproxy import (
     check_haproxy_name,
 )
 from serving.rollout.routers.knative import KServeKnativeRouter
+from serving.rollout.routers.kserve_canary import KServeCanaryRouter
 
-ROUTERS = {cls.name: cls for cls in (LocalProxyRouter, GatewayApiRouter, KServeKnativeRouter)}
+ROUTERS = {
+    cls.name: cls for cls in (LocalProxyRouter, GatewayApiRouter, KServeKnativeRouter, KServeCanaryRouter)
+}
 
 __all__ = [
     "HAPROXY_NAME",
     "ROUTERS",
     "GatewayApiRouter",
     "HAProxyRuntimeAPI",
+    "KServeCanaryRouter",
     "KServeKnativeRouter",
     "LocalProxyRouter",
     "MirroringRouter",

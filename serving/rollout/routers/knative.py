@@ -28,7 +28,7 @@ class KServeKnativeRouter:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         k = parser.add_argument_group("router: kserve_knative (canaryTrafficPercent)")
-        k.add_argument("--isvc", help="the InferenceService (kserve_knative)")
+        k.add_argument("--isvc", help="the InferenceService (kserve_knative, kserve_canary)")
 
     @classmethod
     def config_from_args(cls, ns: argparse.Namespace) -> dict[str, Any]:
