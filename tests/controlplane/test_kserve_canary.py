@@ -13,7 +13,9 @@ is read back from the API server:
 - rollback deletes the canary's Deployment and Service and gives stable its replicas back;
 - the webhook refuses what the router must never write (a duplicated name, percentages above 100);
 - the controller end to end on scripted metrics that follow the live weights, as the CLI's
-  ``start --router kserve_canary`` runs it: promoted, and rolled back; ``status`` reads the router.
+  ``start --router kserve_canary`` runs it: promoted, and rolled back; ``status`` reads the router;
+- the operator (a real process) on a ModelRollout naming the InferenceService with router
+  kserve_canary: the dark entry, the steps on its trafficPercent, promotion by copy, and a rollback.
 """
 
 from __future__ import annotations
@@ -25,12 +27,19 @@ import sys
 import pytest
 
 from serving.rollout import controller as ctl
-from serving.rollout import kube, targets
+from serving.rollout import crd, kube, targets
 from serving.rollout.machine import RolloutSpec
 from serving.rollout.routers.kserve_canary import KServeCanaryRouter, deploy_dark
 from serving.rollout.store import ConfigMapStore
 from tests.controlplane.conftest import CHART, NS, ROOT, Kube
 from tests.controlplane.test_gitops import managers_of
+from tests.controlplane.test_operator import (
+    OperatorProc,
+    Runtimes,
+    finished,
+    kc,  # noqa: F401 (a fixture: the CRD applied)
+    status,
+)
 from tests.controlplane.test_rollout import V1_URI, V2_URI, LiveTraffic, served_uris
 from tests.unit.test_rollout_controller import CANARY, GATES, SCRAPE, STABLE
 
@@ -212,3 +221,61 @@ def test_progressive_rollout_end_to_end(k, isvc, good):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert rec.state["phase"] in out.stdout and "router reports stable 100% / canary 0%" in out.stdout
+
+
+# --------------------------------------------------------------------------- the operator
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["promoted", "rolled-back"])
+@pytest.mark.usefixtures("kc")  # the ModelRollout CRD applied (test_operator)
+def test_the_operator_drives_kserve_canary_on_an_inference_service_target(k, isvc, good, tmp_path):
+    """A ModelRollout naming the InferenceService and router kserve_canary: the operator adds the dark
+    entry, walks its trafficPercent, and promotes by copy (the chart's Service stays) or rolls back.
+    Metrics as in test_operator: scripted runtimes whose counters follow the live weights."""
+    api = k.api()
+    name, lease = isvc.removesuffix("-mlrollout-model"), f"{isvc}-lease"
+    runtimes = Runtimes(router(api, isvc), error_rate=0.0 if good else 0.3)  # type: ignore[arg-type]
+    op = OperatorProc(k, f"{name}-op", lease, tmp_path)
+    obj = {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "target": {"inferenceService": {"name": isvc}},
+            "model": {"name": STABLE.model, "storageUri": V2_URI, "version": CANARY.version},
+            "strategy": {"steps": [25, 50, 100], "interval": "2s", "threshold": 1, "router": "kserve_canary"},
+            "metrics": {
+                "provider": "scrape",
+                "stableMetricsUrl": f"{runtimes.url}/stable/metrics",
+                "canaryMetricsUrl": f"{runtimes.url}/canary/metrics",
+            },
+        },
+    }
+    try:
+        k.run("apply", "-f", "-", input=json.dumps(obj))
+        # the step's weight is the entry's trafficPercent, and KServe sized the canary by it
+        canary_dep = f"{isvc}-{CANARY_NAME}-predictor"
+        k.wait(
+            "the first step on the entry",
+            lambda: (
+                (s := status(k, name)).get("canaryWeight") == 25
+                and reported(k, isvc) == (75, 25)
+                and replicas(k, isvc).get(canary_dep) == 1
+                and s
+            ),
+            120,
+        )
+        st = finished(k, name)
+        assert st["phase"] == ("Promoted" if good else "RolledBack"), st.get("message")
+        assert json.loads(st["record"])["router"]["router"] == "kserve_canary"
+        spec = k.get("inferenceservice", isvc)["spec"]
+        assert "canary" not in spec and not spec["predictor"].get("name")
+        k.wait("the canary Deployment gone", lambda: replicas(k, isvc) == {f"{isvc}-predictor": REPLICAS}, 30)
+        assert served_uris(k, isvc) == ({V2_URI} if good else {V1_URI})
+        assert k.get("service", f"{isvc}-predictor") is not None
+    finally:
+        op.stop()
+        print(f"--- operator (PID {op.pid}) log tail ---\n{op.text()[-3000:]}")
+        runtimes.close()
+        k.run("-n", NS, "delete", crd.PLURAL, name, "--ignore-not-found", "--wait=true", check=False)
+        k.run("-n", NS, "delete", "lease", lease, "--ignore-not-found", check=False)
