@@ -175,6 +175,50 @@ def test_rollback_deletes_the_canary_and_restores_stable(k, isvc):
     assert template_uri(k, stable_dep) == V1_URI
 
 
+def backend_refs(k: Kube, route: str) -> list[tuple[str, int]]:
+    """(name, weight) of the chart's route rule (the rolling strategy renders one)."""
+    refs = k.get("httproute", route)["spec"]["rules"][0]["backendRefs"]
+    return [(r["name"], r.get("weight", 1)) for r in refs]
+
+
+@pytest.mark.parametrize("promotion", ["rename", "copy"])
+def test_with_the_charts_route_requests_follow_the_pods(k, isvc, promotion):
+    """--route: the chart's HTTPRoute splits requests like the replicas, and only onto pods that serve."""
+    api = k.api()
+    stable_svc, canary_svc = f"{isvc}-predictor", f"{isvc}-{CANARY_NAME}-predictor"
+    dark(api, isvc)
+    r = router(api, isvc, route=isvc, promotion=promotion)
+    assert r.get_weights() == (100, 0)
+    r.set_weights(75, 25)
+    # set_weights moved requests only after the canary's pod was up
+    assert k.get("deployment", canary_svc)["status"].get("availableReplicas", 0) >= 1
+    assert backend_refs(k, isvc) == [(stable_svc, 75), (canary_svc, 25)]
+    assert k.get("httproute", isvc)["spec"]["rules"][0]["backendRefs"][1]["port"] == 80
+    assert r.get_weights() == (75, 25)
+    r.promote()
+    new_stable = canary_svc if promotion == "rename" else stable_svc
+    assert backend_refs(k, isvc) == [(new_stable, 100)]
+    k.wait("one predictor left", lambda: set(replicas(k, isvc)) == {new_stable}, 30)
+    assert k.get("service", new_stable) is not None, "the route's only backend exists"
+    assert template_uri(k, new_stable) == V2_URI and served_uris(k, isvc) == {V2_URI}
+    assert r.get_weights() == (100, 0)
+
+
+def test_with_the_charts_route_rollback_takes_requests_back_first(k, isvc):
+    api = k.api()
+    stable_svc, canary_svc = f"{isvc}-predictor", f"{isvc}-{CANARY_NAME}-predictor"
+    dark(api, isvc)
+    r = router(api, isvc, route=isvc)
+    r.set_weights(50, 50)
+    assert backend_refs(k, isvc) == [(stable_svc, 50), (canary_svc, 50)]
+    r.set_weights(75, 25)  # shrinking: requests first, then the replicas
+    assert backend_refs(k, isvc) == [(stable_svc, 75), (canary_svc, 25)]
+    r.rollback()
+    assert backend_refs(k, isvc) == [(stable_svc, 100)]
+    k.wait("canary gone", lambda: replicas(k, isvc) == {stable_svc: REPLICAS}, 30)
+    assert r.get_weights() == (100, 0)
+
+
 def test_the_kserve_webhook_refuses_what_the_router_must_not_write(k, isvc):
     api = k.api()
     dark(api, isvc)
@@ -195,16 +239,19 @@ def test_the_kserve_webhook_refuses_what_the_router_must_not_write(k, isvc):
     assert kube.get(api, kube.ISVC, NS, isvc)["spec"]["canary"] == [entry]
 
 
-@pytest.mark.parametrize("good", [True, False], ids=["promoted", "rolled-back"])
-def test_progressive_rollout_end_to_end(k, isvc, good):
+@pytest.mark.parametrize(
+    "good, routed", [(True, False), (False, False), (True, True)], ids=["promoted", "rolled-back", "routed"]
+)
+def test_progressive_rollout_end_to_end(k, isvc, good, routed):
     api = k.api()
     dark(api, isvc)
-    r = router(api, isvc)
+    r = router(api, isvc, route=isvc if routed else "")
     rec = ctl.new_record(RolloutSpec((25, 50, 100), 1.0, 1, 10), GATES, STABLE, CANARY, r.config(), SCRAPE)
     cm, owner = KServeCanaryRouter.state_location(r.config())
     store = ConfigMapStore(cm, NS, owner_isvc=owner, api=api)
     # scripted counters that follow the weights the real InferenceService reports
-    traffic = LiveTraffic(router(api, isvc), error_rate=0.0 if good else 0.3)  # type: ignore[arg-type]
+    # (routed: the weights of the chart's HTTPRoute, which the router sets)
+    traffic = LiveTraffic(router(api, isvc, route=r.route), error_rate=0.0 if good else 0.3)  # type: ignore[arg-type]
     rec = ctl.drive(store, rec, router=r, provider=traffic, log=lambda _m: None, poll_s=0.25, max_seconds=120)
     assert rec.state["phase"] == ("Promoted" if good else "RolledBack")
     seen = {h.get("weight") for h in rec.state["history"]}
@@ -212,6 +259,8 @@ def test_progressive_rollout_end_to_end(k, isvc, good):
     spec = k.get("inferenceservice", isvc)["spec"]
     assert "canary" not in spec
     assert served_uris(k, isvc) == ({V2_URI} if good else {V1_URI})
+    if routed:  # renamed: the canary's Service is the stable one, the route's only backend
+        assert backend_refs(k, isvc) == [(f"{isvc}-{CANARY_NAME}-predictor", 100)]
     stored = json.loads(k.get("configmap", cm)["data"]["state"])
     assert stored["state"]["phase"] == rec.state["phase"] and stored["router"]["router"] == "kserve_canary"
     # the CLI reads the same record and asks the router for the live weights

@@ -23,6 +23,9 @@ from serving.rollout.routers.kserve_canary import (
     find_entry,
     promote_body,
     remove_body,
+    route_body,
+    route_weights,
+    services_of,
     weight_body,
 )
 
@@ -121,7 +124,8 @@ def test_config_round_trip_and_refusals():
         ({"promotion": "swap"}, "promotion 'swap' is not one of rename, copy"),
         ({"canary": "V2_0"}, "is not a spec.canary name"),
         ({"isvc": "Bad_Name"}, "is not a Kubernetes object name"),
-        ({"route": "r"}, "unknown kserve_canary fields ['route']"),
+        ({"route": "Not_A_Route"}, "route 'Not_A_Route' is not a Kubernetes object name"),
+        ({"ingress": "r"}, "unknown kserve_canary fields ['ingress']"),
     ):
         with pytest.raises(ValueError) as e:
             routers.validate_config({**cfg, **bad})
@@ -149,3 +153,51 @@ def test_cli_needs_the_inferenceservice(tmp_path, capsys, monkeypatch):
     )
     assert cli_main([*argv, "--isvc", "m", "--canary-name", "Not_A_Name"]) == 2
     assert "is not a spec.canary name" in capsys.readouterr().err
+
+
+def route(*refs: dict, other_rule: bool = True) -> dict:
+    rules = [
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/docs"}}], "backendRefs": [{"name": "docs"}]}
+    ]
+    rules = rules if other_rule else []
+    rules.append({"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": list(refs)})
+    return {
+        "metadata": {"name": "r", "namespace": "models", "resourceVersion": "7"},
+        "spec": {"rules": rules},
+    }
+
+
+def ref(name: str, weight: int | None = None) -> dict:
+    out = {"group": "", "kind": "Service", "name": name, "port": 80}
+    return out if weight is None else {**out, "weight": weight}
+
+
+def test_services_are_kserves_predictor_service_names():
+    assert services_of(isvc(entry("v2")), 0) == ("m-predictor", "m-v2-predictor")
+    assert services_of(isvc(predictor_name="v1"), None) == ("m-v1-predictor", None)
+
+
+def test_route_body_sets_our_rule_to_exactly_the_two_services_and_leaves_the_others():
+    r = route(ref("m-predictor"))  # the chart's rule: one ref, no weight
+    body = route_body(r, "m-predictor", "m-v2-predictor", 75, 25)
+    assert body["metadata"] == {"resourceVersion": "7"}
+    assert body["spec"]["rules"][0] == r["spec"]["rules"][0], "a rule for another Service is untouched"
+    assert body["spec"]["rules"][1]["backendRefs"] == [ref("m-predictor", 75), ref("m-v2-predictor", 25)]
+    assert body["spec"]["rules"][1]["matches"] == r["spec"]["rules"][1]["matches"]
+    # no entry any more (promoted by rename: the canary's Service is stable's): only that one is left
+    after = route(ref("m-predictor", 0), ref("m-v2-predictor", 100))
+    assert route_body(after, "m-v2-predictor", None, 100, 0)["spec"]["rules"][1]["backendRefs"] == [
+        ref("m-v2-predictor", 100)
+    ]
+
+
+def test_route_weights_read_our_rule():
+    assert route_weights(route(ref("m-predictor")), "m-predictor", "m-v2-predictor") == (100, 0)
+    assert route_weights(
+        route(ref("m-predictor", 3), ref("m-v2-predictor", 1)), "m-predictor", "m-v2-predictor"
+    ) == (75, 25)
+    assert route_weights(
+        route(ref("m-predictor", 0), ref("m-v2-predictor", 0)), "m-predictor", "m-v2-predictor"
+    ) == (100, 0)
+    with pytest.raises(RouterError, match="has no rule with a backendRef to m-predictor or m-v2-predictor"):
+        route_weights(route(ref("elsewhere"), other_rule=False), "m-predictor", "m-v2-predictor")

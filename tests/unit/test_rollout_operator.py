@@ -112,7 +112,7 @@ def test_a_standard_inference_service_target_can_name_kserve_canary():
     obj["spec"]["strategy"]["router"] = "kserve_canary"
     rec = op.build_record(obj, "1.0.0", "http://prom:9090")
     assert rec.router == {"router": "kserve_canary", "isvc": "churn", "namespace": "models", "canary": "",
-                          "promotion": "copy", "kubeconfig": None}  # fmt: skip
+                          "promotion": "copy", "route": "", "kubeconfig": None}  # fmt: skip
     assert rec.canary["version"] == obj["spec"]["model"]["version"]
 
 

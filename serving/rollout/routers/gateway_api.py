@@ -58,7 +58,9 @@ class GatewayApiRouter:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         k = parser.add_argument_group("router: gateway_api (HTTPRoute weights)")
-        k.add_argument("--route", help="HTTPRoute name (gateway_api)")
+        k.add_argument(
+            "--route", help="HTTPRoute name (gateway_api; kserve_canary: the route that splits requests)"
+        )
         k.add_argument("--stable-backend", help="backendRef name of the stable Service (gateway_api)")
         k.add_argument("--canary-backend", help="backendRef name of the canary Service (gateway_api)")
         k.add_argument(

@@ -20,7 +20,11 @@ inference_service_validation.go ``validateCanarySpecs``, controller components/p
   one equal to the stable predictor's, percentages outside 0..100 or summing above 100, and canary
   autoscaling fields. The CRD schema alone checks only the 0..100 range.
 
-Writes carry the read's ``resourceVersion`` (the list is atomic: we write it whole) under our field
+With ``route`` (an HTTPRoute whose rule points at the InferenceService's predictor Service, as the
+chart's ``rolling`` strategy renders) the router also splits requests: that rule's backendRefs become the
+stable and the canary Service with the step's weights, moved only onto pods that serve.
+
+Writes carry the read's ``resourceVersion`` (the lists are atomic: we write them whole) under our field
 manager, retried on a 409.
 """
 
@@ -124,8 +128,60 @@ def entry_storage_uri(obj: dict[str, Any], index: int) -> str | None:
     return obj["spec"]["canary"][index]["predictor"].get("model", {}).get("storageUri")
 
 
+def services_of(obj: dict[str, Any], index: int | None) -> tuple[str, str | None]:
+    """(stable, canary) predictor Service names KServe gives them; canary None without an entry."""
+    name = obj["metadata"]["name"]
+    stable = targets.predictor_deployment(name, obj["spec"]["predictor"].get("name") or "")
+    if index is None:
+        return stable, None
+    return stable, targets.predictor_deployment(name, obj["spec"]["canary"][index]["predictor"]["name"])
+
+
+def route_rule(route: dict[str, Any], names: tuple[str | None, ...]) -> int:
+    """Index of the HTTPRoute rule with a backendRef to one of ``names``; RouterError when none has."""
+    for i, rule in enumerate(route.get("spec", {}).get("rules", [])):
+        if any(r.get("name") in names for r in rule.get("backendRefs", [])):
+            return i
+    meta = route.get("metadata", {})
+    raise RouterError(
+        f"HTTPRoute {meta.get('namespace')}/{meta.get('name')} has no rule with a backendRef to "
+        f"{' or '.join(n for n in names if n)}; point one at the InferenceService's predictor Service"
+    )
+
+
+def route_weights(route: dict[str, Any], stable_svc: str, canary_svc: str | None) -> tuple[int, int]:
+    """(stable, canary) weights of our rule; a ref that is not there weighs 0 (Gateway API: a ref without
+    ``weight`` has 1). Normalised to percentages when they do not add up to 100."""
+    refs = route["spec"]["rules"][route_rule(route, (stable_svc, canary_svc))]["backendRefs"]
+    w = {r.get("name"): int(r.get("weight", 1)) for r in refs}
+    s, c = w.get(stable_svc, 0), w.get(canary_svc, 0) if canary_svc else 0
+    total = s + c
+    if total in (0, 100):
+        return (100, 0) if total == 0 else (s, c)
+    return round(100 * s / total), 100 - round(100 * s / total)
+
+
+def route_body(
+    route: dict[str, Any], stable_svc: str, canary_svc: str | None, stable: int, canary: int
+) -> dict[str, Any]:
+    """The merge patch of ``spec.rules`` (an atomic list: all of it, with the read's resourceVersion)
+    whose rule for this InferenceService sends ``stable``/``canary`` percent to the two Services. Our
+    rule's backendRefs become exactly ours (the canary's only while it has a Service); each copies the
+    port and kind of the ref that was there."""
+    rules = copy.deepcopy(route["spec"]["rules"])
+    i = route_rule(route, (stable_svc, canary_svc))
+    old = {r.get("name"): r for r in rules[i]["backendRefs"]}
+    template = old.get(stable_svc) or old.get(canary_svc) or rules[i]["backendRefs"][0]
+    refs = [{**template, "name": stable_svc, "weight": int(stable)}]
+    if canary_svc:
+        refs.append({**template, "name": canary_svc, "weight": int(canary)})
+    rules[i]["backendRefs"] = refs
+    return {"metadata": {"resourceVersion": route["metadata"]["resourceVersion"]}, "spec": {"rules": rules}}
+
+
 class KServeCanaryRouter:
-    """One ``spec.canary`` entry's ``trafficPercent`` on a Standard-mode InferenceService (KServe >= 0.20)."""
+    """One ``spec.canary`` entry's ``trafficPercent`` on a Standard-mode InferenceService (KServe >= 0.20),
+    and, with ``route``, the same split of requests on an HTTPRoute in front of both predictor Services."""
 
     name = "kserve_canary"
     # why a release's metrics cannot be scraped per side through one URL each (the pods of both share
@@ -138,13 +194,14 @@ class KServeCanaryRouter:
         namespace: str,
         canary: str = "",
         promotion: str = "rename",
+        route: str = "",
         api: Any = None,
         kubeconfig: str | None = None,
         ready_timeout_s: float = 300.0,
         poll_s: float = 2.0,
     ):
         self.isvc, self.namespace, self.canary, self.kubeconfig = isvc, namespace, canary, kubeconfig
-        self.promotion = promotion
+        self.promotion, self.route = promotion, route
         self.ready_timeout_s, self.poll_s = ready_timeout_s, poll_s
         self.api = api or kube.custom_api(kubeconfig)
 
@@ -166,6 +223,7 @@ class KServeCanaryRouter:
             "canary's name and Deployment) or copy (the stable Deployment rolls to the canary's model and "
             "keeps its name, for routes that address <isvc>-predictor)",
         )
+        # --route (gateway_api's flag) names the HTTPRoute that splits requests for kserve_canary too
 
     @classmethod
     def config_from_args(cls, ns: argparse.Namespace) -> dict[str, Any]:
@@ -176,6 +234,7 @@ class KServeCanaryRouter:
             "namespace": ns.namespace,
             "canary": ns.canary_name,
             "promotion": ns.promotion,
+            "route": ns.route or "",
             "kubeconfig": ns.kubeconfig,
         }
 
@@ -185,7 +244,7 @@ class KServeCanaryRouter:
 
     @staticmethod
     def check_config(cfg: dict[str, Any]) -> None:
-        check_k8s_names(cfg, ("namespace", "isvc"))
+        check_k8s_names(cfg, ("namespace", "isvc", "route"))
         if cfg.get("canary") and not CANARY_NAME.fullmatch(cfg["canary"]):
             raise ValueError(
                 f"canary {cfg['canary']!r} is not a spec.canary name (lower-case letters, digits and '-', "
@@ -202,18 +261,20 @@ class KServeCanaryRouter:
     def for_release(cls, fullname: str, namespace: str) -> Release:
         """One InferenceService ``<fullname>``; the canary entry is the only one (the operator adds it).
         Promotion by copy: the chart's HTTPRoute, PDB and NetworkPolicy address ``<fullname>-predictor``,
-        which a renaming promotion would delete."""
+        which a renaming promotion would delete. No route: whether the release renders one is the
+        chart's choice, so the operator moves replicas only (README, Limits)."""
         cfg = {
             "router": cls.name,
             "isvc": fullname,
             "namespace": namespace,
             "canary": "",
             "promotion": "copy",
+            "route": "",
             "kubeconfig": None,
         }
         return Release(cfg, fullname, ("", ""))
 
-    # ----------------------------------------------------------------- routing
+    # ----------------------------------------------------------------- the objects
 
     def _get(self) -> dict[str, Any]:
         obj = kube.get(self.api, kube.ISVC, self.namespace, self.isvc)
@@ -239,14 +300,47 @@ class KServeCanaryRouter:
         except kube.KubeError as e:
             raise RouterError(str(e)) from e
 
+    def _get_route(self) -> dict[str, Any]:
+        route = kube.get(self.api, kube.HTTPROUTE, self.namespace, self.route)
+        if route is None:
+            raise RouterError(f"HTTPRoute {self.namespace}/{self.route} does not exist; check --route")
+        return route
+
+    def _set_route(self, stable: int, canary: int) -> None:
+        """Our rule's split, for the Services of the InferenceService as it is now (no entry: stable's
+        only). Nothing without a route."""
+        if not self.route:
+            return
+
+        def attempt() -> None:
+            obj, route = self._get(), self._get_route()
+            stable_svc, canary_svc = services_of(obj, find_entry(obj, self.canary))
+            body = route_body(route, stable_svc, canary_svc, stable, canary)
+            kube.patch(self.api, kube.HTTPROUTE, self.namespace, self.route, body)
+
+        try:
+            kube.retry_on_conflict(attempt, f"HTTPRoute {self.namespace}/{self.route}", attempts=5)
+        except kube.KubeError as e:
+            raise RouterError(str(e)) from e
+
     def _missing(self) -> RouterError:
         which = f"named {self.canary!r}" if self.canary else "at all"
         return RouterError(
             f"{self._what()} has no spec.canary entry {which}; add it at trafficPercent 0 first"
         )
 
+    # ----------------------------------------------------------------- routing
+
     def set_weights(self, stable: int, canary: int) -> None:
+        """The entry's trafficPercent (KServe sizes both Deployments by it) and, with a route, the request
+        split. Requests move only to pods that serve: a growing canary gets its pods first (the route
+        waits until the canary's Deployment has rolled out with at least one pod), a shrinking one loses
+        its requests first."""
         check_weights(stable, canary)
+        growing = not self.route or canary > self.get_weights()[1]
+        if not growing:
+            self._set_route(stable, canary)
+        seen: dict[str, Any] = {}
 
         def body(obj: dict[str, Any]) -> dict[str, Any] | None:
             at = find_entry(obj, self.canary)
@@ -254,17 +348,25 @@ class KServeCanaryRouter:
                 if canary == 0:
                     return None  # no canary entry is no canary traffic (after a rollback, say)
                 raise self._missing()
+            seen["dep"], seen["uri"] = self.canary_deployment(obj, at), entry_storage_uri(obj, at)
             return weight_body(obj, at, canary)
 
         self._write(body)
+        if growing and self.route:
+            if canary > 0:
+                self._wait_pods(seen["dep"], seen["uri"], time.monotonic() + self.ready_timeout_s)
+            self._set_route(stable, canary)
 
     def get_weights(self) -> tuple[int, int]:
-        """The entry's ``trafficPercent`` as KServe last applied it (``status.canaryStatuses``), else as the
-        spec asks (not reconciled yet); no entry is (100, 0). KServe's ``status.observedGeneration`` is the
-        Deployment's, not the InferenceService's (see ``targets``), so it cannot date the status: a status
-        behind the spec reads as what it is, and the controller re-applies the weight."""
+        """With a route: its split of requests. Else the entry's ``trafficPercent`` as KServe last applied it
+        (``status.canaryStatuses``), or as the spec asks before KServe has reconciled it. No entry is
+        (100, 0). KServe's ``status.observedGeneration`` is the Deployment's, not the InferenceService's
+        (see ``targets``), so it cannot date the status: a status behind the spec reads as what it is,
+        and the controller re-applies the weight."""
         obj = self._get()
         at = find_entry(obj, self.canary)
+        if self.route:
+            return route_weights(self._get_route(), *services_of(obj, at))
         if at is None:
             return 100, 0
         name = obj["spec"]["canary"][at]["predictor"].get("name")
@@ -280,12 +382,19 @@ class KServeCanaryRouter:
 
     def promote(self) -> None:
         """The promotion (see :func:`promote_body`), then wait until every stable pod serves the canary's
-        model. Again after a crash: only the wait.
+        model. Again after a crash: what is left of it.
 
         A renaming promotion changes no pod template: the canary's Deployment already "serves" the model
         at its canary size before KServe has scaled it. KServe deletes the old stable Deployment in the
-        same reconcile that scales the new one, so the wait is for that Deployment to be gone first."""
+        same reconcile that scales the new one, so the wait is for that Deployment to be gone first.
+
+        With a route, requests go to the canary's Service first. ``rename``: that Service becomes the
+        stable one, then the rule keeps only it. ``copy``: the canary keeps its entry (and pods) until
+        the stable Deployment serves the new model and has the requests back; then the entry goes."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        self._set_route(0, 100)
         seen: dict[str, Any] = {}
+        keep_entry = bool(self.route) and self.promotion == "copy"
 
         def body(obj: dict[str, Any]) -> dict[str, Any] | None:
             at = find_entry(obj, self.canary)
@@ -293,10 +402,12 @@ class KServeCanaryRouter:
                 return None  # promoted already (a pending promotion finished after a restart)
             seen["uri"] = entry_storage_uri(obj, at)
             seen["old"] = targets.predictor_deployment(self.isvc, obj["spec"]["predictor"].get("name") or "")
-            return promote_body(obj, at, self.promotion)
+            out = promote_body(obj, at, self.promotion)
+            if keep_entry:
+                del out["spec"]["canary"]
+            return out
 
         self._write(body)
-        deadline = time.monotonic() + self.ready_timeout_s
         try:
             if self.promotion == "rename" and "old" in seen:
                 self._wait_gone(seen["old"], deadline)
@@ -309,7 +420,38 @@ class KServeCanaryRouter:
                 poll_s=self.poll_s,
             )
         except kube.KubeError as e:
-            raise RouterError(str(e)) from e
+            raise RouterError(f"{e}; traffic stays on the canary" if self.route else str(e)) from e
+        if keep_entry:
+            self._set_route(100, 0)
+            self.rollback()  # the entry goes, its pods with it; stable serves the canary's model
+        else:
+            self._set_route(100, 0)
+
+    def _wait_pods(self, deployment: str, uri: str | None, deadline: float) -> None:
+        """Until ``deployment`` runs at least one pod of ``uri`` and has rolled out (KServe sizes it
+        after our write, so a Deployment still at 0 replicas is not "rolled out" here)."""
+        apps = kube.apps_api(self.api)
+        why = "not created yet"
+        while time.monotonic() <= deadline:
+            try:
+                dep = apps.read_namespaced_deployment(deployment, self.namespace)
+            except Exception as e:
+                if not kube.is_not_found(e):
+                    raise
+            else:
+                served = (dep.spec.template.metadata.annotations or {}).get(targets.SOURCE_URI_ANNOTATION)
+                done, why = targets.rollout_complete(dep)
+                if (dep.spec.replicas or 0) < 1:
+                    why = "KServe has not given it a replica yet"
+                elif uri and served != uri:
+                    why = f"its pod template serves {served!r}, not {uri!r}"
+                elif done:
+                    return
+            time.sleep(self.poll_s)
+        raise RouterError(
+            f"{self._what()}: the canary Deployment {deployment} does not serve after "
+            f"{self.ready_timeout_s:.0f}s ({why}); no requests were moved to it"
+        )
 
     def _wait_gone(self, deployment: str, deadline: float) -> None:
         apps = kube.apps_api(self.api)
@@ -328,11 +470,16 @@ class KServeCanaryRouter:
             time.sleep(self.poll_s)
 
     def rollback(self) -> None:
+        """Requests back to stable first (the rule keeps only stable's Service), then the entry goes."""
+        if self.route:
+            self._set_route(100, 0)
+
         def body(obj: dict[str, Any]) -> dict[str, Any] | None:
             at = find_entry(obj, self.canary)
             return None if at is None else remove_body(obj, at)
 
         self._write(body)
+        self._set_route(100, 0)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -341,6 +488,7 @@ class KServeCanaryRouter:
             "namespace": self.namespace,
             "canary": self.canary,
             "promotion": self.promotion,
+            "route": self.route,
             "kubeconfig": self.kubeconfig,
         }
 
