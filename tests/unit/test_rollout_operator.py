@@ -107,7 +107,7 @@ def test_a_knative_inference_service_target_is_driven_by_kserve_knative():
 
 def test_a_standard_inference_service_target_can_name_kserve_canary():
     """spec.canary on that one InferenceService (the entry the operator adds is the only one); promotion
-    by copy, so the chart's HTTPRoute and PDB keep their <name>-predictor."""
+    by copy, so the chart's HTTPRoute keeps its <name>-predictor."""
     obj = cr(target={"inferenceService": {"name": "churn"}})
     obj["spec"]["strategy"]["router"] = "kserve_canary"
     rec = op.build_record(obj, "1.0.0", "http://prom:9090")

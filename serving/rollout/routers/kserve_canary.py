@@ -82,7 +82,9 @@ def promote_body(obj: dict[str, Any], index: int, promotion: str = "rename") -> 
     ``rename`` (KServe's way, no restart): the stable predictor also takes the entry's name, so the
     canary's Deployment and Service become the stable ones and the old ``<isvc>[-<name>]-predictor`` go.
     ``copy``: the stable predictor keeps its name (its Deployment rolls to the canary's model, its
-    Service stays), for whatever addresses that Service by name (the chart's HTTPRoute, its PDB)."""
+    Service stays), for whatever addresses that Service by name (the chart's HTTPRoute). The chart's PDB
+    and NetworkPolicy select pod labels, which the canary's pods share (KServe lays the entry over the
+    stable predictor, labels included), so either promotion keeps them."""
     if promotion not in PROMOTIONS:
         raise ValueError(f"promotion must be one of {PROMOTIONS}, got {promotion!r}")
     entries = copy.deepcopy(obj["spec"]["canary"])
@@ -260,8 +262,8 @@ class KServeCanaryRouter:
     @classmethod
     def for_release(cls, fullname: str, namespace: str) -> Release:
         """One InferenceService ``<fullname>``; the canary entry is the only one (the operator adds it).
-        Promotion by copy: the chart's HTTPRoute, PDB and NetworkPolicy address ``<fullname>-predictor``,
-        which a renaming promotion would delete. No route: whether the release renders one is the
+        Promotion by copy: the chart's HTTPRoute addresses ``<fullname>-predictor``, which a renaming
+        promotion would delete. No route: whether the release renders one is the
         chart's choice, so the operator moves replicas only (README, Limits)."""
         cfg = {
             "router": cls.name,
