@@ -394,7 +394,9 @@ class KServeCanaryRouter:
         stable one, then the rule keeps only it. ``copy``: the canary keeps its entry (and pods) until
         the stable Deployment serves the new model and has the requests back; then the entry goes."""
         deadline = time.monotonic() + self.ready_timeout_s
-        self._set_route(0, 100)
+        if self.route and find_entry(self._get(), self.canary) is not None:
+            # a promotion from below 100 % (an operator's promote) sizes the canary for all requests first
+            self.set_weights(0, 100)
         seen: dict[str, Any] = {}
         keep_entry = bool(self.route) and self.promotion == "copy"
 
