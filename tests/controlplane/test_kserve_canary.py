@@ -61,6 +61,8 @@ def install_standard(k: Kube, release: str) -> str:
 @pytest.fixture
 def isvc(k, request):
     name = "kc" + request.node.name.split("[")[0].removeprefix("test_").replace("_", "")[:14]
+    # a release left by an interrupted run (its spec.canary entry is ours, not Helm's): gone first
+    k.helm("uninstall", name, "-n", NS, "--wait", "--timeout", "60s", "--ignore-not-found", check=False)
     full = install_standard(k, name)
     yield full
     k.helm("uninstall", name, "-n", NS, "--wait", "--timeout", "60s", check=False)
