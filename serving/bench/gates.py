@@ -9,7 +9,8 @@ model; bad ones add errors, latency, swapped classes or a score shift. Four poli
 kinds of streams (each rollout index has the same seed under every policy; its draws diverge once the
 policies set different weights):
 
-  before    this project's gates before issue 14: success rate >= 99 %, p99 <= 500 ms, drift JS <= 0.15
+  before    this project's gates before issue 14 (gates.defaults(compare=False, min_accuracy=0.5)):
+            success rate >= 99 %, p99 <= 500 ms, drift JS <= 0.15
             (400 predictions a side), accuracy >= stable's - 5 points; the window since the step began;
             rollback after 2 failed analyses, pause after 5 inconclusive in a row
   flagger   Flagger's built-in checks per interval: request-success-rate >= 99 % and request-duration
@@ -18,9 +19,10 @@ policies set different weights):
             p99 <= 500 ms, failureCondition success < 95 % or p99 > 1000 ms, in between (or no data)
             inconclusive; the defaults failureLimit 0 and inconclusiveLimit 0 (the first failed
             measurement rolls back, the first inconclusive one pauses)
-  compare   issue 14: gates.defaults(compare=True, accuracy_min_effect=0.02, min_labelled=10): the
+  compare   issue 14, the default gates: gates.defaults(accuracy_min_effect=0.02, min_labelled=10): the
             p99 <= 500 ms limit and the sequential comparisons with stable at alpha = 0.01 for the whole
-            rollout; rollback after 2 failed analyses of the limit, at once on a comparison's FAIL
+            rollout (a harmful look between the hold and the FAIL boundary holds the step); rollback
+            after 2 failed analyses of the limit, at once on a comparison's FAIL
 
 It prints per cell the false-rollback rate (good canaries), the missed-bad rate (bad canaries promoted),
 the median canary requests a bad canary answered before its rollback, the median minutes to promote a
@@ -44,7 +46,7 @@ from serving.contract import signals
 from serving.rollout import gates, machine
 from serving.rollout.gates import GateResult, Verdict
 from serving.rollout.machine import Phase, RolloutSpec
-from serving.rollout.stats import SCALES, Snapshot, histogram_quantile
+from serving.rollout.stats import RATIO_STEPS, SCALES, Snapshot, histogram_quantile
 
 STEPS = (10, 25, 50, 100)
 INTERVAL_S = 60.0
@@ -238,14 +240,14 @@ class Policy:
 
 
 def policies() -> dict[str, Policy]:
-    before = tuple(gates.defaults(min_accuracy=0.5))
+    before = tuple(gates.defaults(compare=False, min_accuracy=0.5))
     flagger = (
         gates.SuccessRateGate(min_rate=0.99, min_requests=1),
         gates.LatencyGate(max_ms=500.0, min_requests=1),
     )
     # labelled feedback is sparse (a fifth of the answers): 10 labelled canary answers in a step's window
     # make a PASS possible, as 20 requests do for the others
-    compare = tuple(gates.defaults(compare=True, accuracy_min_effect=0.02, min_labelled=10))
+    compare = tuple(gates.defaults(accuracy_min_effect=0.02, min_labelled=10))
     many = 10**6  # Flagger has no inconclusive state: a window with no requests waits
     return {
         "before": Policy("before", before, RolloutSpec(STEPS, INTERVAL_S, 2, 5), "step"),
@@ -414,7 +416,29 @@ def v_sequential(x2, r, d, alpha, harmful, enough) -> tuple[np.ndarray, np.ndarr
         log_lr = np.where(r > 0, np.logaddexp.reduce(logs, axis=0) - math.log(len(SCALES)), 0.0)
     nan = np.isnan(x2)
     failed = ~nan & harmful & (log_lr >= math.log(1.0 / alpha))
-    code = np.where(nan, INC_, np.where(failed, FAIL_, np.where(enough, PASS_, INC_)))
+    held = ~nan & harmful & ~failed & (log_lr >= gates.hold_log_lr(alpha))
+    code = np.where(nan, INC_, np.where(failed, FAIL_, np.where(enough & ~held, PASS_, INC_)))
+    return code, failed
+
+
+def v_conditional(g: Any, kc, nc, ks, ns, nwin) -> tuple[np.ndarray, np.ndarray]:
+    """gates.ErrorRateVsStable (stats.conditional_log_lr, the exact count test) on arrays."""
+    k, n = kc + ks, nc + ns
+    ok = (nc > 0) & (ns > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pi = nc / np.where(ok, n, 1)
+        lo = 1.0 + g.min_effect / np.where(k > 0, k / np.where(n > 0, n, 1), 1)
+        logs = np.stack(
+            [kc * np.log(lo * 2.0**j) - k * np.log1p((lo * 2.0**j - 1.0) * pi) for j in range(RATIO_STEPS)]
+        )
+        log_lr = np.logaddexp.reduce(logs, axis=0) - math.log(RATIO_STEPS)
+    informative = ok & (k > 0) & (pi > 0) & (pi < 1)
+    log_lr = np.where(informative, log_lr, 0.0)
+    harmful = ok & (kc * ns > ks * nc)
+    failed = harmful & (log_lr >= math.log(1.0 / g.alpha))
+    held = harmful & ~failed & (log_lr >= gates.hold_log_lr(g.alpha))
+    enough = (nwin >= g.min_n) & (ns >= g.min_n)
+    code = np.where(~ok, INC_, np.where(failed, FAIL_, np.where(enough & ~held, PASS_, INC_)))
     return code, failed
 
 
@@ -461,11 +485,10 @@ def v_gate(g: Any, cw: W, sw: W, sref: W, cref: W) -> tuple[np.ndarray, np.ndarr
         p99 = v_quantile(0.99, cw.lat) * 1000
         code = np.where((sr < 0.95) | (p99 > 1000), FAIL_, np.where((sr >= 0.99) & (p99 <= 500), PASS_, INC_))
         return np.where(n == 0, INC_, code), no
-    if isinstance(g, gates.ErrorRateVsStable | gates.AccuracyVsStable):
-        if isinstance(g, gates.ErrorRateVsStable):
-            kc, nc, ks, ns, nwin = cref.err, cref.req, sref.err, sref.req, cw.req
-        else:
-            kc, nc, ks, ns, nwin = cref.lab - cref.cor, cref.lab, sref.lab - sref.cor, sref.lab, cw.lab
+    if isinstance(g, gates.ErrorRateVsStable):
+        return v_conditional(g, cref.err, cref.req, sref.err, sref.req, cw.req)
+    if isinstance(g, gates.AccuracyVsStable):
+        kc, nc, ks, ns, nwin = cref.lab - cref.cor, cref.lab, sref.lab - sref.cor, sref.lab, cw.lab
         diff, z, var = v_two_prop(kc, nc, ks, ns)
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.where(var > 0, g.min_effect**2 / np.where(var > 0, var, 1), 0.0)

@@ -80,8 +80,19 @@ def offline_drift(stable_pkg: Path, canary_pkg: Path, x: np.ndarray, bins: int =
 
 
 def default_gates(labelled: bool) -> list:
-    # the local stack answers fast: a tighter p99; labels arrive in bulk: more of them per window
-    return gates.defaults(max_p99_ms=250.0, min_accuracy=0.0 if labelled else None, min_labelled=200)
+    # The comparisons with stable where the two local runtimes differ only by their model: server errors
+    # and, with labelled feedback, accuracy (a 2-point drop is worth catching; labels arrive in bulk:
+    # more of them per window), at alpha split over them. Latency and drift keep their absolute limits:
+    # a comparison tests "the same distribution", and here the two differ for real reasons that are not
+    # a regression (measured: the latency comparison failed the good canary at 104 requests, AUC 0.62
+    # with the same p99 of 10 ms: a freshly started canary process on a shared 2-core machine; the drift
+    # test failed it at the 50 % step: 1.1.0 is a retrained model, C=0.3, whose scores differ from
+    # 1.0.0's by JS 0.042, Cohen's w 0.11). The local stack answers fast: a tighter p99 limit.
+    alpha = gates.DEFAULTS["alpha"] / (2 if labelled else 1)
+    out: list = [gates.LatencyGate(max_ms=250.0), gates.ErrorRateVsStable(alpha=alpha)]
+    if labelled:
+        out.append(gates.AccuracyVsStable(alpha=alpha, min_effect=0.02, min_n=200))
+    return [*out, gates.DriftGate()]
 
 
 def rollout_once(

@@ -157,9 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = s.add_argument_group("comparisons with stable (sequential tests, valid at every interval)")
     c.add_argument(
         "--compare",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="judge canary vs stable (error rate, latency histograms, drift test, accuracy) at a stated "
-        "false-rollback rate, beside the absolute p99 limit, instead of the absolute gates",
+        "false-rollback rate, beside the absolute p99 limit (the default); --no-compare: the absolute "
+        "gates alone (success rate, p99, drift distance, accuracy floor)",
     )
     c.add_argument(
         "--alpha", type=float, default=d["alpha"], help="the rollout's false-rollback rate (default 0.01)"

@@ -62,7 +62,7 @@ log = logging.getLogger("mlrollout.operator")
 COMPONENT = "mlrollout-operator"
 VERSION_ANNOTATION = "mlrollout.io/model-version"
 # spec.strategy.gates (camelCase, the CRD) -> gates.defaults() names; driftGate is defaults(drift=...),
-# compareWithStable is defaults(compare=...)
+# compareWithStable is defaults(compare=...) (true unless the spec says false, as the CRD defaults it)
 GATE_FIELDS = {
     "minSuccessRate": "min_success_rate",
     "maxP99Ms": "max_p99_ms",
@@ -112,7 +112,7 @@ def gates_from_spec(g: dict[str, Any]) -> list:
     over = {GATE_FIELDS[k]: v for k, v in (g or {}).items() if k in GATE_FIELDS}
     g = g or {}
     return default_gates(
-        drift=bool(g.get("driftGate", True)), compare=bool(g.get("compareWithStable")), **over
+        drift=bool(g.get("driftGate", True)), compare=bool(g.get("compareWithStable", True)), **over
     )
 
 

@@ -367,3 +367,61 @@ def mixture_boundary(alpha: float, r: float, d: int = 1, scales: tuple[float, ..
         if hi - lo <= 1e-12 * hi:
             break
     return hi
+
+
+# --------------------------------------------------------------------------- exact test for rare events
+# Server errors are rare (0.1 % of requests): at 10 req/s a step's canary window holds a handful, where
+# the normal approximation of two_proportion is liberal (3 canary errors against 1 of stable's already
+# reach a z of 4). The count test below conditions on the errors instead of approximating them.
+
+# the rate ratios of the mixture: RATIO_STEPS of them, each twice the one before
+RATIO_STEPS = 6
+
+
+def rate_ratios(k: float, n: float, min_effect: float) -> tuple[float, ...]:
+    """The mixture's rate ratios rho (canary's error rate over stable's): from the ratio that adds
+    ``min_effect`` to the pooled rate k/n (the smallest effect worth catching) up to 32 times that.
+
+    k and n are what the test conditions on (every error and request of both sides), so the grid is
+    fixed given the conditioning and the single-look guarantee below holds exactly."""
+    if k <= 0 or n <= 0:
+        return ()
+    lo = 1.0 + min_effect / (k / n)
+    return tuple(lo * 2.0**j for j in range(RATIO_STEPS))
+
+
+def conditional_log_lr(k_c: float, k: float, pi: float, ratios: tuple[float, ...]) -> float:
+    """log of the mixture likelihood ratio of the canary's share of the errors, given all ``k`` of them.
+
+    Given k errors in all and the canary's share ``pi`` = n_c / (n_c + n_s) of the requests, the
+    canary's count is Binomial(k, pi) when both versions err at the same rate (errors as Poisson
+    events), and Binomial(k, theta) with theta = rho pi / (rho pi + 1 - pi) when the canary's rate is
+    rho times stable's. The ratio of the two pmfs is rho^k_c / (1 + (rho - 1) pi)^k; averaged with equal
+    weights over ``ratios`` it is a mixture likelihood ratio as in Lindon & Malek (2022), "Anytime-valid
+    inference for multinomial count data" (NeurIPS), here for the two-sided split of counts.
+    Under "same rate" its mean given k is exactly 1 for the binomial and at most 1 for the exact
+    hypergeometric law of Bernoulli requests (sampling without replacement is smaller in convex order,
+    Hoeffding 1963), so P(ratio >= 1/alpha) <= alpha at a look (Markov); the bench measures the rate
+    over every look of a rollout.
+    """
+    if k <= 0 or not ratios or not 0 < pi < 1:
+        return 0.0  # no errors, or one side without requests: no evidence either way
+    logs = [k_c * math.log(r) - k * math.log1p((r - 1.0) * pi) for r in ratios]
+    top = max(logs)
+    return top + math.log(sum(math.exp(v - top) for v in logs) / len(logs))
+
+
+def conditional_boundary(k: float, pi: float, ratios: tuple[float, ...], alpha: float) -> float:
+    """The fewest canary errors, of ``k`` in all, at which :func:`conditional_log_lr` reaches
+    log(1/alpha) (the ratio grows with k_c), or inf when even all k do not."""
+    target = math.log(1.0 / alpha)
+    lo, hi = 0, math.floor(k)
+    if hi <= 0 or conditional_log_lr(hi, k, pi, ratios) < target:
+        return math.inf
+    while lo < hi:  # bisection over whole counts
+        mid = (lo + hi) // 2
+        if conditional_log_lr(mid, k, pi, ratios) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(lo)

@@ -96,7 +96,7 @@ def test_a_valid_rollout_is_accepted_and_defaulted(kc):
         "minPredictions": gates.DEFAULTS["min_predictions"],
         "maxAccuracyDrop": gates.DEFAULTS["max_accuracy_drop"],
         "minLabelled": gates.DEFAULTS["min_labelled"],
-        "compareWithStable": False,
+        "compareWithStable": True,  # gates.defaults(compare=True)
         "alpha": gates.DEFAULTS["alpha"],
         "maxErrorIncrease": gates.DEFAULTS["max_error_increase"],
         "latencyMinEffect": gates.DEFAULTS["latency_min_effect"],

@@ -138,7 +138,7 @@ def test_gate_fields_and_defaults_are_gates_defaults(schema):
     assert node["default"] == {}
     props = dict(node["properties"])
     assert props.pop("driftGate")["default"] is True  # gates.defaults(drift=True)
-    assert props.pop("compareWithStable")["default"] is False  # gates.defaults(compare=False)
+    assert props.pop("compareWithStable")["default"] is True  # gates.defaults(compare=True)
     by_snake = {camel_to_snake(k): v for k, v in props.items()}
     assert set(by_snake) == set(gates.DEFAULTS), "one CRD field per gates.DEFAULTS setting"
     for name, value in gates.DEFAULTS.items():

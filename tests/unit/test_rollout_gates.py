@@ -282,12 +282,22 @@ def test_gate_defaults_come_from_the_gates_own_fields():
     from serving.rollout import gates as g
     from serving.rollout.cli import build_parser, gates_from_args
 
+    # the default: the absolute p99 limit beside the comparisons with stable, alpha split over three
     std = g.defaults()
-    assert [type(x) for x in std] == [g.SuccessRateGate, g.LatencyGate, g.DriftGate]
-    assert std == [g.SuccessRateGate(), g.LatencyGate(), g.DriftGate()]
-    assert [x.threshold for x in std] == [0.99, 500.0, 0.15]
+    a = g.DEFAULTS["alpha"] / 3
+    assert std == [
+        g.LatencyGate(),
+        g.ErrorRateVsStable(alpha=a),
+        g.LatencyVsStable(alpha=a),
+        g.DriftTest(alpha=a),
+    ]
+    # an accuracy floor asked for stays beside them (it has no default, so dropping it would be silent)
     assert g.defaults(drift=False, min_accuracy=0.8)[-1] == g.AccuracyGate(min_accuracy=0.8)
-    assert g.defaults(max_p99_ms=250.0)[1].threshold == 250.0
+    assert g.defaults(max_p99_ms=250.0)[0].threshold == 250.0
+    absolute = g.defaults(compare=False)
+    assert absolute == [g.SuccessRateGate(), g.LatencyGate(), g.DriftGate()]
+    assert [x.threshold for x in absolute] == [0.99, 500.0, 0.15]
+    assert g.defaults(compare=False, drift=False, min_accuracy=0.8)[-1] == g.AccuracyGate(min_accuracy=0.8)
     with pytest.raises(TypeError, match="unknown gate settings"):
         g.defaults(max_p99=1)
     argv = [
@@ -301,8 +311,9 @@ def test_gate_defaults_come_from_the_gates_own_fields():
         "--canary-version",
         "2",
     ]
-    a = build_parser().parse_args(argv)
-    assert gates_from_args(a) == std
+    assert gates_from_args(build_parser().parse_args(argv)) == std
+    assert gates_from_args(build_parser().parse_args([*argv, "--compare"])) == std
+    assert gates_from_args(build_parser().parse_args([*argv, "--no-compare"])) == absolute
 
 
 def test_inconclusive_results_carry_their_evidence():

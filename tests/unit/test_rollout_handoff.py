@@ -51,7 +51,12 @@ def test_the_spec_is_what_the_operator_drives():
     # the operator's own mapping reads it back as the rollout the step asked for
     rec = op.build_record(obj, "1.0.0", "")
     assert rec.spec == {"steps": [20, 50, 100], "interval_s": 1.5, "threshold": 3, "max_inconclusive": 5}
+    # the CRD's default gates compare with stable: of the step's limits only the p99 one acts there
     gates = {type(g): g for g in rec.gate_objects()}
+    assert gates[LatencyGate].max_ms == 250.0 and SuccessRateGate not in gates
+    # with compareWithStable false the absolute limits are the step's
+    obj["spec"]["strategy"]["gates"]["compareWithStable"] = False
+    gates = {type(g): g for g in op.build_record(obj, "1.0.0", "").gate_objects()}
     assert gates[SuccessRateGate].min_rate == 0.95 and gates[LatencyGate].max_ms == 250.0
     assert gates[DriftGate].max_drift == 0.2
     assert (rec.canary["model"], rec.canary["version"]) == ("breast-cancer", "2.0.0")

@@ -14,7 +14,14 @@ import pytest
 
 from serving.rollout import operator as op
 from serving.rollout.crstore import status_view
-from serving.rollout.gates import AccuracyGate, DriftGate, LatencyGate, SuccessRateGate
+from serving.rollout.gates import (
+    AccuracyGate,
+    DriftGate,
+    ErrorRateVsStable,
+    LatencyGate,
+    LatencyVsStable,
+    SuccessRateGate,
+)
 from tests.unit.test_rollout_controller import World, make
 
 CR = {
@@ -30,6 +37,7 @@ CR = {
             "threshold": 3,
             "maxInconclusive": 4,
             "gates": {
+                "compareWithStable": False,  # the absolute limits alone (the default compares with stable)
                 "minSuccessRate": 0.95,
                 "maxP99Ms": 250,
                 "driftMethod": "psi",
@@ -76,7 +84,8 @@ def test_no_drift_gate_scrape_urls_model_name_and_interval_floor():
     obj["spec"]["strategy"]["gates"] = {"driftGate": False}
     obj["spec"]["model"]["name"] = "breast-cancer"
     rec = op.build_record(obj, "1.0.0", "", interval_floor_s=120)
-    assert {type(g) for g in rec.gate_objects()} == {SuccessRateGate, LatencyGate}
+    # the default gates without the drift test: the p99 limit beside the error and latency comparisons
+    assert [type(g) for g in rec.gate_objects()] == [LatencyGate, ErrorRateVsStable, LatencyVsStable]
     assert rec.metrics == {"provider": "scrape"}
     assert (rec.stable["metrics_url"], rec.canary["metrics_url"]) == ("http://s/metrics", "http://c/metrics")
     assert rec.canary["model"] == "breast-cancer" and rec.spec["interval_s"] == 120

@@ -3,6 +3,7 @@ mSPRT boundary against its closed form, and the sequential gates' verdicts (gate
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -15,9 +16,12 @@ from serving.rollout import machine
 from serving.rollout.stats import (
     Snapshot,
     chi2_two_sample,
+    conditional_boundary,
+    conditional_log_lr,
     mann_whitney,
     mixture_boundary,
     mixture_log_lr,
+    rate_ratios,
     two_proportion,
 )
 
@@ -125,7 +129,66 @@ def test_error_rate_gate_fails_early_on_strong_evidence_and_passes_a_same_rate_c
     # too few canary requests in the step: inconclusive, with the evidence still shown
     thin = gate.evaluate(snap(5, 0), snap(), snap(891, 9), snap(5, 0))
     assert thin.verdict is g.Verdict.INCONCLUSIVE and thin.statistic is not None
-    assert "effect" in bad.summary() and "z=" in bad.summary()
+    assert "effect" in bad.summary() and "canary errors=12 > " in bad.summary()
+    assert bad.unit == "canary errors" and bad.statistic == 12
+    # the boundary is the most canary errors (of these 13) that still pass: one more fails
+    assert bad.boundary + 1 == conditional_boundary(
+        13, 0.1, rate_ratios(13, 1000, gate.min_effect), gate.alpha
+    )
+
+
+def test_error_rate_gate_does_not_fail_on_a_handful_of_errors_the_normal_approximation_would():
+    # from make bench-gates, a good canary at 100 req/s: 3 errors of 591 vs 1 of 5323 has a two-proportion
+    # z of 4.3, past the normal mSPRT's boundary (the gate before the count test rolled it back); given
+    # the 4 errors, 3 on a side with 10 % of the requests is no strong evidence
+    gate = g.ErrorRateVsStable(alpha=0.01 / 3)
+    _, z, var = two_proportion(3, 591, 1, 5323)
+    r = gate.min_effect**2 / var
+    assert z > math.sqrt(mixture_boundary(gate.alpha, r))  # the normal approximation would FAIL
+    few = gate.evaluate(snap(588, 3), snap(), snap(5322, 1), snap(588, 3))
+    assert few.verdict is not g.Verdict.FAIL and few.statistic == 3 and few.boundary >= 3
+    # the same shares at 10 times the counts: decisive
+    many = gate.evaluate(snap(5880, 30), snap(), snap(53220, 10), snap(5880, 30))
+    assert many.verdict is g.Verdict.FAIL and many.statistic >= many.boundary
+
+
+# ----------------------------------------------------------------------------- the exact count test
+
+
+@pytest.mark.parametrize("k_c,k,pi", [(3, 4, 0.1), (23, 24, 0.46), (0, 9, 0.3), (40, 120, 0.25)])
+def test_conditional_lr_is_the_ratio_of_scipys_binomial_pmfs(k_c, k, pi):
+    for rho in (1.5, 6.0, 40.0):
+        theta = rho * pi / (rho * pi + 1 - pi)
+        want = sps.binom.logpmf(k_c, k, theta) - sps.binom.logpmf(k_c, k, pi)
+        assert conditional_log_lr(k_c, k, pi, (rho,)) == pytest.approx(want, rel=1e-9, abs=1e-9)
+    # the mixture is the mean of the ratios
+    ratios = (2.0, 5.0, 30.0)
+    mean = np.mean([math.exp(conditional_log_lr(k_c, k, pi, (x,))) for x in ratios])
+    assert conditional_log_lr(k_c, k, pi, ratios) == pytest.approx(math.log(mean), rel=1e-9)
+
+
+@pytest.mark.parametrize("n_c,n_s,k", [(60, 540, 3), (600, 600, 25), (1110, 1290, 24), (50, 5000, 40)])
+def test_conditional_lr_has_mean_one_given_the_errors_and_at_most_one_without_replacement(n_c, n_s, k):
+    pi, ratios = n_c / (n_c + n_s), rate_ratios(k, n_c + n_s, 0.005)
+    lr = np.array([math.exp(conditional_log_lr(j, k, pi, ratios)) for j in range(k + 1)])
+    # the same rate on both sides: Binomial(k, pi) of the canary's count, mean exactly 1
+    assert float(sps.binom.pmf(np.arange(k + 1), k, pi) @ lr) == pytest.approx(1.0, rel=1e-9)
+    # Bernoulli requests: the k errors fall on k of the n requests at random (hypergeometric), which
+    # Hoeffding's convex order makes at most 1: the test is conservative there
+    hyper = sps.hypergeom.pmf(np.arange(k + 1), n_c + n_s, k, n_c)
+    assert float(hyper @ lr) <= 1.0 + 1e-12
+
+
+def test_rate_ratios_and_the_count_boundary():
+    r = rate_ratios(24, 2400, 0.005)  # pooled 1 %: +0.5 points is a ratio of 1.5
+    assert r[0] == pytest.approx(1.5) and len(r) == 6
+    assert [b / a for a, b in itertools.pairwise(r)] == pytest.approx([2.0] * 5)
+    assert rate_ratios(0, 2400, 0.005) == () and conditional_log_lr(0, 0, 0.5, r) == 0.0
+    alpha = 0.0025
+    b = conditional_boundary(24, 0.46, r, alpha)
+    assert conditional_log_lr(b, 24, 0.46, r) >= math.log(1 / alpha) > conditional_log_lr(b - 1, 24, 0.46, r)
+    # 2 errors on an even split can never be strong evidence
+    assert conditional_boundary(2, 0.5, rate_ratios(2, 200, 0.005), alpha) == math.inf
 
 
 def test_latency_gate_compares_the_histograms_not_a_limit():
@@ -189,7 +252,7 @@ def test_accuracy_gate_needs_labels_and_catches_a_drop():
 
 
 def test_compare_defaults_split_alpha_and_round_trip_config():
-    gs = g.defaults(compare=True, accuracy_min_effect=0.02)
+    gs = g.defaults(accuracy_min_effect=0.02)
     assert [type(x) for x in gs] == [
         g.LatencyGate,
         g.ErrorRateVsStable,
@@ -203,6 +266,62 @@ def test_compare_defaults_split_alpha_and_round_trip_config():
         g.defaults(alpha=0.0)
     with pytest.raises(ValueError, match="max-error-increase"):
         g.defaults(compare=True, max_error_increase=-1)
+
+
+def test_the_comparisons_are_the_default_of_the_operator_and_false_turns_them_off():
+    from serving.rollout.operator import gates_from_spec
+
+    assert gates_from_spec({}) == g.defaults() == gates_from_spec({"compareWithStable": True})
+    assert any(isinstance(x, g.ErrorRateVsStable) for x in gates_from_spec({}))
+    off = gates_from_spec({"compareWithStable": False, "maxP99Ms": 300})
+    assert off == g.defaults(compare=False, max_p99_ms=300)
+    assert not any(x.__class__.__name__.endswith(("VsStable", "Test")) for x in off)
+
+
+# ----------------------------------------------------------------------------- the hold region
+
+
+@pytest.mark.parametrize("alpha,r", [(0.0025, 1.4), (0.01, 20.0), (0.0025, 300.0)])
+def test_a_harmful_look_between_the_hold_and_fail_boundaries_holds(alpha, r):
+    # the hold boundary is the X^2 where the mixture ratio reaches 1/alpha ** HOLD_POWER: the same
+    # mixture_boundary at alpha ** HOLD_POWER
+    assert g.hold_log_lr(alpha) == pytest.approx(g.HOLD_POWER * math.log(1 / alpha))
+    hold = mixture_boundary(alpha**g.HOLD_POWER, r)
+    fail = mixture_boundary(alpha, r)
+    assert 0 < hold < fail
+    assert mixture_log_lr(hold, r) == pytest.approx(g.hold_log_lr(alpha), abs=1e-9)
+
+    def look(x2: float, harmful: bool = True, enough: bool = True) -> g.GateResult:
+        return g.sequential_verdict(
+            "x", x2=x2, d=1, r=r, alpha=alpha, harmful=harmful, enough=enough, effect=0.01, n=100, m=900
+        )
+
+    assert look(hold * 0.99).verdict is g.Verdict.PASS
+    held = look((hold + fail) / 2)
+    assert held.verdict is g.Verdict.INCONCLUSIVE and "hold" in held.detail and not held.effect < 0
+    assert held.boundary == pytest.approx(math.sqrt(fail))  # the FAIL boundary is still the one shown
+    assert look(fail * 1.001).verdict is g.Verdict.FAIL
+    # a better canary (one-sided) is never held, however large its statistic
+    assert look((hold + fail) / 2, harmful=False).verdict is g.Verdict.PASS
+
+
+def test_the_hold_delays_at_most_alpha_to_the_hold_power_of_same_model_canaries():
+    # Ville's inequality for the hold boundary: under "the same model" the mixture ratio ever reaches
+    # 1/alpha ** HOLD_POWER with probability <= alpha ** HOLD_POWER. 20000 simulated rollouts of 60
+    # looks each: the two-proportion z of a growing sample is a random walk in information time.
+    alpha, looks, paths = 0.0025, 60, 20000
+    rng = np.random.default_rng(7)
+    info = np.arange(1, looks + 1, dtype=float)  # information at each look, in units of the first
+    walk = np.cumsum(rng.standard_normal((paths, looks)), axis=1)  # sum of i.i.d. N(0, 1) increments
+    z = walk / np.sqrt(info)
+    held = np.zeros(paths, dtype=bool)
+    for j in range(looks):
+        r = 0.05 * info[j]  # tau^2 * information: a small effect worth catching
+        bound = math.sqrt(mixture_boundary(alpha**g.HOLD_POWER, r))
+        held |= z[:, j] >= bound  # one-sided: only a harmful (positive) difference holds
+    share = held.mean()
+    assert share <= alpha**g.HOLD_POWER  # 5 %
+    assert share > 0  # the boundary is reachable: the bound is not vacuous
 
 
 def test_a_sequential_fail_rolls_back_at_once_an_absolute_one_waits_for_the_threshold():
@@ -257,7 +376,7 @@ def _controller(tmp_path, world):
 
     store = FileStateStore(tmp_path / "state.json")
     rec = ctl.new_record(
-        machine.RolloutSpec((10, 25, 50, 100), 10.0, 2, 3), g.defaults(compare=True), STABLE, CANARY,
+        machine.RolloutSpec((10, 25, 50, 100), 10.0, 2, 3), g.defaults(), STABLE, CANARY,
         {"router": "local_proxy", "socket_path": "/nonexistent"}, SCRAPE,
     )  # fmt: skip
     ctl.begin(store, rec)
