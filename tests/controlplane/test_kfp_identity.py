@@ -100,13 +100,18 @@ def test_the_step_hands_the_model_to_the_operator_and_reports_the_outcome(kc, ru
         assert md.startswith("# Rollout of 2.0.0: Promoted\n")
         for g in st["lastAnalysis"]:
             assert f"| {g['gate']} | " in md and f"| {g['n']} |" in md
-        assert {g["gate"] for g in st["lastAnalysis"]} >= {"success_rate", "latency_p99", "drift_js"}
+        # the CRD's default gates: the p99 limit beside the comparisons with stable
+        assert {g["gate"] for g in st["lastAnalysis"]} >= {
+            "latency_p99",
+            "error_rate_vs_stable",
+            "drift_chi2",
+        }
         assert md.count("| **pass** |") == len(st["lastAnalysis"])
         assert "| promote |" in md and f"## History ({len(st['history'])} decisions)" in md
         m = metrics.metadata
         assert (m["promoted"], m["canary_weight"], m["step"]) == (1.0, 100.0, 2.0)
         assert m["analyses_pass"] >= 2 and m["analyses_fail"] == 0
-        assert 0.99 <= m["success_rate"] <= 1 and m["success_rate_n"] >= 20
+        assert 0 < m["latency_p99"] <= 500 and m["latency_p99_n"] >= 20 and m["error_rate_vs_stable_n"] >= 20
         assert any("Progressing 1.0.0 -> 2.0.0, step 1/2, canary 50%" in line for line in lines), lines
         # a retried step patches the same spec (no new generation, no new rollout) and returns at once
         generation, created = obj["metadata"]["generation"], json.loads(st["record"])["created_at"]

@@ -320,7 +320,13 @@ def test_a_good_canary_is_promoted_with_status_events_metrics_and_weights_reasse
     assert served_uris(kc, f"{full}-stable") == {V2_URI}
     conds = {c["type"]: c["status"] for c in st["conditions"]}
     assert conds["Promoted"] == "True" and conds["Ready"] == "True" and conds["Progressing"] == "False"
-    assert {g["gate"] for g in st["lastAnalysis"]} >= {"success_rate", "latency_p99", "drift_js"}
+    # the CRD's default gates: the p99 limit beside the comparisons with stable
+    assert {g["gate"] for g in st["lastAnalysis"]} == {
+        "latency_p99",
+        "error_rate_vs_stable",
+        "latency_vs_stable",
+        "drift_chi2",
+    }
     assert all(g["verdict"] == "pass" for g in st["lastAnalysis"])
     assert st["observedGeneration"] == kc.get(crd.PLURAL, "opgood")["metadata"]["generation"]
     # kubectl get modelrollouts: the printer columns
@@ -336,13 +342,13 @@ def test_a_good_canary_is_promoted_with_status_events_metrics_and_weights_reasse
     reasons = [e["reason"] for e in sorted(evs, key=lambda e: e["lastTimestamp"])]
     assert reasons.count("Started") == 1 and reasons.count("StepAdvanced") >= 4 and reasons[-1] == "Promoted"
     promoted = next(e for e in evs if e["reason"] == "Promoted")
-    assert "success_rate=" in promoted["message"] and "drift_js=" in promoted["message"]
+    assert "latency_p99=" in promoted["message"] and "error_rate_vs_stable: effect" in promoted["message"]
     assert all(e.get("reportingInstance") == "op-good-a" for e in evs)
     # the operator's metrics
     text = op.metrics()
     assert f'mlrollout_operator_rollout_phase{{name="opgood",namespace="{NS}",phase="Promoted"}} 1.0' in text
     assert f'mlrollout_operator_canary_weight{{name="opgood",namespace="{NS}"}} 100.0' in text
-    assert 'mlrollout_operator_gate_value{gate="success_rate",name="opgood"' in text
+    assert 'mlrollout_operator_gate_value{gate="latency_p99",name="opgood"' in text
     assert 'mlrollout_operator_analyses_total{name="opgood",namespace="models",verdict="pass"}' in text
     assert (
         'mlrollout_operator_rollout_duration_seconds_count{namespace="models",phase="Promoted"} 1.0' in text
@@ -361,13 +367,13 @@ def test_a_bad_canary_is_rolled_back(world, kc):
     assert st["phase"] == "RolledBack", st.get("message")
     assert st["canaryWeight"] == 0
     failed = [g for g in st["lastAnalysis"] if g["verdict"] == "fail"]
-    assert [g["gate"] for g in failed] == ["success_rate"]
+    assert [g["gate"] for g in failed] == ["error_rate_vs_stable"]  # the default comparison
     assert route_weights(kc, full) == [100, 0]
     assert served_uris(kc, f"{full}-stable") == {V1_URI}, "stable keeps its model"
     evs = kc.wait(
         "the RolledBack event", lambda: [e for e in events(kc, "opbad") if e["reason"] == "RolledBack"], 15
     )
-    assert evs[0]["type"] == "Warning" and "success_rate=" in evs[0]["message"]
+    assert evs[0]["type"] == "Warning" and "error_rate_vs_stable: effect +0.3" in evs[0]["message"]
 
 
 def test_two_replicas_one_acts_and_the_standby_resumes_at_the_same_step(world, kc):

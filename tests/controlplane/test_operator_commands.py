@@ -186,7 +186,7 @@ def test_abort_then_confirm_promotion_pause_resume_with_webhooks_and_notificatio
     out = kubectl_mlrollout(plugin_env, "status", "opcmd", "-n", NS)
     assert out.returncode == 0, out.stderr
     assert "phase Progressing, step 2/2 [50, 100], canary weight 100%" in out.stdout, out.stdout
-    assert "success_rate" in out.stdout and "AwaitingPromotion" in out.stdout, out.stdout
+    assert "error_rate_vs_stable" in out.stdout and "AwaitingPromotion" in out.stdout, out.stdout
     # pause: the weight holds and no analysis runs across more than two intervals
     out = kubectl_mlrollout(plugin_env, "pause", "opcmd", "-n", NS, "--reason", "checking a dashboard")
     assert out.returncode == 0, out.stderr
@@ -223,9 +223,10 @@ def test_abort_then_confirm_promotion_pause_resume_with_webhooks_and_notificatio
     assert note["kind"] == "ModelRolloutNotification" and note["phase"] == "Promoted"
     assert note["stableVersion"] == "1.0.0" and note["canaryVersion"] == "2.0.0"
     gates = {g["gate"]: g for g in note["evidence"]}
-    assert {"success_rate", "latency_p99", "drift_js"} <= set(gates)
+    assert {"latency_p99", "error_rate_vs_stable", "latency_vs_stable", "drift_chi2"} <= set(gates)
     assert all({"value", "threshold", "n", "verdict"} <= set(g) for g in gates.values())
-    assert gates["success_rate"]["verdict"] == "pass" and gates["success_rate"]["n"] >= 20
+    e = gates["error_rate_vs_stable"]
+    assert e["verdict"] == "pass" and e["n"] >= 20 and {"effect", "statistic"} <= set(e)
     seen = [b["event"] for b in hooks.bodies("/notify")]
     assert seen.count("Started") == 2 and {"AwaitingPromotion", "Paused", "Resumed"} <= set(seen), seen
     post = kc.wait("the post-rollout webhook", lambda: hooks.bodies("/post"), 15)
