@@ -71,7 +71,7 @@ def training_pipeline(
     rollout_watch_intervals: int = 0,
     prometheus_url: str = "http://prometheus.monitoring.svc.cluster.local:9090",
     max_drift: float = 0.15,
-    compare_with_stable: bool = False,
+    compare_with_stable: bool = True,
     rollout_alpha: float = 0.01,
     max_error_increase: float = 0.005,
     latency_min_effect: float = 0.05,
@@ -126,8 +126,9 @@ def training_pipeline(
             ``spec.metrics`` (on create: the operator's ``--prometheus-url``).
         max_drift: Drift gate: largest Jensen-Shannon distance between canary and stable predictions.
         compare_with_stable: Judge the canary against stable with sequential tests at a stated
-            false-rollback rate (error rate, latency histograms, drift test) beside the p99 limit,
-            instead of the absolute gates (the ModelRollout's ``compareWithStable``).
+            false-rollback rate (error rate, latency histograms, drift test) beside the p99 limit
+            (the default, as the CRD's); false: the absolute gates (the ModelRollout's
+            ``compareWithStable``).
         rollout_alpha: The comparisons' false-rollback rate, split over them (0 < alpha <= 0.5).
         max_error_increase: Comparison: smallest error-rate increase worth catching (0.005 = 0.5 points).
         latency_min_effect: Comparison: smallest slowdown worth catching, P(canary slower) - 1/2.

@@ -137,7 +137,7 @@ def rollout_steps(
     max_drift,
     min_success_rate=GATE_DEFAULTS["min_success_rate"],
     max_p99_ms=GATE_DEFAULTS["max_p99_ms"],
-    compare_with_stable=False,
+    compare_with_stable=True,  # the CRD's default: the comparisons with stable
     alpha=GATE_DEFAULTS["alpha"],
     max_error_increase=GATE_DEFAULTS["max_error_increase"],
     latency_min_effect=GATE_DEFAULTS["latency_min_effect"],

@@ -130,10 +130,11 @@ _AXES = {
         "accuracy on labelled feedback; threshold: stable's minus the drop",
     ),
 }
-# a comparison with stable (gates.sequential_verdict): its statistic on a z scale, FAIL where it reaches
-# the boundary, which moves with n on each side; the y label says which statistic
+# a comparison with stable (gates.sequential_verdict): its statistic on a z scale (the error gate's: the
+# canary's count of all errors, gates.ErrorRateVsStable), FAIL where it passes the boundary, which moves
+# with n on each side; the y label says which statistic
 _COMPARISON_AXES = {
-    "ErrorRateVsStable": ("z, error shares", "server-error share"),
+    "ErrorRateVsStable": ("canary errors", "server errors, exact count test (boundary: the most that pass)"),
     "AccuracyVsStable": ("z, wrong shares", "wrong-answer share on labelled feedback"),
     "LatencyVsStable": ("z, Mann-Whitney", "latency histograms (effect: P(canary slower) - 1/2)"),
     "DriftTest": ("sqrt(chi2)", "score histograms (effect: Cohen's w)"),
