@@ -119,7 +119,7 @@ def test_the_kfp_steps_comparison_settings_are_accepted_as_written(kc):
     defaults = handoff.spec(
         fullname="churn",
         **base,
-        compare_with_stable=False,
+        compare_with_stable=True,
         alpha=gates.DEFAULTS["alpha"],
         max_error_increase=gates.DEFAULTS["max_error_increase"],
         latency_min_effect=gates.DEFAULTS["latency_min_effect"],
@@ -127,7 +127,7 @@ def test_the_kfp_steps_comparison_settings_are_accepted_as_written(kc):
         accuracy_min_effect=0.0,
     )
     got = json.loads(create(kc, handoff.manifest("kfp-defaults", NS, defaults)).stdout)["spec"]["strategy"]
-    assert "accuracyMinEffect" not in got["gates"] and got["gates"]["compareWithStable"] is False
+    assert "accuracyMinEffect" not in got["gates"] and got["gates"]["compareWithStable"] is True
     # the step's defaults are the ones the API server fills in for an object that names none
     plain = json.loads(create(kc, rollout("kfp-plain")).stdout)["spec"]["strategy"]["gates"]
     assert {k: plain[k] for k in defaults["strategy"]["gates"]} == defaults["strategy"]["gates"]

@@ -109,8 +109,9 @@ def test_a_version_that_breaks_after_promotion_gets_the_previous_model_back(worl
     st = finished(kc, "opwatch")
     assert st["phase"] == "RolledBack", st.get("message")
     assert st["message"].startswith("rollback: after promotion, watch interval"), st["message"]
-    assert "success_rate=" in st["message"] and "previous model is restored" in st["message"]
-    assert [g["gate"] for g in st["lastAnalysis"] if g["verdict"] == "fail"] == ["success_rate"]
+    # the CRD's default gates: the error comparison against the previous version's baseline fails
+    assert "error_rate_vs_stable: effect" in st["message"] and "previous model is restored" in st["message"]
+    assert [g["gate"] for g in st["lastAnalysis"] if g["verdict"] == "fail"] == ["error_rate_vs_stable"]
     hist = json.loads(st["record"])["state"]["history"]
     assert [(h["event"], h["action"]) for h in hist][-1] == ("watch", "restore")
     # the previous model is back on the stable InferenceService (spec and every ready pod), all traffic on it
@@ -128,7 +129,7 @@ def test_a_version_that_breaks_after_promotion_gets_the_previous_model_back(worl
     by = {e["reason"]: e for e in evs}
     assert by["Verifying"]["type"] == "Normal" and "watching the new stable" in by["Verifying"]["message"]
     assert by["RolledBack"]["type"] == "Warning" and "after promotion" in by["RolledBack"]["message"]
-    assert "success_rate=" in by["RolledBack"]["message"] and "Promoted" not in by
+    assert "error_rate_vs_stable: effect" in by["RolledBack"]["message"] and "Promoted" not in by
     # a rolled-back version is not retried: the operator leaves the restored stable alone
     time.sleep(4)
     again = status(kc, "opwatch")
