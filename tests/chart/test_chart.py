@@ -310,6 +310,26 @@ BAD_VALUES = {
         ],
         "at '/operator/strategy/shadow/enabled': got string, want boolean",
     ),
+    "operator cohort typo": (
+        [
+            "model.storageUri=s3://m/a",
+            "model.version=1.0.0",
+            "strategy.type=canary",
+            "operator.enabled=true",
+            "operator.strategy.cohort.headr=x-user-id",
+        ],
+        "additional properties 'headr' not allowed",
+    ),
+    "operator watch above the CRD's maximum": (
+        [
+            "model.storageUri=s3://m/a",
+            "model.version=1.0.0",
+            "strategy.type=canary",
+            "operator.enabled=true",
+            "operator.strategy.postPromotionIntervals=1001",
+        ],
+        "at '/operator/strategy/postPromotionIntervals': maximum: got 1,001, want 1,000",
+    ),
 }
 
 

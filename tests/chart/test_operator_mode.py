@@ -62,6 +62,12 @@ def test_the_shadow_step_reaches_the_modelrollout(render):
     assert mr["spec"]["strategy"] == {"shadow": {"enabled": True}}
 
 
+def test_the_cohort_and_the_watch_reach_the_modelrollout(render):
+    sets = ("operator.strategy.cohort.header=x-user-id", "operator.strategy.postPromotionIntervals=3")
+    (mr,) = kinds(render(sets=(*CANARY, *ON, *sets)), "ModelRollout")
+    assert mr["spec"]["strategy"] == {"cohort": {"header": "x-user-id"}, "postPromotionIntervals": 3}
+
+
 def test_without_the_operator_nothing_changes(render):
     objs = render(sets=(*CANARY, "strategy.canary.storageUri=s3://mlpipeline/m/1.1.0"))
     assert not kinds(objs, "ModelRollout")
