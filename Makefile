@@ -52,7 +52,7 @@ test: venv sysdeps tools controlplane-build ## the whole test suite (e2e tests s
 	@bash infra/bootstrap-tools.sh $(TOOLS) --checkov
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup; rc=$$?; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (exit 5)"; fi; exit $$rc
 
 test-fast: venv ## unit tests only

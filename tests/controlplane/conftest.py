@@ -47,10 +47,8 @@ def _why_not() -> str | None:
 def pytest_collection_modifyitems(config, items):
     mine = [i for i in items if Path(str(i.fspath)).is_relative_to(HERE)]
     for item in mine:
+        # on pytest-xdist workers all of them run on one worker (tests/conftest.py's scheduler)
         item.add_marker(pytest.mark.controlplane)
-        # `make test` runs on pytest-xdist workers (--dist loadgroup): one group keeps every control-plane
-        # test on one worker, so the session starts one control plane, not one per worker
-        item.add_marker(pytest.mark.xdist_group("controlplane"))
     if not mine or REQUIRED:
         return
     reason = _why_not()
