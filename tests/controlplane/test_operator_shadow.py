@@ -58,7 +58,7 @@ def test_the_operator_runs_the_shadow_step_on_the_real_route(world, kc, good):
         assert served_uris(kc, f"{full}-stable") == {V2_URI}
     else:
         assert st["phase"] == "RolledBack", st.get("message")
-        assert "in the shadow step" in st["message"] and "drift_js" in st["message"], st["message"]
+        assert "in the shadow step" in st["message"] and "drift_chi2" in st["message"], st["message"]
         assert all(h["weight"] == 0 for h in record["state"]["history"]), "the canary got a live weight"
         assert served_uris(kc, f"{full}-stable") == {V1_URI}
     assert route.get_mirror() is False and top.route_weights(kc, full) == [100, 0]
