@@ -273,7 +273,15 @@ BAD = [
     (
         "watch-with-knative-router",
         strategy(router="kserve_knative", postPromotionIntervals=3),
-        ["it needs a release target with router gateway_api (kserve_knative cannot restore it)"],
+        ["it needs a release target with router gateway_api (kserve_knative and kserve_canary cannot"],
+    ),
+    (
+        "watch-with-kserve-canary",
+        {
+            "target": {"inferenceService": {"name": "m"}},
+            **strategy(router="kserve_canary", postPromotionIntervals=3),
+        },
+        ["it needs a release target with router gateway_api (kserve_knative and kserve_canary cannot"],
     ),
     (
         "shadow-with-an-isvc-target",
