@@ -783,9 +783,11 @@ def test_a_second_controller_is_refused_while_the_first_runs(tmp_path, capsys, h
     first = threading.Thread(target=lambda: done.update(rec=c.run(max_seconds=30)))
     first.start()
     try:
-        deadline = time.monotonic() + 10
+        # bounded by the first controller's own 30 s: on a loaded 2-core `make test` its start took > 10 s
+        deadline = time.monotonic() + 30
         while not (store.owner() and getattr(store.load(), "state", None)) and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert store.owner() and getattr(store.load(), "state", None), "the first controller never started"
         owner = json.loads(store.owner_path.read_text())
         assert owner["pid"] == os.getpid() and store.owner()["pid"] == os.getpid()
         # a second `start` (the same command) refuses, naming the holder's PID
